@@ -1,0 +1,2 @@
+"""The small library the three recipes share: errors, data reading and validation, tuning methods,
+Trainer glue (adapter-format checkpoints, resume, loss plot, NaN guard), metrics and generation."""

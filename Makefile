@@ -1,0 +1,39 @@
+# One-command entry points. Every target installs the pinned stack first (through the stamp below), so
+# `make test` on a fresh clone is all it takes. Real weights: MODEL_DIR=/path/to/model make <recipe>.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+REQS := requirements/base.txt requirements/chatglm_lora.txt requirements/llama_ner.txt \
+        requirements/glm4_finetune.txt requirements/dev.txt
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast data tiny-models clean-build help
+
+help:  ## list the targets
+	@grep -E '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/' | expand -t 18
+
+setup: $(STAMP)  ## create .venv and install the pinned stack (re-runs when requirements/*.txt change)
+
+$(STAMP): $(REQS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -r requirements/dev.txt
+	$(PY) -m pip check
+	$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.split('+')[0] == '2.13.0' else f'torch {v} installed; the stack needs exactly 2.13.0')"
+	touch $(STAMP)
+
+data: $(STAMP)  ## unpack the vendored alpaca files (verified byte-exact against the originals)
+	$(PY) data/prepare.py
+
+tiny-models: $(STAMP)  ## build every tiny model into build/tiny/NAME
+	$(PY) -m model_hub.make_tiny all
+
+test: $(STAMP) data  ## the whole test suite (README's test command)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) data  ## everything but the slow end-to-end and distributed tests
+	$(PY) -m pytest -m "not slow and not distributed" $(PYTEST_ARGS)
+
+clean-build:  ## remove generated tiny models, tokenizers and run outputs
+	rm -rf build runs output

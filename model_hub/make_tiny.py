@@ -1,0 +1,115 @@
+"""Build a tiny random-weight twin of a real model: the real architecture config shrunk, the REAL tokenizer
+and vocabulary, weights from a fixed seed. Builds in seconds, loads offline with the Auto classes.
+
+    python -m model_hub.make_tiny NAME OUT_DIR      # NAME: llama-7b, chinese-llama-7b, chinese-alpaca-7b,
+                                                    #       glm-4-9b-chat, chatglm-6b
+    python -m model_hub.make_tiny all               # every model into build/tiny/<NAME>
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+
+from . import BUILD_DIR, tokenizer_files
+from .registry import MODELS, get_spec
+
+SEED = 1234
+
+
+def _real_config(spec) -> dict:
+    with open(os.path.join(tokenizer_files(spec.files), "config.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _build_llama(spec):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .llama_tokenizer import load_llama_tokenizer
+
+    real = _real_config(spec)
+    keep = ("vocab_size", "rms_norm_eps", "max_position_embeddings", "bos_token_id", "eos_token_id",
+            "pad_token_id", "hidden_act", "tie_word_embeddings")
+    config = LlamaConfig(**{k: real[k] for k in keep}, **spec.tiny)
+    return LlamaForCausalLM(config), load_llama_tokenizer(tokenizer_files(spec.files))
+
+
+def _build_glm4(spec):
+    from transformers import GlmForCausalLM
+
+    from .glm4_native import native_config_from_original
+    from .glm4_tokenizer import load_glm4_tokenizer
+
+    config = native_config_from_original({**_real_config(spec), **spec.tiny})
+    return GlmForCausalLM(config), load_glm4_tokenizer()
+
+
+def _build_chatglm6b(spec):
+    from .chatglm6b import ChatGLMForConditionalGeneration, ChatGLMTokenizer, tiny_config
+
+    config = tiny_config(**spec.tiny)
+    return ChatGLMForConditionalGeneration(config), ChatGLMTokenizer.from_pretrained(tokenizer_files(spec.files))
+
+
+BUILDERS = {"llama": _build_llama, "glm4": _build_glm4, "chatglm6b": _build_chatglm6b}
+
+
+def build_tiny(name: str, out_dir: str, seed: int = SEED) -> str:
+    """Write the tiny `name` model + tokenizer to `out_dir` (atomically: a reader never sees half a folder)."""
+    spec = get_spec(name)
+    torch.manual_seed(seed)
+    model, tokenizer = BUILDERS[spec.family](spec)
+    model = model.float().eval()
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        n_params = sum(p.numel() for p in model.parameters())
+        with open(os.path.join(tmp, "tiny_model.json"), "w", encoding="utf-8") as f:
+            json.dump({"name": name, "seed": seed, "parameters": n_params, "random_weights": True,
+                       "real_files": f"model_hub/tokenizer_files/{spec.files}"}, f, indent=2)
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def tiny_dir(name: str) -> str:
+    """build/tiny/<name>, built on first use (the same seed always gives the same weights)."""
+    out = os.path.join(BUILD_DIR, "tiny", name)
+    if not os.path.exists(os.path.join(out, "tiny_model.json")):
+        try:
+            build_tiny(name, out)
+        except OSError:
+            # A parallel process may have renamed its copy into place first; theirs is identical.
+            if not os.path.exists(os.path.join(out, "tiny_model.json")):
+                raise
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", choices=[*MODELS, "all"], help="which real model to shrink")
+    parser.add_argument("out_dir", nargs="?", help="output folder (default: build/tiny/NAME)")
+    parser.add_argument("--seed", type=int, default=SEED)
+    args = parser.parse_args(argv)
+    names = list(MODELS) if args.name == "all" else [args.name]
+    if args.out_dir and len(names) > 1:
+        parser.error("OUT_DIR needs a single NAME")
+    for name in names:
+        out = args.out_dir or os.path.join(BUILD_DIR, "tiny", name)
+        build_tiny(name, out, args.seed)
+        with open(os.path.join(out, "tiny_model.json"), encoding="utf-8") as f:
+            print(f"{name}: {json.load(f)['parameters']:,} parameters -> {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

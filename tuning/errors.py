@@ -1,0 +1,44 @@
+"""One-line errors for bad user input: `file:line: field: what was expected`, exit code 2, no traceback."""
+import os
+import sys
+import traceback
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """Something the user gave us is wrong (a file, a field, a flag). Printed as one line; exit code 2."""
+
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None, field: str | None = None):
+        self.message, self.path, self.line, self.field = message, path, line, field
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = ""
+        if self.path is not None:
+            where = f"{self.path}:{self.line}: " if self.line is not None else f"{self.path}: "
+        if self.field is not None:
+            where += f"{self.field}: "
+        return where + self.message
+
+
+def run_main(main, argv: list[str] | None = None):
+    """Run a script's `main()`; a UserError becomes `error: ...` on stderr and exit code 2.
+
+    `--debug` anywhere on the command line (removed before `main` sees it) shows the traceback instead;
+    so does the environment variable TUNING_DEBUG=1.
+    """
+    args = sys.argv if argv is None else argv
+    debug = "--debug" in args or os.environ.get("TUNING_DEBUG") == "1"
+    if "--debug" in args:
+        args[:] = [a for a in args if a != "--debug"]
+    try:
+        return main()
+    except UserError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
