@@ -1,0 +1,98 @@
+"""The shared library's readers, atomic writers and Trainer glue."""
+import os
+
+import pytest
+
+from tuning.errors import UserError
+from tuning.files import atomic_dir, atomic_file, read_json, read_jsonl, require_str
+from tuning.training import check_precision, list_checkpoints, resolve_resume, save_loss_plot
+
+
+def write(tmp_path, name, data: bytes):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path)
+
+
+def test_read_jsonl_accepts_bom_and_crlf_and_blank_lines(tmp_path):
+    path = write(tmp_path, "a.jsonl", b'\xef\xbb\xbf{"a": 1}\r\n\r\n{"a": 2}\r\n')
+    assert read_jsonl(path) == [(1, {"a": 1}), (3, {"a": 2})]
+
+
+@pytest.mark.parametrize("data, message", [
+    (b'{"a": 1}\n{"a": \n', r"a.jsonl:2: invalid JSON"),
+    (b'{"a": 1}\n[1, 2]\n', r"a.jsonl:2: expected a JSON object per line, got list"),
+    (b'{"a": 1}\n{"b": "\xff"}\n', r"a.jsonl:2: not UTF-8 text \(byte 0xff\)"),
+    (b"  \n", r"a.jsonl: file is empty"),
+])
+def test_read_jsonl_errors_name_file_and_line(tmp_path, data, message):
+    with pytest.raises(UserError, match=message):
+        read_jsonl(write(tmp_path, "a.jsonl", data))
+
+
+def test_read_json_missing_and_directory(tmp_path):
+    with pytest.raises(UserError, match="file not found"):
+        read_json(str(tmp_path / "nope.json"))
+    with pytest.raises(UserError, match="is a directory"):
+        read_json(str(tmp_path))
+    with pytest.raises(UserError, match=r"b.json:3: invalid JSON"):
+        read_json(write(tmp_path, "b.json", b'[\n {"a": 1},\n {"a" 2}\n]'))
+
+
+def test_require_str():
+    assert require_str({"x": "hi"}, "x", "f", 1) == "hi"
+    with pytest.raises(UserError, match="f:4: x: missing field"):
+        require_str({}, "x", "f", 4)
+    with pytest.raises(UserError, match="f:4: x: expected a string, got NoneType"):
+        require_str({"x": None}, "x", "f", 4)
+    with pytest.raises(UserError, match="f:4: x: empty string"):
+        require_str({"x": " "}, "x", "f", 4)
+    assert require_str({"x": ""}, "x", "f", 4, allow_empty=True) == ""
+
+
+def test_atomic_writers_leave_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.txt"
+    with pytest.raises(RuntimeError):
+        with atomic_file(str(target)) as f:
+            f.write("half")
+            raise RuntimeError("killed")
+    assert os.listdir(tmp_path) == []
+    with atomic_file(str(target)) as f:
+        f.write("whole")
+    assert target.read_text() == "whole"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(str(tmp_path / "ds")) as d:
+            open(os.path.join(d, "part"), "w").close()
+            raise RuntimeError("killed")
+    assert sorted(os.listdir(tmp_path)) == ["out.txt"]
+    with pytest.raises(UserError, match="output folder does not exist"):
+        with atomic_file(str(tmp_path / "no" / "x.txt")):
+            pass
+
+
+def test_resume_resolution_skips_incomplete_checkpoints(tmp_path):
+    for step, complete in [(5, True), (10, True), (15, False)]:
+        os.makedirs(tmp_path / f"checkpoint-{step}")
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [5, 10]
+    assert resolve_resume("last", str(tmp_path)).endswith("checkpoint-10")
+    assert resolve_resume("5", str(tmp_path)).endswith("checkpoint-5")
+    assert resolve_resume(None, str(tmp_path)) is None
+    with pytest.raises(UserError, match="checkpoint-15: resume_from_checkpoint: not a complete"):
+        resolve_resume("15", str(tmp_path))
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        resolve_resume("last", str(tmp_path / "empty"))
+
+
+def test_precision_rules():
+    with pytest.raises(UserError, match="fp16 is not supported on CPU"):
+        check_precision(fp16=True, bf16=False, use_cpu=True)
+    check_precision(fp16=False, bf16=True, use_cpu=True)
+
+
+def test_loss_plot_is_a_png(tmp_path):
+    path = save_loss_plot([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 2, "train_loss": 1.7}],
+                          str(tmp_path / "loss.png"))
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert save_loss_plot([], str(tmp_path / "none.png")) is None

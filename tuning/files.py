@@ -1,0 +1,112 @@
+"""Reading user files with one-line errors, and writing outputs atomically.
+
+Every reader names the file, the line (or record) and the field in its error, as a `UserError` (exit code 2).
+Every writer writes to a temporary sibling and renames it into place, so a failure never leaves half a file.
+"""
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+
+from .errors import UserError
+
+
+def read_text(path: str) -> str:
+    """The whole file as text: UTF-8 (a BOM is accepted and dropped), CRLF line ends accepted."""
+    if not os.path.exists(path):
+        raise UserError("file not found", path=path)
+    if os.path.isdir(path):
+        raise UserError("is a directory; expected a file", path=path)
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise UserError(f"not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8",
+                        path=path, line=line) from None
+    if not text.strip():
+        raise UserError("file is empty", path=path)
+    return text
+
+
+def read_json(path: str):
+    """A JSON document (alpaca-style list, config, ...)."""
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"invalid JSON: {exc.msg} (column {exc.colno})", path=path, line=exc.lineno) from None
+
+
+def read_jsonl(path: str) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; each line must be one JSON object."""
+    rows = []
+    for line_no, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"invalid JSON: {exc.msg} (column {exc.colno})", path=path, line=line_no) from None
+        if not isinstance(obj, dict):
+            raise UserError(f"expected a JSON object per line, got {type(obj).__name__}", path=path, line=line_no)
+        rows.append((line_no, obj))
+    return rows
+
+
+def require_str(record: dict, field: str, path: str, line: int | None, *, allow_empty: bool = False) -> str:
+    """`record[field]` as a string; a clear error when it is missing, not a string, or empty."""
+    if field not in record:
+        raise UserError("missing field; expected a string", path=path, line=line, field=field)
+    value = record[field]
+    if not isinstance(value, str):
+        raise UserError(f"expected a string, got {type(value).__name__}", path=path, line=line, field=field)
+    if not allow_empty and not value.strip():
+        raise UserError("empty string; expected text", path=path, line=line, field=field)
+    return value
+
+
+def require_output_parent(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserError("output folder does not exist", path=parent)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "w", encoding: str | None = "utf-8"):
+    """Open a temporary sibling of `path` for writing; rename it onto `path` only if the block succeeds."""
+    require_output_parent(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        with open(tmp, mode, encoding=encoding if "b" not in mode else None) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str):
+    """Yield a temporary sibling folder; it replaces `path` only if the block succeeds."""
+    require_output_parent(path)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.normpath(path))}.",
+                           dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        yield tmp
+        if os.path.isdir(path):
+            old = tmp + ".old"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

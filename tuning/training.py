@@ -1,0 +1,116 @@
+"""Trainer glue the recipes share: resume-path resolution, the loss-curve PNG, the NaN/Inf guard, and the
+CPU precision rules. Plain callbacks and functions: the recipes keep using transformers' Trainer as is."""
+import math
+import os
+import re
+
+import torch
+from transformers import TrainerCallback
+
+from .errors import UserError
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every complete `checkpoint-N` in `output_dir`, oldest first.
+
+    A checkpoint counts only once its trainer_state.json exists: the Trainer writes it last, so a save that was
+    killed midway is never picked for resuming.
+    """
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT.match(name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isfile(os.path.join(path, "trainer_state.json")):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_resume(value, output_dir: str) -> str | None:
+    """`--resume_from_checkpoint` → a checkpoint folder, or None to start fresh.
+
+    Accepts a path, `last`/`latest`/`yes`/`true` (the newest complete checkpoint in output_dir), or a step N
+    (output_dir/checkpoint-N). Anything else, or a checkpoint that is not there, is a clear error.
+    """
+    if value in (None, "", False, "no", "false", "False"):
+        return None
+    text = str(value)
+    if text.lower() in ("last", "latest", "yes", "true"):
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise UserError("no complete checkpoint-N to resume from", path=output_dir, field="resume_from_checkpoint")
+        return found[-1][1]
+    if text.isdigit():
+        path = os.path.join(output_dir, f"checkpoint-{text}")
+    else:
+        path = text
+    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        raise UserError("not a complete Trainer checkpoint (no trainer_state.json); expected a path, a step "
+                        "number or 'last'", path=path, field="resume_from_checkpoint")
+    return path
+
+
+def check_precision(fp16: bool, bf16: bool, use_cpu: bool) -> None:
+    """fp16 on CPU is refused: 0.3 GFLOP/s there and overflow-prone; bf16 is ~2x faster than fp32."""
+    on_cpu = use_cpu or not torch.cuda.is_available()
+    if fp16 and on_cpu:
+        raise UserError("fp16 is not supported on CPU (no fast fp16 kernels; losses overflow); use --bf16 or fp32",
+                        field="fp16")
+    if fp16 and bf16:
+        raise UserError("choose one of --fp16 and --bf16", field="bf16")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class NanGuard(TrainerCallback):
+    """Stops training at the first step whose gradients are NaN/Inf, before the optimizer touches the weights.
+
+    The last saved checkpoint stays the last good one; the message names the step and the likely cause.
+    """
+
+    def __init__(self, model):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack([g.detach().float().norm() for g in grads]).sum()):
+            hint = ("fp16 overflow is the usual cause: use --bf16 (or fp32)" if args.fp16
+                    else "lower the learning rate, check the data, or try fp32")
+            raise NonFiniteLossError(f"non-finite loss/gradients at step {state.global_step + 1}; {hint}. "
+                                     "Weights were not updated; the last checkpoint is intact.")
+
+
+class LossPlot(TrainerCallback):
+    """Writes OUTPUT_DIR/loss.png (training loss per logged step) when training ends."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            save_loss_plot(state.log_history, os.path.join(args.output_dir, "loss.png"))
+
+
+def save_loss_plot(log_history: list[dict], path: str) -> str | None:
+    points = [(e["step"], e["loss"]) for e in log_history if "loss" in e and math.isfinite(e["loss"])]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .files import atomic_file
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return path
