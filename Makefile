@@ -37,3 +37,6 @@ test-fast: $(STAMP) data  ## everything but the slow end-to-end and distributed 
 
 clean-build:  ## remove generated tiny models, tokenizers and run outputs
 	rm -rf build runs output
+
+# Each recipe folder brings its own targets (chatglm-alpaca, llama-ner, glm4-lora/ptuning/sft).
+include $(wildcard */recipe.mk)
