@@ -1,0 +1,65 @@
+"""Stanford alpaca JSON → ChatGLM-Tuning's {"context", "target"} jsonl (byte-exact with the original).
+
+    python chatglm_lora/cover_alpaca2jsonl.py --data_path data/stanford_alpaca/alpaca_data.json \
+        --save_path data/alpaca_data.jsonl
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tqdm import tqdm  # noqa: E402
+
+from tuning.errors import UserError, run_main  # noqa: E402
+from tuning.files import atomic_file, read_json, require_str  # noqa: E402
+
+
+def format_example(example: dict) -> dict:
+    """The original's prompt: "Instruction: …\\n[Input: …\\n]Answer: " → context; the output → target."""
+    context = f"Instruction: {example['instruction']}\n"
+    if example.get("input"):
+        context += f"Input: {example['input']}\n"
+    context += "Answer: "
+    return {"context": context, "target": example["output"]}
+
+
+def read_alpaca(path: str) -> list[dict]:
+    """The alpaca list, every record checked: instruction (non-empty), input (optional), output (strings)."""
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise UserError(f"expected a JSON list of {{instruction, input, output}} records, got {type(data).__name__}",
+                        path=path)
+    for i, example in enumerate(data):
+        where = f"{path}: record {i}"
+        if not isinstance(example, dict):
+            raise UserError(f"expected an object, got {type(example).__name__}", path=where)
+        require_str(example, "instruction", where, None)
+        require_str(example, "output", where, None, allow_empty=True)
+        if example.get("input") is not None:
+            require_str(example, "input", where, None, allow_empty=True)
+    return data
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_path", type=str, default="data/alpaca_data.json", help="alpaca JSON list")
+    parser.add_argument("--save_path", type=str, default="data/alpaca_data.jsonl", help="output jsonl")
+    args = parser.parse_args()
+
+    examples = read_alpaca(args.data_path)
+    empty_targets = 0
+    with atomic_file(args.save_path) as f:
+        for example in tqdm(examples, desc="formatting.."):
+            row = format_example(example)
+            empty_targets += not row["target"]
+            f.write(json.dumps(row) + "\n")
+    print(f"wrote {len(examples)} rows to {args.save_path}")
+    if empty_targets:
+        print(f"note: {empty_targets} rows have an empty output (kept, as the original; "
+              "tokenize_dataset_rows.py drops them and says so)")
+
+
+if __name__ == "__main__":
+    run_main(main)
