@@ -22,6 +22,10 @@ class UserError(Exception):
         return where + self.message
 
 
+class TrainingStopped(Exception):
+    """Training had to stop (e.g. a non-finite loss); the message says why and what was kept. Exit code 1."""
+
+
 def run_main(main, argv: list[str] | None = None):
     """Run a script's `main()`; a UserError becomes `error: ...` on stderr and exit code 2.
 
@@ -39,6 +43,11 @@ def run_main(main, argv: list[str] | None = None):
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    except TrainingStopped as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -7,7 +7,7 @@ import re
 import torch
 from transformers import TrainerCallback
 
-from .errors import UserError
+from .errors import TrainingStopped, UserError
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -63,10 +63,6 @@ def check_precision(fp16: bool, bf16: bool, use_cpu: bool) -> None:
         raise UserError("choose one of --fp16 and --bf16", field="bf16")
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
 class NanGuard(TrainerCallback):
     """Stops training at the first step whose gradients are NaN/Inf, before the optimizer touches the weights.
 
@@ -81,7 +77,7 @@ class NanGuard(TrainerCallback):
         if grads and not torch.isfinite(torch.stack([g.detach().float().norm() for g in grads]).sum()):
             hint = ("fp16 overflow is the usual cause: use --bf16 (or fp32)" if args.fp16
                     else "lower the learning rate, check the data, or try fp32")
-            raise NonFiniteLossError(f"non-finite loss/gradients at step {state.global_step + 1}; {hint}. "
+            raise TrainingStopped(f"non-finite loss/gradients at step {state.global_step + 1}; {hint}. "
                                      "Weights were not updated; the last checkpoint is intact.")
 
 
