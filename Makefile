@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 .PHONY: setup test test-fast data tiny-models clean-build help
 
 help:  ## list the targets
-	@grep -E '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/' | expand -t 18
+	@grep -hE '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/' | expand -t 18
 
 setup: $(STAMP)  ## create .venv and install the pinned stack (re-runs when requirements/*.txt change)
 
