@@ -1,0 +1,120 @@
+"""ChatGLM-Tuning's finetune.py: LoRA on ChatGLM-6B over the rows made by tokenize_dataset_rows.py.
+
+Same arguments as the original (FinetuneArguments + transformers' TrainingArguments), e.g. the README's run:
+
+    python chatglm_lora/finetune.py --dataset_path data/alpaca --lora_rank 8 --per_device_train_batch_size 6 \
+        --gradient_accumulation_steps 1 --max_steps 52000 --save_steps 1000 --save_total_limit 2 \
+        --learning_rate 1e-4 --fp16 --remove_unused_columns false --logging_steps 50 --output_dir output \
+        --chatglm_path model_path/chatglm
+
+Every output_dir/checkpoint-N/ is a loadable PEFT adapter (adapter_config.json + adapter_model.safetensors) with
+the Trainer state; `--resume_from_checkpoint PATH|N|last` resumes exactly; the final adapter, TensorBoard logs
+(output_dir/runs/) and loss.png land in output_dir. On CPU use fp32 or --bf16 (fp16 is refused).
+"""
+import os
+import sys
+from dataclasses import dataclass, field
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from transformers import HfArgumentParser, Trainer, TrainingArguments  # noqa: E402
+
+from tuning.errors import UserError, run_main  # noqa: E402
+from tuning.methods import apply_lora, trainable_summary  # noqa: E402
+from tuning.training import LossPlot, NanGuard, check_precision, resolve_resume  # noqa: E402
+
+
+@dataclass
+class FinetuneArguments:
+    dataset_path: str = field(default="data/alpaca", metadata={"help": "folder written by tokenize_dataset_rows.py"})
+    model_path: str = field(default="output", metadata={"help": "unused (kept from the original)"})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA r (alpha 32, dropout 0.1, target query_key_value)"})
+    chatglm_path: str = field(default="model_path/chatglm", metadata={"help": "ChatGLM-6B folder or tiny:chatglm-6b"})
+    load_in_8bit: bool | None = field(default=None, metadata={
+        "help": "8-bit base weights (bitsandbytes); default: on when a GPU and bitsandbytes are present, as the "
+                "original, off otherwise"})
+    gradient_checkpointing_base: bool = field(default=True, metadata={
+        "help": "gradient checkpointing on the base model, as the original always did"})
+
+
+@dataclass
+class DataCollator:
+    """The original collator: longest row first, right padding with pad id, labels from <sop> on."""
+    pad_token_id: int
+
+    def __call__(self, features: list[dict]) -> dict:
+        longest = max(len(f["input_ids"]) for f in features)
+        ordered = sorted(features, key=lambda f: -len(f["input_ids"]))  # stable, as the original's sort
+        input_ids, labels = [], []
+        for f in ordered:
+            ids, seq_len, pad = list(f["input_ids"]), f["seq_len"], longest - len(f["input_ids"])
+            labels.append([-100] * (seq_len - 1) + ids[seq_len - 1:] + [-100] * pad)
+            input_ids.append(ids + [self.pad_token_id] * pad)
+        return {"input_ids": torch.LongTensor(input_ids), "labels": torch.LongTensor(labels)}
+
+
+def load_rows(path: str):
+    from datasets import load_from_disk
+
+    if not os.path.isdir(path):
+        raise UserError("dataset folder not found; make it with tokenize_dataset_rows.py", path=path)
+    try:
+        dataset = load_from_disk(path)
+    except Exception as exc:  # datasets raises several types for a folder that is not a saved dataset
+        raise UserError(f"not a saved `datasets` folder ({type(exc).__name__}); make it with "
+                        "tokenize_dataset_rows.py", path=path) from None
+    missing = {"input_ids", "seq_len"} - set(dataset.column_names)
+    if missing:
+        raise UserError(f"missing columns {sorted(missing)}; expected input_ids and seq_len", path=path)
+    if len(dataset) == 0:
+        raise UserError("dataset is empty", path=path)
+    return dataset
+
+
+def main():
+    parser = HfArgumentParser((FinetuneArguments, TrainingArguments))
+    finetune_args, training_args = parser.parse_args_into_dataclasses()
+    check_precision(training_args.fp16, training_args.bf16, training_args.use_cpu)
+    training_args.remove_unused_columns = False  # the collator needs seq_len (the README had to say so)
+    if not training_args.report_to or training_args.report_to in ("none", ["none"]):
+        training_args.report_to = ["tensorboard"]
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    dataset = load_rows(finetune_args.dataset_path)  # validate data before loading the model
+    print(len(dataset))
+
+    from model_hub.loader import load_model_and_tokenizer, pick_device
+
+    on_gpu = pick_device().type == "cuda"
+    load_in_8bit = finetune_args.load_in_8bit
+    if load_in_8bit is None:
+        load_in_8bit = on_gpu and _has_bitsandbytes()
+    dtype = "bf16" if training_args.bf16 else ("fp16" if training_args.fp16 else ("auto" if on_gpu else "fp32"))
+    model, tokenizer = load_model_and_tokenizer(finetune_args.chatglm_path, dtype=dtype, load_in_8bit=load_in_8bit)
+    if finetune_args.gradient_checkpointing_base:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+
+    model = apply_lora(model, ["query_key_value"], r=finetune_args.lora_rank, alpha=32, dropout=0.1)
+    print(trainable_summary(model))
+
+    trainer = Trainer(model=model, args=training_args, train_dataset=dataset,
+                      data_collator=DataCollator(tokenizer.pad_token_id), callbacks=[NanGuard(model), LossPlot()])
+    trainer.train(resume_from_checkpoint=resume)
+    model.save_pretrained(training_args.output_dir)
+    print(f"adapter: {training_args.output_dir}")
+    print(f"tensorboard: {os.path.join(training_args.output_dir, 'runs')}")
+    print(f"loss curve: {os.path.join(training_args.output_dir, 'loss.png')}")
+
+
+def _has_bitsandbytes() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # a broken CUDA setup raises more than ImportError
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,112 @@
+"""ChatGLM-Tuning's inference (the tutorial's infer.py / infer.ipynb): base model + LoRA adapter, alpaca prompts
+through `format_example`, greedy decoding with max_length 150, answer printed next to the reference.
+
+    python chatglm_lora/infer.py --chatglm_path model_path/chatglm --lora_path output          # first 3 alpaca rows
+    python chatglm_lora/infer.py --chatglm_path tiny:chatglm-6b --lora_path output --batch_size 8 --num 16
+    python chatglm_lora/infer.py --chatglm_path model_path/chatglm --lora_path output --interactive
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from chatglm_lora.cover_alpaca2jsonl import format_example, read_alpaca  # noqa: E402
+from tuning.errors import UserError, run_main  # noqa: E402
+
+
+def clean_answer(text: str) -> str:
+    """The tutorial's post-processing: drop the old training format's trailing "\\nEND", strip."""
+    return text.replace("\nEND", "").strip()
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], max_length: int = 150, batch_size: int = 1) -> list[str]:
+    """Greedy answers; batches are left-padded with GLM's 2-D positions and give the same tokens as one by one.
+
+    As the original, `max_length` counts prompt + answer tokens of each prompt on its own, so every row of a
+    batch is cut to its own budget.
+    """
+    eos = tokenizer.eos_token_id
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        batch = tokenizer(chunk, padding=True, return_tensors="pt").to(model.device)
+        lengths = [len(tokenizer(p)["input_ids"]) for p in chunk]
+        width = batch["input_ids"].shape[1]
+        budget = max_length - min(lengths)
+        if budget <= 0:
+            answers.extend("" for _ in chunk)
+            continue
+        out = model.generate(**batch, max_new_tokens=budget, do_sample=False, num_beams=1)
+        for row, n in zip(out, lengths):
+            new = row[width:width + max(0, max_length - n)].tolist()
+            if eos in new:
+                new = new[:new.index(eos)]
+            answers.append(clean_answer(tokenizer.decode(new, skip_special_tokens=True)))
+    return answers
+
+
+def interactive(model, tokenizer):
+    print("ChatGLM-6B + LoRA. Type a message; 'clear' forgets the history, 'exit' quits.")
+    history = []
+    while True:
+        try:
+            query = input("\n用户/User: ").strip()
+        except EOFError:
+            break
+        if query in ("exit", "quit", "stop"):
+            break
+        if query == "clear":
+            history = []
+            continue
+        if not query:
+            continue
+        printed = 0
+        print("ChatGLM: ", end="", flush=True)
+        for response, history in model.stream_chat(tokenizer, query, history=history):
+            print(response[printed:], end="", flush=True)
+            printed = len(response)
+        print()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--chatglm_path", default="model_path/chatglm", help="base ChatGLM-6B folder or tiny:chatglm-6b")
+    parser.add_argument("--lora_path", default="output", help="PEFT adapter folder (finetune.py's output_dir)")
+    parser.add_argument("--data_path", default="data/alpaca_data.json", help="alpaca JSON whose first rows are asked")
+    parser.add_argument("--num", type=int, default=3, help="how many alpaca rows to ask (the tutorial: 3)")
+    parser.add_argument("--max_length", type=int, default=150, help="prompt + answer tokens, as the tutorial")
+    parser.add_argument("--batch_size", type=int, default=1, help="prompts per generate call (left-padded)")
+    parser.add_argument("--interactive", action="store_true", help="multi-turn chat with history, streamed")
+    parser.add_argument("--bf16", action="store_true", help="bf16 weights (CPU or GPU)")
+    args = parser.parse_args()
+
+    if not os.path.isfile(os.path.join(args.lora_path, "adapter_config.json")):
+        raise UserError("not a PEFT adapter folder (no adapter_config.json); give finetune.py's output_dir "
+                        "or one of its checkpoint-N folders", path=args.lora_path)
+    examples = None if args.interactive else read_alpaca(args.data_path)[:args.num]
+    if args.batch_size < 1 or args.num < 1:
+        raise UserError("must be at least 1", field="batch_size" if args.batch_size < 1 else "num")
+
+    from peft import PeftModel
+
+    from model_hub.loader import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(args.chatglm_path, dtype="bf16" if args.bf16 else None)
+    model = PeftModel.from_pretrained(model, args.lora_path).eval()
+    if args.interactive:
+        return interactive(model, tokenizer)
+
+    prompts = [format_example(e)["context"] for e in examples]
+    answers = generate_answers(model, tokenizer, prompts, args.max_length, args.batch_size)
+    for i, (example, prompt, answer) in enumerate(zip(examples, prompts, answers), start=1):
+        print(f"### {i}. {prompt}")
+        print(f"Answer: {answer}")
+        print(f"Reference: {example['output']}\n")
+
+
+if __name__ == "__main__":
+    run_main(main)

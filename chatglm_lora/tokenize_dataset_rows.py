@@ -1,0 +1,135 @@
+"""ChatGLM-Tuning's tokenizer step: {"context","target"} jsonl → a `datasets` folder of (input_ids, seq_len) rows.
+
+Row layout (ChatGLM-6B, --version v1):  [prompt ids][gMASK][<sop>][target ids][<eop>],  seq_len = len(prompt + 2).
+Also reads the older {"text": "### Instruction:…### Response:…END"} lines of the repo's committed jsonl.
+
+    python chatglm_lora/tokenize_dataset_rows.py --jsonl_path data/alpaca_data.jsonl --save_path data/alpaca \
+        --max_seq_length 384 --chatglm_path tiny:chatglm-6b
+"""
+import argparse
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from chatglm_lora.cover_alpaca2jsonl import format_example  # noqa: E402
+from tuning.errors import UserError, run_main  # noqa: E402
+from tuning.files import atomic_dir, read_jsonl, require_output_parent, require_str  # noqa: E402
+
+# The March-2023 format of ChatGLM-Tuning's committed data/alpaca_data.jsonl (Input block optional).
+OLD_TEXT = re.compile(r"\A### Instruction:\n(?P<instruction>.*?)(?:\n\n### Input:\n(?P<input>.*?))?"
+                      r"\n\n### Response:\n(?P<output>.*)\nEND\n?\Z", re.S)
+
+
+def parse_bool(value: str) -> bool:
+    """A real boolean (the original's argparse type=bool turned "False" into True)."""
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes", "y"):
+        return True
+    if lowered in ("false", "0", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def read_rows(path: str) -> list[tuple[int, str, str]]:
+    """(line, context, target) for every line, in either the current or the old ChatGLM-Tuning format."""
+    rows = []
+    for line, record in read_jsonl(path):
+        if "context" in record or "target" in record:
+            context = require_str(record, "context", path, line)
+            target = require_str(record, "target", path, line, allow_empty=True)
+        elif "text" in record:
+            match = OLD_TEXT.match(require_str(record, "text", path, line))
+            if not match:
+                raise UserError('expected "### Instruction:\\n…\\n\\n### Response:\\n…\\nEND"', path=path,
+                                line=line, field="text")
+            example = format_example({k: v or "" for k, v in match.groupdict().items()})
+            context, target = example["context"], example["target"]
+        else:
+            raise UserError('expected the fields "context" and "target" (or the old "text")', path=path, line=line)
+        rows.append((line, context, target))
+    return rows
+
+
+def tokenize_rows(tokenizer, eos_id: int, contexts, targets, max_seq_length: int):
+    """The original preprocess(), batched: prompt and target are truncated separately, then eos appended."""
+    prompt_ids = tokenizer(list(contexts), max_length=max_seq_length, truncation=True)["input_ids"]
+    target_ids = tokenizer(list(targets), max_length=max_seq_length, truncation=True,
+                           add_special_tokens=False)["input_ids"]
+    return [(p + t + [eos_id], len(p)) for p, t in zip(prompt_ids, target_ids)]
+
+
+def fit_rows(tokenized, max_seq_length: int, skip_overlength: bool):
+    """Keep, truncate or skip each row by length; returns (kept rows, counts)."""
+    kept, counts = [], {"truncated": 0, "skipped_overlength": 0, "dropped_no_target": 0}
+    for input_ids, seq_len in tokenized:
+        if len(input_ids) > max_seq_length:
+            if skip_overlength:
+                counts["skipped_overlength"] += 1
+                continue
+            input_ids = input_ids[:max_seq_length]
+            if len(input_ids) <= seq_len:  # the prompt filled the row: nothing left to learn
+                counts["dropped_no_target"] += 1
+                continue
+            counts["truncated"] += 1
+        kept.append({"input_ids": input_ids, "seq_len": seq_len})
+    return kept, counts
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jsonl_path", type=str, default="data/alpaca_data.jsonl")
+    parser.add_argument("--save_path", type=str, default="data/alpaca", help="output `datasets` folder")
+    parser.add_argument("--max_seq_length", type=int, default=384)
+    parser.add_argument("--skip_overlength", type=parse_bool, default=False,
+                        help="true: drop rows longer than max_seq_length; false (default): truncate them")
+    parser.add_argument("--chatglm_path", type=str, default="model_path/chatglm",
+                        help="ChatGLM-6B folder, or tiny:chatglm-6b")
+    parser.add_argument("--version", type=str, default="v1", choices=["v1", "v2"],
+                        help="v1 = ChatGLM-6B; v2 = ChatGLM2-6B (not supported here)")
+    parser.add_argument("--num_proc", type=int, default=min(4, os.cpu_count() or 1), help="tokenizer processes")
+    args = parser.parse_args()
+
+    if args.version == "v2":
+        raise UserError("not supported: no ChatGLM2-6B tokenizer/model here; use --version v1 (ChatGLM-6B)",
+                        field="version")
+    if args.max_seq_length < 4:
+        raise UserError("must be at least 4 (prompt + [gMASK] <sop> + eos)", field="max_seq_length")
+    require_output_parent(args.save_path)
+    rows = read_rows(args.jsonl_path)  # validate the whole file before loading anything heavy
+    empty = [line for line, _, target in rows if not target.strip()]
+    rows = [row for row in rows if row[2].strip()]
+
+    from datasets import Dataset
+
+    from model_hub.loader import load_tokenizer
+    from model_hub.registry import get_spec
+
+    tokenizer = load_tokenizer(args.chatglm_path)
+    eos_id = get_spec("chatglm-6b").stop_ids[0]
+
+    def encode(batch):
+        out = tokenize_rows(tokenizer, eos_id, batch["context"], batch["target"], args.max_seq_length)
+        return {"input_ids": [ids for ids, _ in out], "seq_len": [n for _, n in out]}
+
+    table = Dataset.from_dict({"context": [r[1] for r in rows], "target": [r[2] for r in rows]})
+    table = table.map(encode, batched=True, batch_size=1000, num_proc=args.num_proc if len(rows) > 2000 else None,
+                      remove_columns=["context", "target"], desc="tokenizing")
+    kept, counts = fit_rows(zip(table["input_ids"], table["seq_len"]), args.max_seq_length, args.skip_overlength)
+    if not kept:
+        raise UserError("no rows left after length filtering; raise --max_seq_length", path=args.jsonl_path)
+    with atomic_dir(args.save_path) as tmp:
+        Dataset.from_list(kept).save_to_disk(tmp)
+
+    print(f"saved {len(kept)} rows to {args.save_path} (max_seq_length {args.max_seq_length})")
+    if empty:
+        print(f"dropped {len(empty)} rows with an empty target (lines {', '.join(map(str, empty[:10]))}"
+              f"{', …' if len(empty) > 10 else ''})")
+    for what, n in counts.items():
+        if n:
+            print(f"{what.replace('_', ' ')}: {n}")
+
+
+if __name__ == "__main__":
+    run_main(main)
