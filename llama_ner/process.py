@@ -1,0 +1,114 @@
+"""MSRA NER sentences → instruction rows, as the original process.py.
+
+Input: one JSON object per line, {"text": str, "entity_list": [{"entity_index": {"begin", "end"},
+"entity_type": "PER"|"LOC"|"ORG", "entity": str}, ...]}. Output: one JSON object per line,
+{"instruct", "query": "文本：" + text, "answer": "实体_类型\\n…" or "没有"}, no trailing newline.
+Mode `train` writes every sentence with entities, then every sentence without; mode `dev` writes only the
+sentences with entities. Entity types become 人名/地名/机构名; a repeated (entity, type) is kept once.
+
+With no arguments it does what the original's __main__ did, on the data we have (the original's
+msra_train.txt is not vendored; msra_1000.txt is the first 1,000 sentences of that train split):
+    train: data/llama_ner_msra/ori_data/msra_1000.txt → build/llama_ner/instruct_data/train.txt (train mode)
+    dev:   data/llama_ner_msra/ori_data/msra_1000.txt → build/llama_ner/instruct_data/dev.txt   (dev mode)
+    test:  data/msra_extra/msra_test.txt              → build/llama_ner/instruct_data/test.txt  (train mode:
+           all 4,365 test sentences, positives first, so negatives are scored too)
+The vendored data/llama_ner_msra/instruct_data/dev.txt is what the original shipped as dev: it equals the
+train-mode output on msra_1000.txt (1,000 rows), not the dev-mode one (344 rows); see llama_ner/README.md.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tuning.errors import UserError, run_main  # noqa: E402
+from tuning.files import atomic_file, read_jsonl  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TYPE_NAMES = {"PER": "人名", "ORG": "机构名", "LOC": "地名"}
+INSTRUCT = ("你现在是一个实体识别模型，你需要提取文本里面的{}，如果存在结果，返回'实体_实体类型'，不同实体间用\n分隔。"
+            "如果没有结果，回答'没有'。").format("、".join(["人名", "地名", "机构名"]))
+NO_ENTITY = "没有"
+
+
+def _entities(record: dict, path: str, line: int) -> list[tuple[str, str]]:
+    entity_list = record.get("entity_list")
+    if not isinstance(entity_list, list):
+        raise UserError("missing or not a list; expected a list of entities (may be empty)",
+                        path=path, line=line, field="entity_list")
+    found = []
+    for i, item in enumerate(entity_list):
+        field = f"entity_list[{i}]"
+        if not isinstance(item, dict):
+            raise UserError("expected an object with entity and entity_type", path=path, line=line, field=field)
+        entity, kind = item.get("entity"), item.get("entity_type")
+        if not isinstance(entity, str) or not entity:
+            raise UserError("expected a non-empty string", path=path, line=line, field=field + ".entity")
+        if not isinstance(kind, str) or not kind:
+            raise UserError("expected a string such as PER, LOC or ORG", path=path, line=line,
+                            field=field + ".entity_type")
+        found.append((entity, TYPE_NAMES.get(kind, kind)))  # other types pass through unchanged, as the original
+    return found
+
+
+def convert(path: str) -> tuple[list[dict], list[dict]]:
+    """(rows with entities, rows without), each in file order; empty texts are skipped as the original did."""
+    has_entity, no_entity = [], []
+    for line, record in read_jsonl(path):
+        text = record.get("text")
+        if not isinstance(text, str):
+            raise UserError("missing or not a string; expected the sentence", path=path, line=line, field="text")
+        entities = _entities(record, path, line)
+        if not text:
+            continue
+        row = {"instruct": INSTRUCT, "query": "文本：" + text, "answer": NO_ENTITY}
+        items = list(dict.fromkeys(f"{entity}_{kind}" for entity, kind in entities))  # dedupe, keep order
+        if items:
+            row["answer"] = "\n".join(items)
+            has_entity.append(row)
+        else:
+            no_entity.append(row)
+    return has_entity, no_entity
+
+
+def process_msra(in_file: str, out_file: str, mode: str = "train") -> int:
+    """The original's function: convert `in_file` and write `out_file`; returns the number of rows written."""
+    if mode not in ("train", "dev"):
+        raise UserError(f"expected train or dev, got {mode!r}", field="mode")
+    has_entity, no_entity = convert(in_file)
+    print(f"{in_file}: 有实体的句子 {len(has_entity)}，没有实体的句子 {len(no_entity)}")
+    rows = has_entity + no_entity if mode == "train" else has_entity
+    with atomic_file(out_file) as f:
+        f.write("\n".join(json.dumps(row, ensure_ascii=False) for row in rows))
+    print(f"wrote {len(rows)} rows ({mode} mode) -> {out_file}")
+    return len(rows)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--in_file", help="one MSRA file to convert (with --out_file); default: the three runs above")
+    parser.add_argument("--out_file", help="where to write the instruction rows")
+    parser.add_argument("--mode", choices=["train", "dev"], default="train",
+                        help="train: positives then negatives; dev: positives only (default: train)")
+    parser.add_argument("--out_dir", default=os.path.join(REPO, "build", "llama_ner", "instruct_data"),
+                        help="output folder of the default runs (default: build/llama_ner/instruct_data)")
+    args = parser.parse_args()
+    if bool(args.in_file) != bool(args.out_file):
+        raise UserError("give both --in_file and --out_file, or neither", field="in_file")
+    if args.in_file:
+        process_msra(args.in_file, args.out_file, args.mode)
+        return
+    ori = os.path.join(REPO, "data", "llama_ner_msra", "ori_data")
+    train_in = os.path.join(ori, "msra_train.txt")  # the original's full train split, if the user added it
+    if not os.path.exists(train_in):
+        train_in = os.path.join(ori, "msra_1000.txt")
+    os.makedirs(args.out_dir, exist_ok=True)
+    process_msra(train_in, os.path.join(args.out_dir, "train.txt"), "train")
+    process_msra(os.path.join(ori, "msra_1000.txt"), os.path.join(args.out_dir, "dev.txt"), "dev")
+    process_msra(os.path.join(REPO, "data", "msra_extra", "msra_test.txt"),
+                 os.path.join(args.out_dir, "test.txt"), "train")
+
+
+if __name__ == "__main__":
+    run_main(main)
