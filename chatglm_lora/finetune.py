@@ -74,7 +74,10 @@ def load_rows(path: str):
 
 def main():
     parser = HfArgumentParser((FinetuneArguments, TrainingArguments))
-    finetune_args, training_args = parser.parse_args_into_dataclasses()
+    try:
+        finetune_args, training_args = parser.parse_args_into_dataclasses()
+    except ValueError as exc:  # TrainingArguments rejects inconsistent flags in __post_init__
+        raise UserError(str(exc).splitlines()[0], field="arguments") from None
     check_precision(training_args.fp16, training_args.bf16, training_args.use_cpu)
     training_args.remove_unused_columns = False  # the collator needs seq_len (the README had to say so)
     if not training_args.report_to or training_args.report_to in ("none", ["none"]):

@@ -1,0 +1,111 @@
+"""chatglm_lora end to end on the tiny ChatGLM-6B: tokenize real alpaca rows, train LoRA, checkpoints are
+PEFT adapters, resume is exact, batched inference equals one-by-one."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+def run(script, *args):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "chatglm_lora", script), *args],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def train(dataset, out, *extra):
+    return run("finetune.py", "--dataset_path", dataset, "--chatglm_path", "tiny:chatglm-6b", "--lora_rank", "8",
+               "--output_dir", out, "--per_device_train_batch_size", "4", "--max_steps", "6", "--save_steps", "3",
+               "--learning_rate", "5e-3", "--logging_steps", "1", "--use_cpu", "--seed", "0",
+               "--dataloader_num_workers", "0", "--report_to", "none", *extra)
+
+
+def losses(out):
+    with open(os.path.join(out, "checkpoint-6", "trainer_state.json"), encoding="utf-8") as f:
+        return [e["loss"] for e in json.load(f)["log_history"] if "loss" in e]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    work = tmp_path_factory.mktemp("chatglm_lora")
+    with open(os.path.join(REPO, "data", "stanford_alpaca", "alpaca_data.json"), encoding="utf-8") as f:
+        examples = json.load(f)[:8]
+    json.dump(examples, open(work / "alpaca.json", "w", encoding="utf-8"))
+    run("cover_alpaca2jsonl.py", "--data_path", str(work / "alpaca.json"), "--save_path", str(work / "rows.jsonl"))
+    run("tokenize_dataset_rows.py", "--jsonl_path", str(work / "rows.jsonl"), "--save_path", str(work / "alpaca"),
+        "--max_seq_length", "64", "--chatglm_path", "tiny:chatglm-6b")
+    train(str(work / "alpaca"), str(work / "full"))
+    return work
+
+
+def adapter_logits(adapter_dir, input_ids):
+    from peft import PeftModel
+
+    from model_hub.loader import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer("tiny:chatglm-6b")
+    model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def test_training_writes_adapter_checkpoints_and_loss_falls(workdir):
+    full = workdir / "full"
+    history = losses(str(full))
+    assert len(history) == 6 and history[-1] < history[0]
+    for step in (3, 6):
+        ckpt = full / f"checkpoint-{step}"
+        assert (ckpt / "adapter_config.json").exists() and (ckpt / "adapter_model.safetensors").exists()
+    assert (full / "adapter_model.safetensors").exists() and (full / "loss.png").exists()
+    # The last checkpoint and the final adapter are the same weights: identical logits.
+    ids = torch.tensor([[5, 74874, 130001, 130004, 5, 100, 200]])
+    assert torch.equal(adapter_logits(str(full / "checkpoint-6"), ids), adapter_logits(str(full), ids))
+    # ... and training changed the output of the base model.
+    assert not torch.equal(adapter_logits(str(full / "checkpoint-3"), ids), adapter_logits(str(full), ids))
+
+
+def test_resume_reproduces_the_uninterrupted_run(workdir):
+    from safetensors.torch import load_file
+
+    resumed = str(workdir / "resumed")
+    train(str(workdir / "alpaca"), resumed, "--resume_from_checkpoint", str(workdir / "full" / "checkpoint-3"))
+    assert losses(resumed)[3:] == losses(str(workdir / "full"))[3:]
+    a = load_file(os.path.join(resumed, "adapter_model.safetensors"))
+    b = load_file(str(workdir / "full" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_batched_inference_equals_one_by_one(workdir):
+    from peft import PeftModel
+
+    from chatglm_lora.cover_alpaca2jsonl import format_example
+    from chatglm_lora.infer import generate_answers
+    from model_hub.loader import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer("tiny:chatglm-6b")
+    model = PeftModel.from_pretrained(model, str(workdir / "full")).eval()
+    with open(os.path.join(REPO, "data", "stanford_alpaca", "alpaca_data.json"), encoding="utf-8") as f:
+        prompts = [format_example(e)["context"] for e in json.load(f)[:5]]
+    one_by_one = generate_answers(model, tokenizer, prompts, max_length=60, batch_size=1)
+    batched = generate_answers(model, tokenizer, prompts, max_length=60, batch_size=5)
+    assert batched == one_by_one and any(one_by_one)
+
+
+def test_infer_cli_prints_answers_next_to_references(workdir):
+    result = run("infer.py", "--chatglm_path", "tiny:chatglm-6b", "--lora_path", str(workdir / "full"),
+                 "--data_path", os.path.join(REPO, "data", "stanford_alpaca", "alpaca_data.json"), "--num", "2",
+                 "--max_length", "40")
+    assert result.stdout.count("Answer: ") == 2 and "Reference: 1.Eat a balanced diet" in result.stdout
+
+
+def test_fp16_on_cpu_is_refused(workdir):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "chatglm_lora", "finetune.py"), "--dataset_path",
+                             str(workdir / "alpaca"), "--output_dir", str(workdir / "x"), "--fp16", "--use_cpu"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and "fp16 is not supported on CPU" in result.stderr
