@@ -39,8 +39,13 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         self.sp_model = spm.SentencePieceProcessor(model_file=vocab_file)
         self._base_vocab = None
         # `[gMASK]` and `</s>` are plain attributes, not HF special tokens: typed text "[gMASK]" is not split out
-        # (the original gives ▁[ g MASK ]) and skip_special_tokens keeps them. Passing them to the base class as
-        # `*_token` kwargs would register them as special, so they stay out of it.
+        # (the original gives ▁[ g MASK ]) and skip_special_tokens keeps them. transformers 5 registers any
+        # `*_token` entry of tokenizer_config.json as special (model_specific_special_tokens): take them back.
+        specific = dict(kwargs.pop("model_specific_special_tokens", None) or {})
+        gmask_token = specific.pop("gmask_token", gmask_token)
+        end_token = specific.pop("end_token", end_token)
+        if specific:
+            kwargs["model_specific_special_tokens"] = specific
         self.gmask_token = str(gmask_token)
         self.end_token = str(end_token)
         # transformers 4.27 stripped the whitespace on both sides of a special token found in the text
