@@ -78,6 +78,8 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         return vocab
 
     def _convert_token_to_id(self, token: str) -> int:
+        if self._base_vocab is not None and token in self._base_vocab:
+            return self._base_vocab[token]
         image = _IMAGE_TOKEN.fullmatch(token)
         if image:
             return int(image.group(1))
