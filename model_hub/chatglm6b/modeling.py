@@ -173,11 +173,12 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         if not weights_only:
             raise ValueError("ChatGLM-6B checkpoints are loaded with weights_only=True only; convert a checkpoint that "
                              "needs full unpickling to safetensors in a trusted environment")
-        model = super().from_pretrained(*args, weights_only=True, **kwargs)
+        loaded = super().from_pretrained(*args, weights_only=True, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a pair
         base = getattr(model, model.base_model_prefix, model)
         if isinstance(base, ChatGLMModel):
             base.freeze_for_prefix()
-        return model
+        return loaded
 
     def quantize(self, bits, *args, **kwargs):
         raise NotImplementedError(QUANTIZED_MESSAGE.format(bits=bits))
