@@ -23,30 +23,31 @@ def clean_answer(text: str) -> str:
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], max_length: int = 150, batch_size: int = 1) -> list[str]:
-    """Greedy answers; batches are left-padded with GLM's 2-D positions and give the same tokens as one by one.
-
-    As the original, `max_length` counts prompt + answer tokens of each prompt on its own, so every row of a
-    batch is cut to its own budget.
-    """
+def generate_ids(model, tokenizer, prompts: list[str], max_length: int = 150, batch_size: int = 1) -> list[list[int]]:
+    """Greedy answer ids (up to eos); batches are left-padded with GLM's 2-D positions and give the same tokens
+    as one by one. As the original, `max_length` counts prompt + answer tokens of each prompt on its own, so
+    every row of a batch is cut to its own budget."""
     eos = tokenizer.eos_token_id
     answers = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         batch = tokenizer(chunk, padding=True, return_tensors="pt").to(model.device)
-        lengths = [len(tokenizer(p)["input_ids"]) for p in chunk]
+        lengths = [len(ids) for ids in tokenizer(chunk)["input_ids"]]
         width = batch["input_ids"].shape[1]
         budget = max_length - min(lengths)
         if budget <= 0:
-            answers.extend("" for _ in chunk)
+            answers.extend([] for _ in chunk)
             continue
         out = model.generate(**batch, max_new_tokens=budget, do_sample=False, num_beams=1)
         for row, n in zip(out, lengths):
             new = row[width:width + max(0, max_length - n)].tolist()
-            if eos in new:
-                new = new[:new.index(eos)]
-            answers.append(clean_answer(tokenizer.decode(new, skip_special_tokens=True)))
+            answers.append(new[:new.index(eos)] if eos in new else new)
     return answers
+
+
+def generate_answers(model, tokenizer, prompts: list[str], max_length: int = 150, batch_size: int = 1) -> list[str]:
+    return [clean_answer(tokenizer.decode(ids, skip_special_tokens=True))
+            for ids in generate_ids(model, tokenizer, prompts, max_length, batch_size)]
 
 
 def interactive(model, tokenizer):
@@ -103,8 +104,7 @@ def main():
     prompts = [format_example(e)["context"] for e in examples]
     answers = generate_answers(model, tokenizer, prompts, args.max_length, args.batch_size)
     for i, (example, prompt, answer) in enumerate(zip(examples, prompts, answers), start=1):
-        print(f"### {i}. {prompt}")
-        print(f"Answer: {answer}")
+        print(f"### {i}\n{prompt}{answer}")  # the prompt ends with "Answer: "
         print(f"Reference: {example['output']}\n")
 
 

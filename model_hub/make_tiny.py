@@ -50,8 +50,29 @@ def _build_glm4(spec):
 def _build_chatglm6b(spec):
     from .chatglm6b import ChatGLMForConditionalGeneration, ChatGLMTokenizer, tiny_config
 
-    config = tiny_config(**spec.tiny)
-    return ChatGLMForConditionalGeneration(config), ChatGLMTokenizer.from_pretrained(tokenizer_files(spec.files))
+    model = ChatGLMForConditionalGeneration(tiny_config(**spec.tiny))
+    _spread_init(model)
+    return model, ChatGLMTokenizer.from_pretrained(tokenizer_files(spec.files))
+
+
+@torch.no_grad()
+def _spread_init(model) -> None:
+    """Wider random weights for the tiny ChatGLM, like the golden tiny model's.
+
+    ChatGLM adds alpha x LayerNorm(x) to every residual and ties lm_head to the embedding, so with the usual
+    0.02-std init the last input token dominates the logits and greedy decoding repeats it forever, which makes
+    generation tests meaningless. Matrices N(0, 3.2/sqrt(fan_in)) and biases N(0, 0.4) give varied outputs.
+    """
+    for name, param in model.named_parameters():
+        if "layernorm" in name:
+            base, std = (1.0, 0.1) if name.endswith("weight") else (0.0, 0.05)
+            param.copy_(base + torch.randn_like(param) * std)
+        elif "word_embeddings" in name:
+            param.normal_(0.0, 0.5)
+        elif param.dim() == 2:
+            param.normal_(0.0, 3.2 / param.shape[1] ** 0.5)
+        else:
+            param.normal_(0.0, 0.4)
 
 
 BUILDERS = {"llama": _build_llama, "glm4": _build_glm4, "chatglm6b": _build_chatglm6b}

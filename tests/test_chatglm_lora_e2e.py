@@ -85,23 +85,24 @@ def test_batched_inference_equals_one_by_one(workdir):
     from peft import PeftModel
 
     from chatglm_lora.cover_alpaca2jsonl import format_example
-    from chatglm_lora.infer import generate_answers
+    from chatglm_lora.infer import generate_ids
     from model_hub.loader import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer("tiny:chatglm-6b")
     model = PeftModel.from_pretrained(model, str(workdir / "full")).eval()
     with open(os.path.join(REPO, "data", "stanford_alpaca", "alpaca_data.json"), encoding="utf-8") as f:
         prompts = [format_example(e)["context"] for e in json.load(f)[:5]]
-    one_by_one = generate_answers(model, tokenizer, prompts, max_length=60, batch_size=1)
-    batched = generate_answers(model, tokenizer, prompts, max_length=60, batch_size=5)
-    assert batched == one_by_one and any(one_by_one)
+    one_by_one = generate_ids(model, tokenizer, prompts, max_length=60, batch_size=1)
+    batched = generate_ids(model, tokenizer, prompts, max_length=60, batch_size=5)
+    assert batched == one_by_one
+    assert len({tuple(ids) for ids in one_by_one}) > 1 and all(one_by_one)  # real, differing generations
 
 
 def test_infer_cli_prints_answers_next_to_references(workdir):
     result = run("infer.py", "--chatglm_path", "tiny:chatglm-6b", "--lora_path", str(workdir / "full"),
                  "--data_path", os.path.join(REPO, "data", "stanford_alpaca", "alpaca_data.json"), "--num", "2",
                  "--max_length", "40")
-    assert result.stdout.count("Answer: ") == 2 and "Reference: 1.Eat a balanced diet" in result.stdout
+    assert result.stdout.count("\nAnswer: ") == 2 and result.stdout.count("### ") == 2 and "Reference: 1.Eat a balanced diet" in result.stdout
 
 
 def test_fp16_on_cpu_is_refused(workdir):
