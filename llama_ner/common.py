@@ -1,0 +1,145 @@
+"""What train_trainer.py, train_deepspeed.py, test.py and predict.py share: the original's config keys, the
+LoRA settings, train_args.json, loading validated data, saving the adapter next to train_args.json, and the
+DeepSpeed config adapted to the device."""
+import json
+import os
+from pprint import pprint
+
+from tuning.errors import UserError
+from tuning.files import atomic_file, read_json
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+# The original's LoRA: r from the config, alpha 32, dropout 0.1, these seven modules (its order).
+LORA_TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
+LORA_ALPHA, LORA_DROPOUT = 32, 0.1
+
+# The original config dict (train_trainer.py), paths adapted to this repository's data layout.
+BASE_CONFIG = {
+    "data_name": "msra",
+    "model_dir": "./model_hub/chinese-alpaca-7b",
+    "lora_r": 8,
+    "max_seq_length": 128 + 64,
+    "instruct_column": "instruct",
+    "query_column": "query",
+    "response_column": "answer",
+    "train_path": "build/llama_ner/instruct_data/train.txt",
+    "dev_path": "data/llama_ner_msra/instruct_data/dev.txt",
+    "train_batch_size": 12,
+    "gradient_accumulation_steps": 1,
+    "save_dir": "./checkpoint/msra/train_trainer/",
+    "num_train_epochs": 1,
+    "local_rank": -1,
+    "log_steps": 10,
+    "save_steps": 400,
+}
+# Keys the original lacked (defaults keep its behaviour).
+EXTRA_CONFIG = {
+    "learning_rate": None,     # None: deepspeed.json's optimizer lr (1e-5), as the original
+    "max_steps": -1,           # > 0: stop after this many optimizer steps (CPU smoke runs)
+    "bf16": False,             # CPU: bf16 autocast (~2x faster than fp32); GPU keeps deepspeed.json's fp16
+    "seed": 42,
+    "save_total_limit": 1,
+    "resume_from_checkpoint": None,  # a checkpoint path, a step N, or "last" (checkpoints under save_dir)
+}
+HELP = {
+    "model_dir": "LLaMA folder (Chinese-Alpaca-7B), or tiny:chinese-alpaca-7b for a CPU smoke run",
+    "train_path": "instruction rows made by llama_ner/process.py",
+    "save_dir": "checkpoints go here; the adapter and train_args.json in save_dir/adapter_model",
+    "local_rank": "set by the deepspeed launcher; != -1 means DeepSpeed",
+    "learning_rate": "None: the lr of deepspeed.json (1e-5)",
+    "resume_from_checkpoint": "path, step number or last",
+}
+
+
+def show_args(args) -> None:
+    pprint(vars(args))
+
+
+def adapter_dir(args) -> str:
+    return os.path.join(args.save_dir, "adapter_model")
+
+
+def write_train_args(args, folder: str) -> str:
+    """train_args.json, read back by test.py / predict.py (written before training, as the original)."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "train_args.json")
+    with atomic_file(path) as f:
+        json.dump(vars(args), f, ensure_ascii=False, indent=2)
+    return path
+
+
+def load_train_args(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError("train_args.json not found; train first (train_trainer.py writes it) or pass "
+                        "--train_args=PATH", path=path)
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise UserError("expected a JSON object", path=path)
+    return config
+
+
+def collate_for(args, tokenizer):
+    from llama_ner.dataset import NerCollate
+
+    return NerCollate(args, tokenizer)
+
+
+def load_training_rows(args, tokenizer) -> list[str]:
+    """Validated JSON lines; rows that max_seq_length would leave without answer are dropped and reported."""
+    from llama_ner.dataset import drop_cut_rows, load_data
+
+    lines = load_data(args.train_path, (args.instruct_column, args.query_column, args.response_column))
+    return drop_cut_rows(lines, collate_for(args, tokenizer), args.train_path)
+
+
+def save_adapter(model, folder: str) -> None:
+    """The adapter files into `folder` (next to train_args.json), each replaced whole or not at all."""
+    import shutil
+    import tempfile
+
+    os.makedirs(folder, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".saving-", dir=folder)
+    try:
+        model.save_pretrained(tmp)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def find_deepspeed_json(path: str) -> str:
+    """The path as given (relative to the working directory, as the original), else next to this recipe."""
+    if os.path.isfile(path):
+        return path
+    beside = os.path.join(HERE, path)
+    if os.path.isfile(beside):
+        return beside
+    raise UserError("DeepSpeed config not found", path=path, field="deepspeed_jaon_path")
+
+
+def deepspeed_config(path: str, args, on_gpu: bool) -> dict:
+    """deepspeed.json with the run's batch size / accumulation / lr, and the precision the device supports."""
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise UserError("expected a JSON object", path=path)
+    config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+    config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
+    optimizer = config.setdefault("optimizer", {"type": "Adam", "params": {}})
+    optimizer.setdefault("params", {})["lr"] = learning_rate(args, config)
+    if not on_gpu:
+        # No fp16 on CPU (0.3 GFLOP/s); bf16 if asked. Optimizer offload to "cpu" is moot on a CPU and would
+        # JIT-compile DeepSpeedCPUAdam; torch's Adam does the same maths.
+        config["fp16"] = {"enabled": False}
+        config["bf16"] = {"enabled": bool(args.bf16)}
+        config.get("zero_optimization", {}).pop("offload_optimizer", None)
+        optimizer["params"]["torch_adam"] = True
+    return config
+
+
+def learning_rate(args, ds_config: dict | None = None) -> float:
+    if args.learning_rate is not None:
+        return float(args.learning_rate)
+    if ds_config is None:
+        ds_config = read_json(find_deepspeed_json("deepspeed.json"))
+    return float(ds_config.get("optimizer", {}).get("params", {}).get("lr", 1e-5))

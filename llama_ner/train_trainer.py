@@ -1,0 +1,104 @@
+"""LoRA fine-tuning of Chinese-Alpaca-7B on MSRA NER instructions with the HF Trainer (the original's
+train_trainer.py).
+
+    deepspeed llama_ner/train_trainer.py                          # GPU, as the original README (deepspeed.json)
+    python llama_ner/train_trainer.py --model_dir=tiny:chinese-alpaca-7b --train_batch_size=4 --max_steps=30 \\
+        --learning_rate=2e-3 --save_dir=runs/llama_ner/train_trainer/        # CPU smoke run, plain Trainer
+
+Options are the original's config keys, given as --key=value (nested keys joined by "_"); --help lists them.
+Launched by `deepspeed` (which passes --local_rank) the Trainer runs DeepSpeed with deepspeed_jaon_path (sic,
+the original's key); otherwise it is a plain Trainer (torchrun → DDP). LoRA r=lora_r, alpha 32, dropout 0.1 on
+q/k/v/o/gate/up/down. Optimizer as deepspeed.json: Adam(W) lr 1e-5, betas (0.9, 0.95), weight decay 5e-4, linear
+decay, no warmup. Writes save_dir/adapter_model/train_args.json first (test.py and predict.py read it), real
+checkpoints save_dir/checkpoint-N (adapter + optimizer + scheduler + RNG: --resume_from_checkpoint=last resumes
+exactly), and the adapter to save_dir/adapter_model at every save and at the end. CPU: fp32, or --bf16=true.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS,  # noqa: E402
+                              adapter_dir, deepspeed_config, find_deepspeed_json, learning_rate,
+                              load_training_rows, save_adapter, show_args, write_train_args)
+from llama_ner.config_utils import ConfigParser  # noqa: E402
+from llama_ner.dataset import load_data  # noqa: E402
+from tuning.errors import run_main  # noqa: E402
+from tuning.methods import apply_lora, trainable_summary  # noqa: E402
+from tuning.training import LossPlot, NanGuard, check_precision, resolve_resume  # noqa: E402
+
+CONFIG = {**BASE_CONFIG, "deepspeed_jaon_path": "deepspeed.json", **EXTRA_CONFIG}
+
+
+class AdapterToSaveDir(TrainerCallback):
+    """The original's PeftSavingCallback: the adapter in save_dir/adapter_model at every save and at the end."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero:
+            save_adapter(model, self.folder)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero:
+            save_adapter(model, self.folder)
+
+
+def main():
+    args = ConfigParser(CONFIG, help_text=__doc__, help_keys=HELP).parse_main()
+    show_args(args)
+    on_gpu = torch.cuda.is_available()
+    use_deepspeed = args.local_rank != -1
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    check_precision(fp16=False, bf16=args.bf16, use_cpu=not on_gpu)
+    resume = resolve_resume(args.resume_from_checkpoint, args.save_dir)
+    ds_path = find_deepspeed_json(args.deepspeed_jaon_path)
+    ds_config = deepspeed_config(ds_path, args, on_gpu)  # lr and fp16 come from it even without DeepSpeed
+    load_data(args.train_path, (args.instruct_column, args.query_column, args.response_column))  # fail fast
+
+    from model_hub.loader import load_model_and_tokenizer, load_tokenizer
+
+    tokenizer = load_tokenizer(args.model_dir)
+    train_data = load_training_rows(args, tokenizer)
+    print(f"train rows: {len(train_data)}")
+    write_train_args(args, adapter_dir(args))
+
+    # fp32 master weights; the GPU run gets fp16 mixed precision from deepspeed.json, the CPU run bf16 autocast.
+    model, tokenizer = load_model_and_tokenizer(args.model_dir, dtype="fp32")
+    model.config.use_cache = False
+    model = apply_lora(model, LORA_TARGETS, r=args.lora_r, alpha=LORA_ALPHA, dropout=LORA_DROPOUT)
+    print(trainable_summary(model))
+
+    from llama_ner.dataset import NerCollate
+
+    fp16 = on_gpu and not args.bf16 and bool(ds_config.get("fp16", {}).get("enabled"))  # as the original on a GPU
+    if use_deepspeed and not on_gpu:
+        # accelerate finds no GPU and assumes one process; pre-create its state on gloo (STACK_ON_CPU.md §1).
+        from accelerate import PartialState
+
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        PartialState(backend="gloo")
+    training_args = TrainingArguments(
+        output_dir=args.save_dir, learning_rate=learning_rate(args, ds_config), adam_beta1=0.9, adam_beta2=0.95,
+        adam_epsilon=1e-8, weight_decay=0.0005, fp16=fp16, bf16=args.bf16, num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps, per_device_train_batch_size=args.train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, save_strategy="steps",
+        save_steps=args.save_steps, logging_steps=args.log_steps, save_total_limit=args.save_total_limit,
+        seed=args.seed, use_cpu=not on_gpu, remove_unused_columns=False, report_to=["tensorboard"],
+        deepspeed=ds_config if use_deepspeed else None, ddp_backend="gloo" if not on_gpu and distributed else None,
+        accelerator_config={"use_configured_state": True} if use_deepspeed and not on_gpu else None,
+    )
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_data,
+                      data_collator=NerCollate(args, tokenizer).collate_fn,
+                      callbacks=[AdapterToSaveDir(adapter_dir(args)), NanGuard(model), LossPlot()])
+    trainer.train(resume_from_checkpoint=resume)
+    print(f"adapter: {adapter_dir(args)}")
+    print(f"loss curve: {os.path.join(args.save_dir, 'loss.png')}")
+
+
+if __name__ == "__main__":
+    run_main(main)
