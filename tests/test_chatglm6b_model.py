@@ -116,3 +116,19 @@ def test_lm_head_tied(models):
 def test_ptuning_freezes_base(models):
     trainable = [n for n, p in models["ptuning"].named_parameters() if p.requires_grad]
     assert trainable == ["transformer.prefix_encoder.embedding.weight"]
+
+
+def test_one_dimensional_positions():
+    """position_encoding_2d=False (no released checkpoint uses it): a [gMASK] prompt keeps counting, a [MASK]
+    prompt repeats the mask position; a cached decoding step uses the mask position (as the original)."""
+    from model_hub.chatglm6b import tiny_config
+    from model_hub.chatglm6b.masks import build_position_ids, next_position_ids
+
+    config = tiny_config(position_encoding_2d=False)
+    gmask = torch.tensor([[5, 74874, 130001, 130004, 9]])
+    mask = torch.tensor([[5, 130000, 7, 130004, 9]])
+    assert build_position_ids(gmask, config).tolist() == [[0, 1, 2, 3, 4]]
+    assert build_position_ids(mask, config).tolist() == [[0, 1, 2, 1, 1]]
+    assert next_position_ids(gmask, config).tolist() == [[2]]
+    model = ChatGLMForConditionalGeneration(config).eval()
+    assert model.generate(input_ids=gmask, max_new_tokens=2, do_sample=False).shape == (1, 7)
