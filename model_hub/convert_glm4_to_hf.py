@@ -18,10 +18,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from model_hub.glm4_native import native_config_from_original  # noqa: E402
 from tuning.errors import UserError, run_main  # noqa: E402
 from tuning.files import atomic_dir, read_json  # noqa: E402
 
@@ -57,8 +53,10 @@ class Layout:
         return q, kv, kv
 
 
-def convert_tensor(name: str, tensor: torch.Tensor, layout: Layout) -> list[tuple[str, torch.Tensor]]:
-    """One original tensor → its native tensor(s); [] for the dropped rotary buffer."""
+def convert_tensor(name: str, tensor, layout: Layout) -> list:
+    """One original tensor → its native (name, tensor) pairs; [] for the dropped rotary buffer."""
+    import torch
+
     if name in DROP:
         return []
     if name in TOP_COPY:
@@ -111,7 +109,9 @@ def find_shards(src: str) -> list[str]:
                     "pytorch_model.bin or pytorch_model.bin.index.json)", path=src)
 
 
-def read_shard(path: str) -> dict[str, torch.Tensor]:
+def read_shard(path: str) -> dict:
+    import torch
+
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -132,7 +132,7 @@ class ShardWriter:
         self.out_dir, self.max_bytes = out_dir, max_bytes
         self.pending, self.pending_bytes, self.files, self.weight_map, self.total = {}, 0, [], {}, 0
 
-    def add(self, name: str, tensor: torch.Tensor):
+    def add(self, name: str, tensor):
         size = tensor.numel() * tensor.element_size()
         if self.pending and self.pending_bytes + size > self.max_bytes:
             self.flush()
@@ -165,6 +165,10 @@ class ShardWriter:
 
 
 def convert(src: str, out_dir: str, *, max_shard_gb: float = 5.0, with_tokenizer: bool = True) -> str:
+    from tqdm import tqdm
+
+    from model_hub.glm4_native import native_config_from_original
+
     config_path = os.path.join(src, "config.json")
     orig = read_json(config_path)
     if not isinstance(orig, dict) or "padded_vocab_size" not in orig or "multi_query_group_num" not in orig:

@@ -17,3 +17,11 @@ GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 @pytest.fixture(scope="session")
 def golden_dir():
     return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def glm4_tokenizer():
+    """The real GLM-4-9B-chat tokenizer (built once into build/tokenizers by model_hub.glm4_tokenizer)."""
+    from model_hub.glm4_tokenizer import load_glm4_tokenizer
+
+    return load_glm4_tokenizer()

@@ -1,0 +1,192 @@
+"""The finetune_demo YAML config → FinetuningConfig, read as data (yaml.safe_load) and checked key by key.
+
+    data_config: {train_file, val_file, test_file, num_proc}   # names relative to DATA_DIR, .jsonl
+    max_input_length: int ; max_output_length: int ; combine: bool ; freezeV: bool (GLM-4V only, ignored)
+    training_args: Seq2SeqTrainingArguments keywords, with generation_config: GenerationConfig keywords
+    peft_config: peft keywords (peft_type LORA or PREFIX_TUNING); absent = full fine-tuning
+
+Every mistake is one line `config.yaml:LINE: field: what was expected`. Numbers follow YAML 1.2 as in the
+original's ruamel loader: `5e-4` is a float (plain PyYAML would read it as the string "5e-4").
+"""
+import dataclasses
+import os
+import re
+
+import yaml
+
+from tuning.errors import UserError
+from tuning.files import read_text
+
+TOP_KEYS = {"data_config", "max_input_length", "max_output_length", "combine", "freezeV", "training_args",
+            "peft_config"}
+DATA_KEYS = {"train_file", "val_file", "test_file", "num_proc"}
+PEFT_TYPES = ("LORA", "PREFIX_TUNING")
+# Keys transformers 5 removed, with what replaced them (old configs and the June-2024 demo use some of them).
+RENAMED = {"evaluation_strategy": "eval_strategy", "no_cuda": "use_cpu",
+           "overwrite_output_dir": "nothing (outputs are always written over)",
+           "logging_dir": "nothing (set the TENSORBOARD_LOGGING_DIR environment variable)",
+           "save_safetensors": "nothing (always safetensors)"}
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader (data only) that also reads 1e-4 / 5E+3 as floats (YAML 1.2, like ruamel)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+@dataclasses.dataclass
+class DataConfig:
+    train_file: str
+    val_file: str | None = None
+    test_file: str | None = None
+    num_proc: int | None = None
+
+    @property
+    def data_files(self) -> dict[str, str]:
+        names = {"train": self.train_file, "validation": self.val_file, "test": self.test_file}
+        return {split: name for split, name in names.items() if name is not None}
+
+
+@dataclasses.dataclass
+class FinetuningConfig:
+    data_config: DataConfig
+    max_input_length: int
+    max_output_length: int
+    combine: bool
+    training_args: object            # Seq2SeqTrainingArguments
+    peft_config: object | None       # peft PeftConfig, None = full fine-tuning
+    freezeV: bool = True
+    path: str = ""
+    lines: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def error(self, field: str, message: str) -> UserError:
+        return UserError(message, path=self.path, line=self.lines.get(field), field=field)
+
+
+def _key_lines(node, prefix="") -> dict[str, int]:
+    """'training_args.learning_rate' → 1-based line, from the YAML node tree (safe_load forgets lines)."""
+    lines = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            name = f"{prefix}{key.value}"
+            lines[name] = key.start_mark.line + 1
+            lines.update(_key_lines(value, name + "."))
+    return lines
+
+
+def _resolve_deepspeed(value: str, config_path: str) -> str:
+    """configs/ds_zero_3.json as the shipped YAMLs write it: from the working folder, else next to configs/."""
+    if os.path.isabs(value) or os.path.exists(value):
+        return value
+    for base in (os.path.dirname(os.path.dirname(os.path.abspath(config_path))),
+                 os.path.dirname(os.path.abspath(config_path))):
+        if os.path.exists(os.path.join(base, value)):
+            return os.path.join(base, value)
+    return value
+
+
+def load_config(path: str) -> FinetuningConfig:
+    text = read_text(path)
+    try:
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+        lines = _key_lines(yaml.compose(text, Loader=_Loader))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise UserError(f"invalid YAML: {getattr(exc, 'problem', exc)}", path=path,
+                        line=mark.line + 1 if mark else None) from None
+
+    def fail(field, message):
+        raise UserError(message, path=path, line=lines.get(field), field=field)
+
+    if not isinstance(raw, dict):
+        fail(None, "expected a mapping of data_config, max_input_length, ..., training_args")
+    for key in raw:
+        if key not in TOP_KEYS:
+            fail(key, f"unknown key; expected one of {', '.join(sorted(TOP_KEYS))}")
+
+    data = raw.get("data_config")
+    if not isinstance(data, dict):
+        fail("data_config", "missing or not a mapping; expected {train_file, val_file, test_file, num_proc}")
+    for key, value in data.items():
+        if key not in DATA_KEYS:
+            fail(f"data_config.{key}", f"unknown key; expected one of {', '.join(sorted(DATA_KEYS))}")
+        if key != "num_proc" and value is not None and not (isinstance(value, str) and value.endswith(".jsonl")):
+            fail(f"data_config.{key}", f"expected a .jsonl file name (relative to DATA_DIR), got {value!r}")
+    if not data.get("train_file"):
+        fail("data_config.train_file", "missing; expected a .jsonl file name relative to DATA_DIR")
+    num_proc = data.get("num_proc")
+    if num_proc is not None and (not isinstance(num_proc, int) or isinstance(num_proc, bool) or num_proc < 1):
+        fail("data_config.num_proc", f"expected a positive integer or null, got {num_proc!r}")
+
+    for key in ("max_input_length", "max_output_length"):
+        value = raw.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            fail(key, f"expected a positive integer, got {value!r}")
+    for key in ("combine", "freezeV"):
+        if key in raw and not isinstance(raw[key], bool):
+            fail(key, f"expected true or false, got {raw[key]!r}")
+    if "combine" not in raw:
+        fail("combine", "missing; expected true (train only the last assistant turn, as the shipped configs) "
+                        "or false (train every assistant turn)")
+
+    if not isinstance(raw.get("training_args"), dict):
+        fail("training_args", "missing or not a mapping; expected Seq2SeqTrainingArguments keywords")
+    training = dict(raw["training_args"])
+    generation = training.pop("generation_config", None)
+    if not isinstance(generation, dict):
+        fail("training_args.generation_config", "missing or not a mapping; expected e.g. {max_new_tokens: 512}")
+    training.setdefault("output_dir", "./output")
+    if training.get("deepspeed"):
+        training["deepspeed"] = _resolve_deepspeed(training["deepspeed"], path)
+    args = _training_args(training, generation, fail)
+
+    if not args.do_eval or data.get("val_file") is None:  # the original's __post_init__
+        from transformers.trainer_utils import IntervalStrategy
+
+        args.do_eval, args.eval_strategy, data["val_file"] = False, IntervalStrategy.NO, None
+    else:
+        args.per_device_eval_batch_size = args.per_device_eval_batch_size or args.per_device_train_batch_size
+    if (args.do_eval or data.get("test_file")) and not args.predict_with_generate:
+        fail("training_args.predict_with_generate", "must be true: evaluation generates answers and scores them")
+
+    peft = _peft_config(raw.get("peft_config"), fail)
+    return FinetuningConfig(DataConfig(**data), raw["max_input_length"], raw["max_output_length"], raw["combine"],
+                            args, peft, raw.get("freezeV", True), path, lines)
+
+
+def _training_args(training: dict, generation: dict, fail):
+    from transformers import GenerationConfig, Seq2SeqTrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(Seq2SeqTrainingArguments)}
+    for key in training:
+        if key in RENAMED:
+            fail(f"training_args.{key}", f"removed in transformers 5; use {RENAMED[key]}")
+        if key not in fields:
+            fail(f"training_args.{key}", "unknown Seq2SeqTrainingArguments keyword")
+    known = set(GenerationConfig().__dict__)
+    for key in generation:
+        if key not in known:
+            fail(f"training_args.generation_config.{key}", "unknown GenerationConfig keyword")
+    try:
+        args = Seq2SeqTrainingArguments(**training)
+        args.generation_config = GenerationConfig(**generation)
+    except (ValueError, TypeError) as exc:
+        fail("training_args", str(exc).splitlines()[0])
+    return args
+
+
+def _peft_config(peft: dict | None, fail):
+    if peft is None:
+        return None
+    if not isinstance(peft, dict):
+        fail("peft_config", "expected a mapping with peft_type (LORA or PREFIX_TUNING), or no peft_config at all")
+    if peft.get("peft_type") not in PEFT_TYPES:
+        fail("peft_config.peft_type", f"expected one of {', '.join(PEFT_TYPES)}, got {peft.get('peft_type')!r}")
+    from peft import get_peft_config
+
+    try:
+        return get_peft_config(dict(peft))
+    except (TypeError, ValueError) as exc:
+        fail("peft_config", str(exc).splitlines()[0])

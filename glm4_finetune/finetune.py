@@ -1,0 +1,190 @@
+"""Fine-tune GLM-4-9B-chat with LoRA, P-tuning v2 or full SFT (THUDM/GLM-4 finetune_demo/finetune.py).
+
+    python glm4_finetune/finetune.py DATA_DIR MODEL_DIR CONFIG_FILE [AUTO_RESUME_FROM_CHECKPOINT]
+
+DATA_DIR holds the messages-format .jsonl files named in the config's data_config; MODEL_DIR is a native GLM-4
+folder (convert an original glm-4-9b-chat once with `python -m model_hub.convert_glm4_to_hf`) or
+`tiny:glm-4-9b-chat`; CONFIG_FILE is a YAML such as glm4_finetune/configs/lora.yaml (peft_config absent = full
+fine-tuning). AUTO_RESUME_FROM_CHECKPOINT: empty or `no` = start fresh, `yes` = the newest checkpoint-N in
+output_dir (fresh when there is none), `N` = output_dir/checkpoint-N.
+
+Checkpoints (adapter or full weights, with the tokenizer) go to output_dir/checkpoint-N; the final model or
+adapter to output_dir itself; evaluation generates every answer and logs ROUGE-1/2/L and BLEU-4; the test split
+is scored at the end (output_dir/test_results.json, test_predictions.jsonl). Multi-GPU: launch with torchrun.
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from typing import Annotated  # noqa: E402
+
+import typer  # noqa: E402
+
+from glm4_finetune.config import load_config  # noqa: E402
+from glm4_finetune.data import process_batch, process_batch_eval  # noqa: E402,F401  (the original's API)
+from glm4_finetune.validate import read_conversations  # noqa: E402
+from tuning.errors import UserError, run_main  # noqa: E402
+from tuning.training import list_checkpoints  # noqa: E402
+
+MODEL_NAME = "glm-4-9b-chat"  # model_hub/registry.py: stop ids, pad id, LoRA targets
+GLM_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"}
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def resolve_auto_resume(value: str, output_dir: str) -> str | None:
+    """The checkpoint to resume from, or None to start fresh (the original silently skipped training on a typo)."""
+    text = (value or "").strip()
+    if text.lower() in ("", "no"):
+        return None
+    found = list_checkpoints(output_dir)
+    if text.lower() == "yes":
+        if not found:
+            print(f"no checkpoint-N in {output_dir}: training from scratch")
+            return None
+        return found[-1][1]
+    if text.isdigit() and int(text) > 0:
+        path = os.path.join(output_dir, f"checkpoint-{int(text)}")
+        if any(p == path for _, p in found):
+            return path
+        have = ", ".join(str(step) for step, _ in found) or "none"
+        raise UserError(f"checkpoint-{int(text)} is not a complete checkpoint (saved steps: {have})",
+                        path=output_dir, field="AUTO_RESUME_FROM_CHECKPOINT")
+    raise UserError(f"expected yes, no, or a checkpoint step N > 0, got {value!r}", field="AUTO_RESUME_FROM_CHECKPOINT")
+
+
+def check_method_fits(cfg, model_config) -> None:
+    """Refuse a peft config that does not fit the model before any weight is loaded."""
+    peft, args = cfg.peft_config, cfg.training_args
+    gc_set = "training_args.gradient_checkpointing" in cfg.lines
+    if peft is not None and peft.peft_type == "PREFIX_TUNING":
+        if gc_set and args.gradient_checkpointing:
+            raise cfg.error("training_args.gradient_checkpointing", "peft prefix tuning does not work with gradient "
+                                                                     "checkpointing; remove it or set false")
+        groups, head_dim = model_config.num_key_value_heads, model_config.head_dim
+        if peft.num_attention_heads != groups:
+            raise cfg.error("peft_config.num_attention_heads", f"{peft.num_attention_heads} does not fit this model: "
+                            f"the prefix is stored per key/value group; expected num_key_value_heads = {groups}")
+        if peft.token_dim != groups * head_dim:
+            raise cfg.error("peft_config.token_dim", f"{peft.token_dim} does not fit this model: expected "
+                            f"key/value groups × head_dim = {groups} × {head_dim} = {groups * head_dim}")
+        if peft.num_layers not in (None, model_config.num_hidden_layers):
+            raise cfg.error("peft_config.num_layers", f"expected {model_config.num_hidden_layers} or nothing")
+    elif peft is not None and isinstance(peft.target_modules, (list, set)):
+        unknown = sorted(set(peft.target_modules) - GLM_LINEAR)
+        if unknown:
+            raise cfg.error("peft_config.target_modules", f"{unknown[0]!r} is not a layer of the native GLM-4 model; "
+                            f"use {sorted(GLM_LINEAR)} (the original query_key_value = q_proj, k_proj, v_proj)")
+    if not gc_set:  # the original enabled it when resuming only; we keep training identical either way
+        args.gradient_checkpointing = peft is None or peft.peft_type != "PREFIX_TUNING"
+    if args.remove_unused_columns:
+        raise cfg.error("training_args.remove_unused_columns", "must be false: evaluation reads output_ids")
+
+
+def weights_dtype(args) -> str:
+    """bf16 weights as the original ("Must use BFloat 16"), unless mixed precision keeps fp32 master weights."""
+    from tuning.training import check_precision
+
+    check_precision(args.fp16, args.bf16, args.use_cpu)
+    return "fp32" if (args.bf16 or args.fp16) else "bf16"
+
+
+def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_checkpoint: str = "") -> str:
+    # 1. Config, data and resume point: every user mistake surfaces here, before any weight is loaded.
+    cfg = load_config(config_file)
+    args = cfg.training_args
+    if not os.path.isdir(data_dir):
+        raise UserError("data folder not found", path=data_dir)
+    conversations = {split: read_conversations(os.path.join(data_dir, name))
+                     for split, name in cfg.data_config.data_files.items()}
+    resume = resolve_auto_resume(auto_resume_from_checkpoint, args.output_dir)
+
+    from transformers import AutoConfig
+
+    from model_hub.loader import load_model_and_tokenizer, resolve_model_path
+    from model_hub.registry import get_spec
+
+    model_path = resolve_model_path(model_dir)
+    check_method_fits(cfg, AutoConfig.from_pretrained(model_path))
+
+    # 2. Tokenizer and model (left padding, as the original; no KV cache while training).
+    model, tokenizer = load_model_and_tokenizer(model_path, dtype=weights_dtype(args), use_cache=False,
+                                                device="cpu" if args.deepspeed else None)
+    tokenizer.padding_side = "left"
+    from glm4_finetune.trainer import DataCollator, GenerationTrainer, tokenize_split
+
+    datasets = {split: tokenize_split(rows, split, tokenizer, cfg) for split, rows in conversations.items()}
+    for split, dataset in datasets.items():
+        if len(dataset) == 0:
+            raise UserError(f"no {split} examples left after tokenisation",
+                            path=os.path.join(data_dir, cfg.data_config.data_files[split]))
+
+    # 3. The tuning method: LoRA / P-tuning v2 through peft, or every weight.
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        model.enable_input_require_grads()
+        args.gradient_checkpointing = False  # done here, on the base model; the Trainer must not redo it
+    if cfg.peft_config is not None:
+        from peft import get_peft_model
+
+        from tuning.prefix_positions import number_text_from_zero
+
+        try:
+            model = get_peft_model(model, cfg.peft_config)
+        except ValueError as exc:
+            raise cfg.error("peft_config", str(exc).splitlines()[0]) from None
+        number_text_from_zero(model)  # P-tuning: text positions 0…L−1 as the original (no-op for LoRA)
+        model.print_trainable_parameters()
+
+    # 4. Generation for evaluation: greedy, stop at <|endoftext|>, <|user|> or <|observation|>.
+    spec = get_spec(MODEL_NAME)
+    generation = args.generation_config
+    generation.pad_token_id, generation.eos_token_id = spec.pad_id, list(spec.stop_ids)
+    (model.get_base_model() if cfg.peft_config is not None else model).generation_config = generation
+
+    from tuning.text_metrics import generation_metrics
+    from tuning.training import LossPlot, NanGuard
+
+    trainer = GenerationTrainer(
+        model=model, args=args, data_collator=DataCollator(tokenizer, padding="longest", return_tensors="pt"),
+        train_dataset=datasets["train"], eval_dataset=datasets.get("validation"), processing_class=tokenizer,
+        compute_metrics=lambda p: generation_metrics(tokenizer, p.predictions, p.label_ids),
+        callbacks=[NanGuard(model), LossPlot()])
+
+    # 5. Train, save the final weights (the original kept only checkpoint-N), score the test split.
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    if "test" in datasets:
+        result = trainer.predict(datasets["test"])
+        trainer.log_metrics("test", result.metrics)
+        trainer.save_metrics("test", result.metrics)
+        if trainer.is_world_process_zero():
+            write_predictions(tokenizer, result, os.path.join(args.output_dir, "test_predictions.jsonl"))
+    return args.output_dir
+
+
+def write_predictions(tokenizer, result, path: str) -> None:
+    from tuning.files import atomic_file
+    from tuning.text_metrics import decode_rows
+
+    predictions, references = decode_rows(tokenizer, result.predictions), decode_rows(tokenizer, result.label_ids)
+    with atomic_file(path) as f:
+        for prediction, reference in zip(predictions, references):
+            f.write(json.dumps({"prediction": prediction, "reference": reference}, ensure_ascii=False) + "\n")
+
+
+@app.command(help=__doc__)
+def main(
+    data_dir: Annotated[str, typer.Argument(help="folder with the .jsonl files named in data_config")],
+    model_dir: Annotated[str, typer.Argument(help="native GLM-4 model folder, or tiny:glm-4-9b-chat")],
+    config_file: Annotated[str, typer.Argument(help="YAML config, e.g. glm4_finetune/configs/lora.yaml")],
+    auto_resume_from_checkpoint: Annotated[str, typer.Argument(
+        help="empty/no = fresh; yes = newest checkpoint-N in output_dir; N = checkpoint-N")] = "",
+):
+    finetune(data_dir, model_dir, config_file, auto_resume_from_checkpoint)
+
+
+if __name__ == "__main__":
+    run_main(app)

@@ -1,0 +1,106 @@
+"""GLM-4 finetune_demo data code against the original's outputs (tests/golden/glm4), plus our fixes."""
+import copy
+import json
+import os
+
+import pytest
+
+from glm4_finetune.data import ASSISTANT, EOS_FOR_CHAT, process_batch, process_batch_eval
+
+FUNCTIONS = {"process_batch": process_batch, "process_batch_eval": process_batch_eval}
+
+
+@pytest.fixture(scope="module")
+def golden(golden_dir):
+    with open(os.path.join(golden_dir, "glm4", "glm4_finetune.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def direct_cases(golden):
+    for entry in golden["direct"]:
+        for index, expected in enumerate(entry["outputs"]):
+            yield entry, index, expected
+
+
+def run(entry, conversations, tokenizer):
+    return FUNCTIONS[entry["function"]]({"messages": conversations}, tokenizer, entry["max_input_length"],
+                                        entry["max_output_length"], entry["combine"])
+
+
+def test_chat_template_renders_like_the_original(golden, glm4_tokenizer):
+    for conversation, rendered in zip(golden["conversations"], golden["rendered_chat_template"]):
+        assert glm4_tokenizer.apply_chat_template(conversation, tokenize=False) == rendered
+
+
+def test_original_is_reproduced_wherever_it_is_right(golden, glm4_tokenizer):
+    checked = 0
+    for entry, index, expected in direct_cases(golden):
+        broken = "error" in expected or (entry["function"] == "process_batch_eval" and entry["combine"])
+        if broken:
+            continue
+        assert run(entry, [golden["conversations"][index]], glm4_tokenizer) == expected, (entry["function"], index)
+        checked += 1
+    assert checked == 4 * 8 + 8 + 6  # train both modes and lengths, eval combine=False (2 original crashes)
+
+
+def test_combine_eval_asks_for_the_answer_instead_of_feeding_it(golden, glm4_tokenizer):
+    """The original's combine-mode eval put the gold answer + [gMASK] into input_ids. Ours: context +
+    <|assistant|> in, "\\n" + answer + <|user|> out — the same pair the per-message mode gives."""
+    per_message = {e["max_input_length"]: e for e in golden["direct"]
+                   if e["function"] == "process_batch_eval" and not e["combine"]}
+    for entry, index, original in direct_cases(golden):
+        if entry["function"] != "process_batch_eval" or not entry["combine"]:
+            continue
+        ours = run(entry, [golden["conversations"][index]], glm4_tokenizer)
+        (input_ids,), (output_ids,) = ours["input_ids"], ours["output_ids"]
+        assert input_ids[-1] == ASSISTANT and len(input_ids) <= entry["max_input_length"] + 1
+        # the original's input is our context followed by the answer; its output starts with <|assistant|>
+        assert original["input_ids"][0][:len(input_ids)] == input_ids or len(input_ids) > entry["max_input_length"]
+        assert original["output_ids"][0][1:] == output_ids[:len(original["output_ids"][0]) - 1]
+        if entry["max_input_length"] == 512:
+            last = per_message[512]["outputs"][index]
+            assert (input_ids, output_ids) == (last["input_ids"][-1], last["output_ids"][-1])
+
+
+def test_eval_that_reaches_max_input_length_early_gives_no_example(golden, glm4_tokenizer):
+    """The original raised UnboundLocalError here and the whole map failed."""
+    entry = next(e for e in golden["direct"] if e["function"] == "process_batch_eval" and not e["combine"]
+                 and e["max_input_length"] == 24)
+    for index in (3, 4):
+        assert "error" in entry["outputs"][index]
+        assert run(entry, [golden["conversations"][index]], glm4_tokenizer) == {"input_ids": [], "output_ids": []}
+
+
+def test_none_filled_messages_from_datasets_work(golden, glm4_tokenizer):
+    """datasets fills every key with None; the original then crashed in the template. Ours: same rows as the
+    conversations written without the None keys (and equal to the original wherever it did not crash)."""
+    for group in golden["via_datasets"]:
+        loaded = group["messages_as_loaded_by_datasets"]
+        clean = [golden["conversations"][i] for i in group["conversation_indices"]]
+        for function, key in (("process_batch", "train"), ("process_batch_eval", "eval")):
+            entry = dict(group, function=function)
+            ours = run(entry, copy.deepcopy(loaded), glm4_tokenizer)
+            expected_clean = run(entry, clean, glm4_tokenizer)
+            assert ours == expected_clean
+            original = group[key]
+            if "error" not in original and not (key == "eval" and group["combine"]):
+                assert ours == original
+
+
+def test_no_assistant_message_is_a_clear_error(glm4_tokenizer):
+    conversation = [{"role": "user", "content": "hi"}]
+    for function in (process_batch, process_batch_eval):
+        for combine in (True, False):
+            with pytest.raises(ValueError, match="no assistant message"):
+                function({"messages": [conversation]}, glm4_tokenizer, 512, 512, combine)
+
+
+def test_labels_cover_answer_and_stop_token(glm4_tokenizer):
+    conversation = [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"},
+                    {"role": "user", "content": "C"}, {"role": "assistant", "content": "D"}]
+    every = process_batch({"messages": [conversation]}, glm4_tokenizer, 512, 512, False)
+    last = process_batch({"messages": [conversation]}, glm4_tokenizer, 512, 512, True)
+    decode = lambda ids: glm4_tokenizer.decode([t for t in ids if t != -100])  # noqa: E731
+    assert decode(every["labels"][0]) == "\nB<|user|>\nD<|user|>"
+    assert decode(last["labels"][0]) == "D<|user|>"
+    assert every["input_ids"][0][-1] == last["input_ids"][0][-1] == EOS_FOR_CHAT
