@@ -22,7 +22,7 @@ def context_lengths(input_ids: torch.Tensor, bos_token_id: int) -> torch.Tensor:
     return ctx
 
 
-def mask_positions(input_ids: torch.Tensor, mask_token_id: int, gmask_token_id: int):
+def find_mask_positions(input_ids: torch.Tensor, mask_token_id: int, gmask_token_id: int):
     """(index of [gMASK], else of [MASK]) per row, and whether it is a [gMASK]."""
     gmask = first_index(input_ids, gmask_token_id)
     use_gmask = gmask >= 0
@@ -44,11 +44,18 @@ def build_attention_mask(input_ids: torch.Tensor, bos_token_id: int) -> torch.Te
     return (~visible).unsqueeze(1)
 
 
-def build_position_ids(input_ids: torch.Tensor, config) -> torch.Tensor:
-    """[B, 2, L] with position_encoding_2d, else [B, L] (there a [gMASK] prompt keeps counting)."""
+def build_position_ids(input_ids: torch.Tensor, config, mask_positions=None, use_gmasks=None) -> torch.Tensor:
+    """[B, 2, L] with position_encoding_2d, else [B, L] (there a [gMASK] prompt keeps counting).
+
+    `mask_positions` / `use_gmasks` (per row) override the positions found in the ids, as the original allowed."""
     batch, length = input_ids.shape
     ctx = context_lengths(input_ids, config.bos_token_id)
-    mask_pos, use_gmask = mask_positions(input_ids, config.mask_token_id, config.gmask_token_id)
+    if mask_positions is None:
+        mask_pos, use_gmask = find_mask_positions(input_ids, config.mask_token_id, config.gmask_token_id)
+    else:
+        mask_pos = torch.as_tensor(mask_positions, dtype=torch.long, device=input_ids.device)
+        use_gmask = torch.as_tensor(use_gmasks if use_gmasks is not None else [False] * batch,
+                                    dtype=torch.bool, device=input_ids.device)
     cols = torch.arange(length, device=input_ids.device).expand(batch, length)
     generated = cols >= ctx[:, None]
     if config.position_encoding_2d:
@@ -63,7 +70,7 @@ def next_position_ids(input_ids: torch.Tensor, config) -> torch.Tensor:
 
     2-D: [mask position, len - context length]; 1-D: the mask position (the original uses it even after a [gMASK]).
     """
-    mask_pos, _ = mask_positions(input_ids, config.mask_token_id, config.gmask_token_id)
+    mask_pos, _ = find_mask_positions(input_ids, config.mask_token_id, config.gmask_token_id)
     if config.position_encoding_2d:
         blocks = input_ids.shape[1] - context_lengths(input_ids, config.bos_token_id)
         return torch.stack([mask_pos, blocks], dim=1).unsqueeze(-1)

@@ -197,8 +197,9 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     def get_masks(self, input_ids, device=None):
         return build_attention_mask(input_ids.to(device) if device else input_ids, self.config.bos_token_id)
 
-    def get_position_ids(self, input_ids, device=None):
-        return build_position_ids(input_ids.to(device) if device else input_ids, self.config)
+    def get_position_ids(self, input_ids, mask_positions=None, device=None, use_gmasks=None):
+        return build_position_ids(input_ids.to(device) if device else input_ids, self.config,
+                                  mask_positions=mask_positions, use_gmasks=use_gmasks)
 
 
 class ChatGLMModel(ChatGLMPreTrainedModel):
@@ -268,10 +269,11 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                             "(key, value) are not supported")
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=config)
-        if attention_mask is not None and attention_mask.dtype != torch.bool:
-            # The original only understands its bool GLM mask; it drops other masks in generation (same here).
-            logger.warning_once(f"The dtype of attention mask ({attention_mask.dtype}) is not bool: ignored, the GLM "
-                                "mask is built from input_ids")
+        if attention_mask is not None and (attention_mask.dtype != torch.bool or attention_mask.dim() != 4):
+            # The original only understands its bool [B, 1, q, k] GLM mask and drops other masks in generation.
+            logger.warning_once(f"attention mask of dtype {attention_mask.dtype} and shape "
+                                f"{tuple(attention_mask.shape)} is not the bool GLM mask: ignored, the GLM mask is "
+                                "built from input_ids")
             attention_mask = None
 
         prefix = None
