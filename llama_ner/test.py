@@ -55,6 +55,7 @@ def main():
                                    args.max_new_tokens, desc=f"generating ({name})")
         report["splits"][name] = score_split(name, path, data[name], answers, args.response_column)
     write_report(args.report_path or os.path.join(args.save_dir, "ner_report.json"), report)
+    return report
 
 
 if __name__ == "__main__":

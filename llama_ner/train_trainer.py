@@ -98,6 +98,7 @@ def main():
     trainer.train(resume_from_checkpoint=resume)
     print(f"adapter: {adapter_dir(args)}")
     print(f"loss curve: {os.path.join(args.save_dir, 'loss.png')}")
+    return trainer
 
 
 if __name__ == "__main__":

@@ -1,0 +1,204 @@
+"""llama_ner end to end on the tiny Chinese-Alpaca (real tokenizer, random weights) and real MSRA rows:
+Trainer LoRA training (loss falls, adapter reloads with identical logits, resume is exact), the F1 report of
+test.py, predict.py's printout, chat_ner.py, the raw DeepSpeed loop under torchrun, and one-line errors."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llama_ner import chat_ner, predict, train_trainer
+from llama_ner import test as ner_test
+from llama_ner.process import process_msra
+from model_hub.make_tiny import tiny_dir
+from tuning.errors import run_main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = "tiny:chinese-alpaca-7b"
+TRAIN = ["--model_dir=" + MODEL, "--train_batch_size=2", "--max_steps=6", "--save_steps=3", "--log_steps=1",
+         "--learning_rate=1e-2", "--save_total_limit=2", "--num_train_epochs=1"]
+
+
+def run(module, argv, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["x", *argv])
+    return run_main(module.main)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """40 training rows (positives then negatives, as process.py's train mode) and small dev/test files."""
+    root = tmp_path_factory.mktemp("ner_data")
+    process_msra(os.path.join(REPO, "data", "llama_ner_msra", "ori_data", "msra_1000.txt"), str(root / "all.txt"))
+    lines = (root / "all.txt").read_text(encoding="utf-8").split("\n")
+    (root / "train.txt").write_text("\n".join(lines[:30] + lines[-10:]), encoding="utf-8")
+    (root / "dev.txt").write_text("\n".join(lines[:3] + lines[-2:]), encoding="utf-8")
+    process_msra(os.path.join(REPO, "data", "msra_extra", "msra_test.txt"), str(root / "test_all.txt"))
+    test_lines = (root / "test_all.txt").read_text(encoding="utf-8").split("\n")
+    (root / "test.txt").write_text("\n".join(test_lines[:3] + test_lines[-2:]), encoding="utf-8")
+    tiny_dir("chinese-alpaca-7b")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """One uninterrupted 6-step run (checkpoints at 3 and 6); the trainer is kept for in-memory comparisons."""
+    save_dir = tmp_path_factory.mktemp("run") / "full"
+    mp = pytest.MonkeyPatch()
+    try:
+        trainer = run(train_trainer, TRAIN + [f"--train_path={data / 'train.txt'}", f"--dev_path={data / 'dev.txt'}",
+                                              f"--save_dir={save_dir}/"], mp)
+    finally:
+        mp.undo()
+    return save_dir, trainer
+
+
+def losses(save_dir, checkpoint):
+    state = json.loads((save_dir / checkpoint / "trainer_state.json").read_text())
+    return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+
+
+def adapter_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_trainer_trains_saves_and_reloads(trained, data):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from llama_ner.common import collate_for
+    from llama_ner.dataset import load_data
+
+    save_dir, trainer = trained
+    adapter = save_dir / "adapter_model"
+    assert {"adapter_config.json", "adapter_model.safetensors", "train_args.json"} <= set(os.listdir(adapter))
+    assert json.loads((adapter / "train_args.json").read_text())["max_steps"] == 6
+    for step in (3, 6):  # real checkpoints: adapter + optimizer + scheduler + RNG + state
+        assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+                "trainer_state.json"} <= set(os.listdir(save_dir / f"checkpoint-{step}"))
+    assert (save_dir / "loss.png").is_file()
+
+    model = trainer.model.eval()
+    batch = collate_for(_args(adapter), _tokenizer()).collate_fn(load_data(str(data / "train.txt"))[:4])
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir("chinese-alpaca-7b"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        base_loss = base(**batch).loss.item()
+        trained_logits = model(input_ids=batch["input_ids"]).logits
+        trained_loss = model(**batch).loss.item()
+        reloaded = PeftModel.from_pretrained(base, str(adapter)).eval()
+        assert torch.equal(reloaded(input_ids=batch["input_ids"]).logits, trained_logits)
+    assert trained_loss < base_loss - 0.1, (base_loss, trained_loss)  # the loss fell on training rows
+
+
+def _args(adapter):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**json.loads((adapter / "train_args.json").read_text()))
+
+
+def _tokenizer():
+    from model_hub.loader import load_tokenizer
+
+    return load_tokenizer(MODEL)
+
+
+@pytest.mark.slow
+def test_resume_is_exact(trained, data, tmp_path, monkeypatch):
+    save_dir, _ = trained
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(save_dir / "checkpoint-3", resumed / "checkpoint-3")
+    run(train_trainer, TRAIN + [f"--train_path={data / 'train.txt'}", f"--save_dir={resumed}/",
+                                "--resume_from_checkpoint=last"], monkeypatch)
+    full, again = losses(save_dir, "checkpoint-6"), losses(resumed, "checkpoint-6")
+    assert [again[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)]
+    a, b = adapter_tensors(save_dir / "adapter_model"), adapter_tensors(resumed / "adapter_model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_f1_report_and_predict(trained, data, tmp_path, monkeypatch, capsys):
+    save_dir, _ = trained
+    train_args = save_dir / "adapter_model" / "train_args.json"
+    report_path = tmp_path / "report.json"
+    report = run(ner_test, [f"--train_args={train_args}", f"--test_path={data / 'test.txt'}", "--max_new_tokens=8",
+                            f"--report_path={report_path}", "--eval_batch_size=3"], monkeypatch)
+    written = json.loads(report_path.read_text(encoding="utf-8"))
+    assert written == json.loads(json.dumps(report, ensure_ascii=False))
+    for split, rows in (("dev", 5), ("test", 5)):
+        scores = written["splits"][split]["scores"]
+        assert scores["n_sentences"] == rows and len(written["splits"][split]["predictions"]) == rows
+        assert {"人名", "地名", "机构名"} <= set(scores["per_type"]) and 0.0 <= scores["micro"]["f1"] <= 1.0
+    out = capsys.readouterr().out
+    assert "预测：" in out and "真实：" in out and "micro" in out
+
+    run(predict, [f"--train_args={train_args}", "--max_new_tokens=4"], monkeypatch)
+    out = capsys.readouterr().out
+    assert out.count("文本 >>> ") == 3 and out.count("真实 >>>  北京市_地名") == 1 and out.count("生成 >>> ") == 3
+
+
+@pytest.mark.slow
+def test_chat_ner_batch_file(trained, data, tmp_path, monkeypatch, capsys):
+    save_dir, _ = trained
+    monkeypatch.setitem(chat_ner.GENERATION_CONFIG, "max_new_tokens", 6)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    out_file = tmp_path / "predictions.json"
+    rows = tmp_path / "rows.txt"
+    rows.write_text("为什么要减少污染，保护环境？\n" + (data / "dev.txt").read_text(encoding="utf-8").split("\n")[0],
+                    encoding="utf-8")
+    for flags in ([], ["--original_prompt"]):
+        run(chat_ner, ["--base_model", MODEL, "--lora_model", str(save_dir / "adapter_model"), "--with_prompt",
+                       "--only_cpu", "--seed", "1", "--data_file", str(rows), "--predictions_file", str(out_file),
+                       *flags], monkeypatch)
+        written = json.loads(out_file.read_text(encoding="utf-8"))
+        assert [r["Input"][:6] for r in written] == ["为什么要减少", "你现在是一个"]
+        assert (tmp_path / "generation_config.json").is_file()
+    assert capsys.readouterr().out.count("=======1=======") == 2
+
+
+@pytest.mark.slow
+def test_raw_deepspeed_loop_trains_and_saves(data, tmp_path):
+    save_dir = tmp_path / "ds"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "1", "--master_port", "29613",
+         os.path.join(REPO, "llama_ner", "train_deepspeed.py"), f"--model_dir={MODEL}",
+         f"--train_path={data / 'train.txt'}", "--train_batch_size=2", "--gradient_accumulation_steps=2",
+         "--max_steps=4", "--log_steps=2", "--save_steps=2", "--learning_rate=1e-2", f"--save_dir={save_dir}/"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = [line for line in proc.stdout.splitlines() if line.startswith("loss:")]
+    assert [line.split("global_step:")[1] for line in logged] == ["2/4", "4/4"]
+    assert {"adapter_config.json", "adapter_model.safetensors", "train_args.json"} <= set(os.listdir(save_dir))
+    b = [v for k, v in adapter_tensors(save_dir).items() if "lora_B" in k]
+    assert b and all(t.abs().sum() > 0 for t in b)  # lora_B starts at zero: the optimizer really stepped
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('{"instruct": "i", "query": "q", "answer": "没有"}\n{"instruct": "i", "query": "q"}', ":2: answer: missing field"),
+    ('{"instruct": "i", "query": "q", "answer": ""}', ":1: answer: empty answer"),
+])
+def test_bad_training_data_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, content, expected):
+    bad = tmp_path / "train.txt"
+    bad.write_text(content, encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        run(train_trainer, [f"--train_path={bad}", f"--save_dir={tmp_path}/run/", "--model_dir=" + MODEL],
+            monkeypatch)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"error: {bad}{expected}")
+    assert err.strip().count("\n") == 0
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_key_and_help(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(train_trainer, ["--no_such_key=1"], monkeypatch)
+    assert exit_info.value.code == 2 and "参数【no_such_key】不在配置中，请检查！" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        run(train_trainer, ["--help"], monkeypatch)
+    assert exit_info.value.code == 0 and "--deepspeed_jaon_path" in capsys.readouterr().out
