@@ -186,7 +186,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, PrefixEncoder):  # torch's own defaults, as the original's prefix encoder starts from
+        if isinstance(module, PrefixEncoder):  # torch's own defaults, which the original's prefix encoder starts from
             init.normal_(module.embedding.weight, mean=0.0, std=1.0)
             if module.prefix_projection:
                 for linear in (module.trans[0], module.trans[2]):
