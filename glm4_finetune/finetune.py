@@ -1,5 +1,6 @@
 """Fine-tune GLM-4-9B-chat with LoRA, P-tuning v2 or full SFT (THUDM/GLM-4 finetune_demo/finetune.py).
 
+\b
     python glm4_finetune/finetune.py DATA_DIR MODEL_DIR CONFIG_FILE [AUTO_RESUME_FROM_CHECKPOINT]
 
 DATA_DIR holds the messages-format .jsonl files named in the config's data_config; MODEL_DIR is a native GLM-4
@@ -31,7 +32,7 @@ from tuning.training import list_checkpoints  # noqa: E402
 MODEL_NAME = "glm-4-9b-chat"  # model_hub/registry.py: stop ids, pad id, LoRA targets
 GLM_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"}
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
 def resolve_auto_resume(value: str, output_dir: str) -> str | None:
@@ -91,7 +92,8 @@ def weights_dtype(args) -> str:
     return "fp32" if (args.bf16 or args.fp16) else "bf16"
 
 
-def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_checkpoint: str = "") -> str:
+def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_checkpoint: str = ""):
+    """The whole recipe; returns the Trainer (its model is the trained one)."""
     # 1. Config, data and resume point: every user mistake surfaces here, before any weight is loaded.
     cfg = load_config(config_file)
     args = cfg.training_args
@@ -128,9 +130,11 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
         args.gradient_checkpointing = False  # done here, on the base model; the Trainer must not redo it
     if cfg.peft_config is not None:
         from peft import get_peft_model
+        from transformers import set_seed
 
         from tuning.prefix_positions import number_text_from_zero
 
+        set_seed(args.seed)  # the adapter's random init, reproducible
         try:
             model = get_peft_model(model, cfg.peft_config)
         except ValueError as exc:
@@ -162,7 +166,7 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
         trainer.save_metrics("test", result.metrics)
         if trainer.is_world_process_zero():
             write_predictions(tokenizer, result, os.path.join(args.output_dir, "test_predictions.jsonl"))
-    return args.output_dir
+    return trainer
 
 
 def write_predictions(tokenizer, result, path: str) -> None:

@@ -1,5 +1,6 @@
 """Chat with a fine-tuned GLM-4 (THUDM/GLM-4 finetune_demo/inference.py).
 
+\b
     python glm4_finetune/inference.py MODEL_DIR                  # one prompt (#裙子#夏天), sampled as the original
     python glm4_finetune/inference.py MODEL_DIR --interactive    # multi-turn chat with history and tool calls
 
@@ -21,12 +22,12 @@ from tuning.errors import UserError, run_main  # noqa: E402
 from tuning.files import read_json  # noqa: E402
 
 OBSERVATION = 151338
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
 def load_for_inference(model_dir: str, base_model: str | None = None, dtype: str = "bf16"):
     """(model, tokenizer) from an adapter folder (base + adapter) or a full model folder, as the original."""
-    from model_hub.loader import load_model_and_tokenizer, load_tokenizer
+    from model_hub.loader import load_model_and_tokenizer
 
     adapter_config = os.path.join(model_dir, "adapter_config.json")
     if not os.path.isfile(adapter_config):
@@ -42,8 +43,10 @@ def load_for_inference(model_dir: str, base_model: str | None = None, dtype: str
     model, tokenizer = load_model_and_tokenizer(base, dtype=dtype)
     model = PeftModelForCausalLM.from_pretrained(model, model_dir)
     number_text_from_zero(model)  # P-tuning v2: the text positions it was trained with (no-op for LoRA)
-    if os.path.isfile(os.path.join(model_dir, "tokenizer_config.json")):
-        tokenizer = load_tokenizer(model_dir)
+    if os.path.isfile(os.path.join(model_dir, "tokenizer_config.json")):  # ours save it with the adapter
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return model.eval(), tokenizer
 
 

@@ -48,8 +48,9 @@ def tokenize_split(conversations, split: str, tokenizer, cfg) -> "datasets.Datas
     train = split == "train"
     kwargs = dict(tokenizer=tokenizer, max_input_length=cfg.max_input_length,
                   max_output_length=cfg.max_output_length, combine=cfg.combine)
+    num_proc = cfg.data_config.num_proc if (cfg.data_config.num_proc or 1) > 1 else None  # 1 would still fork
     mapped = raw.map(_train_map if train else _eval_map, batched=True, fn_kwargs=kwargs, remove_columns=["messages"],
-                     num_proc=cfg.data_config.num_proc, desc=f"tokenizing {split}",
+                     num_proc=num_proc, desc=f"tokenizing {split}",
                      new_fingerprint=f"glm4-{split}-{uuid.uuid4().hex}")  # hashing the tokenizer takes seconds
     if train:
         limit = cfg.max_input_length + cfg.max_output_length + 1
