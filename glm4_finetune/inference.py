@@ -62,13 +62,16 @@ def generate_reply(model, tokenizer, messages, **sampling) -> tuple[dict, bool, 
                                  pad_token_id=tokenizer.pad_token_id, **sampling)
     new_ids = outputs[0][inputs["input_ids"].shape[1]:].tolist()
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
-    # A normal answer starts with "\n" after <|assistant|>; a tool call starts with the tool's name (metadata).
+    return reply_message(text), bool(new_ids) and new_ids[-1] == OBSERVATION, text
+
+
+def reply_message(text: str) -> dict:
+    """Generated text → history message. A normal answer starts with "\n" right after <|assistant|>; a tool
+    call starts with the tool's name, which the chat template renders as metadata (`<|assistant|>NAME\n{args}`)."""
     if text.startswith("\n") or "\n" not in text:
-        message = {"role": "assistant", "content": text.strip()}
-    else:
-        name, _, content = text.partition("\n")
-        message = {"role": "assistant", "metadata": name.strip(), "content": content.strip()}
-    return message, bool(new_ids) and new_ids[-1] == OBSERVATION, text
+        return {"role": "assistant", "content": text.strip()}
+    name, _, content = text.partition("\n")
+    return {"role": "assistant", "metadata": name.strip(), "content": content.strip()}
 
 
 def chat(model, tokenizer, history: list[dict], sampling: dict, read=input) -> None:
