@@ -127,3 +127,34 @@ def test_rows_whose_answer_is_cut_are_reported_and_dropped(alpaca_tokenizer, cap
     assert ((batch["labels"] != -100).sum(dim=1) > 1).all()  # every kept row trains on answer tokens
     with pytest.raises(UserError, match="every row's answer is cut away"):
         drop_cut_rows(rows[2:], collate, "train.txt")
+
+
+@pytest.mark.parametrize("name", list(GOLDEN))
+def test_teacher_forced_decoding_and_chat_prompts_equal_golden(name):
+    from llama_ner.chat_ner import generate_prompt, prompt_ids
+    from llama_ner.evaluation import decode_teacher_forced
+
+    golden = _golden(name)
+    tokenizer = load_llama_tokenizer(name)
+    if tokenizer.pad_token_id is None:
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    for case in golden["test_predict_decoding"]:
+        preds, labels = decode_teacher_forced(case["argmax_ids"], case["labels"], tokenizer)
+        assert preds == case["decoded_preds"] and labels == case["decoded_labels"]
+    for case in golden["chat_ner_prompts"]:  # the original template, behind --original_prompt
+        assert generate_prompt(case["instruction"], case["input"]) == case["prompt"]
+        ids, _ = prompt_ids(tokenizer, case["instruction"], case["input"], with_prompt=True, original_prompt=True)
+        assert ids == case["input_ids"]
+
+
+def test_training_prompt_for_generation_is_the_trained_prefix(alpaca_tokenizer):
+    from llama_ner.chat_ner import prompt_ids
+
+    row = {"instruct": "识别实体", "query": "文本：北京欢迎你", "answer": "北京_地名"}
+    collate = NerCollate(SimpleNamespace(max_seq_length=192, **COLUMNS), alpaca_tokenizer)
+    batch = collate.collate_fn([row])
+    first_label = int((batch["labels"][0] != -100).nonzero()[0])
+    trained_prefix = batch["input_ids"][0, :first_label + 1].tolist()  # the prompt and the "<s>" that opens the answer
+    assert collate.prompt_ids(row) == trained_prefix
+    ids, _ = prompt_ids(alpaca_tokenizer, row["instruct"], row["query"], with_prompt=True, original_prompt=False)
+    assert ids == trained_prefix

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -96,8 +97,6 @@ def test_trainer_trains_saves_and_reloads(trained, data):
 
 
 def _args(adapter):
-    from types import SimpleNamespace
-
     return SimpleNamespace(**json.loads((adapter / "train_args.json").read_text()))
 
 
@@ -202,3 +201,24 @@ def test_unknown_key_and_help(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run(train_trainer, ["--help"], monkeypatch)
     assert exit_info.value.code == 0 and "--deepspeed_jaon_path" in capsys.readouterr().out
+
+
+def test_batched_left_padded_generation_equals_one_by_one(data):
+    from transformers import AutoModelForCausalLM
+
+    from llama_ner.common import collate_for
+    from llama_ner.dataset import load_data
+    from model_hub.loader import load_tokenizer
+    from tuning.generation import generate_batched
+
+    tokenizer = load_tokenizer(MODEL)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("chinese-alpaca-7b"), dtype=torch.float32)
+    collate = collate_for(SimpleNamespace(instruct_column="instruct", query_column="query",
+                                          response_column="answer", max_seq_length=192), tokenizer)
+    prompts = [collate.prompt_ids(r) for r in load_data(str(data / "dev.txt"))]
+    assert len({len(p) for p in prompts}) > 1  # different lengths: real left padding
+    kwargs = dict(pad_id=tokenizer.pad_token_id, stop_ids=[tokenizer.eos_token_id], max_new_tokens=6,
+                  do_sample=False, show_progress=False)
+    batched = generate_batched(model, prompts, batch_size=len(prompts), **kwargs)
+    single = [generate_batched(model, [p], batch_size=1, **kwargs)[0] for p in prompts]
+    assert batched == single and all(len(x) == 6 for x in single)

@@ -42,6 +42,7 @@ def test_scores_by_hand():
 def test_empty_and_none_cases():
     s = ner_scores(["没有", ""], ["没有", "没有"], TYPES)
     assert s["exact_match"] == 1.0 and s["micro"]["f1"] == 0.0 and s["micro"]["tp"] == 0  # 0/0 → 0.0
+    assert s["empty_predictions"] == 1
     s = ner_scores([], [], TYPES)
     assert s["n_sentences"] == 0 and s["exact_match"] == 0.0
     s = ner_scores(["北京_城市"], ["北京_地名"], TYPES)  # an unknown type gets its own row, never hidden

@@ -54,8 +54,9 @@ def ner_scores(predictions: list[str], references: list[str], types=None) -> dic
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     counts: dict[str, list[int]] = {t: [0, 0, 0] for t in (types or ())}
-    exact = malformed_pred = malformed_gold = 0
+    exact = malformed_pred = malformed_gold = empty = 0
     for pred_text, gold_text in zip(predictions, references):
+        empty += not (pred_text or "").strip()
         pred, gold = parse_entities(pred_text), parse_entities(gold_text)
         malformed_pred += len(pred.malformed)
         malformed_gold += len(gold.malformed)
@@ -74,6 +75,7 @@ def ner_scores(predictions: list[str], references: list[str], types=None) -> dic
         "exact_matches": exact,
         "malformed_prediction_items": malformed_pred,
         "malformed_reference_items": malformed_gold,
+        "empty_predictions": empty,  # scored as "no entity" (right for a sentence without any), but worth seeing
     }
 
 
@@ -92,5 +94,6 @@ def format_table(scores: dict, title: str = "") -> str:
         lines.append(f"{_ljust(name, 10)}{s['precision']:>10.4f}{s['recall']:>10.4f}{s['f1']:>10.4f}"
                      f"{s['tp']:>7}{s['fp']:>7}{s['fn']:>7}")
     lines.append(f"exact match {scores['exact_match']:.4f} ({scores['exact_matches']}/{scores['n_sentences']} "
-                 f"sentences); malformed predicted items: {scores['malformed_prediction_items']}")
+                 f"sentences); malformed predicted items: {scores['malformed_prediction_items']}; "
+                 f"empty answers: {scores.get('empty_predictions', 0)}")
     return "\n".join(lines)
