@@ -222,3 +222,22 @@ def test_batched_left_padded_generation_equals_one_by_one(data):
     batched = generate_batched(model, prompts, batch_size=len(prompts), **kwargs)
     single = [generate_batched(model, [p], batch_size=1, **kwargs)[0] for p in prompts]
     assert batched == single and all(len(x) == 6 for x in single)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_trainer_under_the_deepspeed_launcher(data, tmp_path):
+    """The README's `deepspeed train_trainer.py`: DeepSpeed (ZeRO-1 from deepspeed.json) inside the Trainer."""
+    save_dir = tmp_path / "ds_trainer"
+    proc = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "1", "--master_port", "29614",
+         os.path.join(REPO, "llama_ner", "train_trainer.py"), f"--model_dir={MODEL}",
+         f"--train_path={data / 'train.txt'}", "--train_batch_size=2", "--gradient_accumulation_steps=2",
+         "--max_steps=2", "--log_steps=1", "--save_steps=2", "--learning_rate=1e-2", f"--save_dir={save_dir}/"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((save_dir / "checkpoint-2" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2]
+    assert (save_dir / "checkpoint-2" / "global_step2").is_dir()  # DeepSpeed's own optimizer state
+    assert (save_dir / "adapter_model" / "adapter_model.safetensors").is_file()
+    assert json.loads((save_dir / "adapter_model" / "train_args.json").read_text())["local_rank"] == 0
