@@ -5,7 +5,6 @@ back) is exact."""
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -15,12 +14,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import model_hub
+from model_hub import convert_llama_weights_to_hf as convert_script
+from model_hub import merge_llama_with_chinese_lora as merge_script
 from model_hub.convert_llama_weights_to_hf import write_model
 from model_hub.llama_tokenizer import load_llama_tokenizer
 from model_hub.merge_llama_with_chinese_lora import merge
-from tuning.errors import UserError
+from tuning.errors import UserError, run_main
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARAMS = {"dim": 64, "multiple_of": 32, "n_heads": 4, "n_layers": 2, "norm_eps": 1e-06, "vocab_size": -1}
 HIDDEN, FFN, VOCAB = 64, 192, 32000
 IDS = torch.tensor([[1, 13866, 338, 385, 15278, 393, 16612, 263, 3414, 29889, 30919, 32038 % VOCAB]])
@@ -199,22 +199,30 @@ def test_pth_round_trip_is_exact(converted, tmp_path):
     assert not torch.allclose(base_logits, merged_logits)  # the LoRA really changed the model
 
 
-def test_merge_refuses_empty_lora_and_bad_paths(converted, tmp_path):
+def test_merge_refuses_empty_lora_and_bad_paths(converted, tmp_path, monkeypatch, capsys):
     _, _, base = converted
     empty = str(tmp_path / "empty")
     get_peft_model(load(str(base)), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(empty)  # B = 0
     with pytest.raises(UserError, match="changed no weight"):
         merge(str(base), [empty], "huggingface", str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "model_hub", "merge_llama_with_chinese_lora.py"),
-                           "--base_model", str(base), "--lora_model", str(tmp_path / "nope"),
-                           "--output_dir", str(tmp_path / "out2")], capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {tmp_path / 'nope'}: LoRA folder not found"
+    err = cli(merge_script.main, ["--base_model", str(base), "--lora_model", str(tmp_path / "nope"),
+                                  "--output_dir", str(tmp_path / "out2")], monkeypatch, capsys)
+    assert err == f"error: {tmp_path / 'nope'}: LoRA folder not found"
 
 
-def test_convert_errors_are_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "model_hub", "convert_llama_weights_to_hf.py"),
-                           "--input_dir", str(tmp_path), "--model_size", "7B", "--output_dir", str(tmp_path / "o")],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "params.json not found" in proc.stderr
-    assert proc.stderr.strip().count("\n") == 0
+def test_convert_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    err = cli(convert_script.main, ["--input_dir", str(tmp_path), "--model_size", "7B", "--output_dir",
+                                    str(tmp_path / "o")], monkeypatch, capsys)
+    assert err.startswith("error: ") and "params.json not found" in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def cli(main, argv, monkeypatch, capsys) -> str:
+    """Run a script's main as its command line would (run_main); return its one-line error."""
+    monkeypatch.setattr(sys, "argv", ["x", *argv])
+    capsys.readouterr()  # drop what earlier steps printed
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip()
