@@ -138,6 +138,9 @@ def main():
     if args.only_cpu:
         args.gpus = ""
     os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus
+    if not _is_model(args.base_model):
+        raise UserError("model folder not found (a folder with config.json, or tiny:chinese-alpaca-7b)",
+                        path=args.base_model, field="base_model")
     if args.tokenizer_path is None:  # the original: the LoRA's tokenizer (ymcui's LoRAs carry one), else the base's
         args.tokenizer_path = args.lora_model if args.lora_model and _has_tokenizer(args.lora_model) \
             else args.base_model
