@@ -87,6 +87,18 @@ def _resolve_deepspeed(value: str, config_path: str) -> str:
     return value
 
 
+def _single_process_defaults() -> None:
+    """Without a launcher DeepSpeed goes looking for MPI; a plain `python finetune.py` becomes rank 0 of 1."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def load_config(path: str) -> FinetuningConfig:
     text = read_text(path)
     try:
@@ -140,6 +152,7 @@ def load_config(path: str) -> FinetuningConfig:
     training.setdefault("output_dir", "./output")
     if training.get("deepspeed"):
         training["deepspeed"] = _resolve_deepspeed(training["deepspeed"], path)
+        _single_process_defaults()
     args = _training_args(training, generation, fail)
 
     if not args.do_eval or data.get("val_file") is None:  # the original's __post_init__

@@ -15,7 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "glm4_finetune", "configs")
 
 
-def test_shipped_configs_keep_the_original_values():
+def test_shipped_configs_keep_the_original_values(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")  # sft.yaml names DeepSpeed: keep its rank-0-of-1 defaults out of os.environ
     lora = load_config(os.path.join(CONFIGS, "lora.yaml"))
     assert (lora.max_input_length, lora.max_output_length, lora.combine) == (512, 512, True)
     assert lora.data_config.data_files == {"train": "train.jsonl", "validation": "dev.jsonl", "test": "dev.jsonl"}
@@ -35,6 +36,11 @@ def test_shipped_configs_keep_the_original_values():
     sft = load_config(os.path.join(CONFIGS, "sft.yaml"))
     assert sft.peft_config is None and sft.training_args.learning_rate == 5e-5
     assert sft.training_args.deepspeed == os.path.join(REPO, "glm4_finetune", "configs", "ds_zero_3.json")
+    del sft  # its ZeRO-3 config is registered globally while it lives: later from_pretrained calls must not see it
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    assert not is_deepspeed_zero3_enabled()
     for name in ("ds_zero_2.json", "ds_zero_3.json"):
         with open(os.path.join(CONFIGS, name), encoding="utf-8") as f:
             ds = json.load(f)
