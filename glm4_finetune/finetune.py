@@ -115,7 +115,7 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
     model, tokenizer = load_model_and_tokenizer(model_path, dtype=weights_dtype(args), use_cache=False,
                                                 device="cpu" if args.deepspeed else None)
     tokenizer.padding_side = "left"
-    from glm4_finetune.trainer import DataCollator, GenerationTrainer, tokenize_split
+    from glm4_finetune.trainer import DataCollator, GenerationTrainer, say, tokenize_split
 
     datasets = {split: tokenize_split(rows, split, tokenizer, cfg) for split, rows in conversations.items()}
     for split, dataset in datasets.items():
@@ -140,7 +140,9 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
         except ValueError as exc:
             raise cfg.error("peft_config", str(exc).splitlines()[0]) from None
         number_text_from_zero(model)  # P-tuning: text positions 0…L−1 as the original (no-op for LoRA)
-        model.print_trainable_parameters()
+    from tuning.methods import trainable_summary
+
+    say(trainable_summary(model))
 
     # 4. Generation for evaluation: greedy, stop at <|endoftext|>, <|user|> or <|observation|>.
     spec = get_spec(MODEL_NAME)

@@ -1,6 +1,7 @@
 """Trainer glue of the GLM-4 recipe: tokenised datasets with counts, the collator, and the Seq2SeqTrainer whose
 evaluation generates an answer per example and scores it (as finetune_demo's finetune.py)."""
 import json
+import os
 import uuid
 
 import torch
@@ -9,6 +10,12 @@ from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer
 from .data import process_batch, process_batch_eval
 
 UNLIMITED = 10**9
+
+
+def say(message: str) -> None:
+    """Print once per job (rank 0 under torchrun), like the Trainer's own logs."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message)
 
 
 def _train_map(batch, tokenizer, max_input_length, max_output_length, combine):
@@ -57,13 +64,13 @@ def tokenize_split(conversations, split: str, tokenizer, cfg) -> "datasets.Datas
         lengths = mapped["full_length"]
         truncated = sum(n > limit for n in lengths)
         keep = [i for i, labels in enumerate(mapped["labels"]) if any(t != -100 for t in labels)]
-        print(f"{split}: {len(mapped)} rows; {truncated} cut to {limit} tokens "
+        say(f"{split}: {len(mapped)} rows; {truncated} cut to {limit} tokens "
               f"(max_input_length + max_output_length + 1); {len(mapped) - len(keep)} dropped because the cut "
               "removed every label")
         return mapped.select(keep).remove_columns(["full_length"])
     skipped = sum(mapped["skipped_turns"])
     keep = [i for i, ids in enumerate(mapped["input_ids"]) if ids]
-    print(f"{split}: {len(keep)} examples from {len(conversations)} conversations; {skipped} assistant turns "
+    say(f"{split}: {len(keep)} examples from {len(conversations)} conversations; {skipped} assistant turns "
           f"without an example (history already at max_input_length = {cfg.max_input_length})")
     return mapped.select(keep).remove_columns(["skipped_turns"])
 
