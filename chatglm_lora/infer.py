@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from chatglm_lora.cover_alpaca2jsonl import format_example, read_alpaca  # noqa: E402
+from model_hub.chatglm6b.generation import build_prompt  # noqa: E402
 from tuning.errors import UserError, run_main  # noqa: E402
 
 
@@ -50,7 +51,7 @@ def generate_answers(model, tokenizer, prompts: list[str], max_length: int = 150
             for ids in generate_ids(model, tokenizer, prompts, max_length, batch_size)]
 
 
-def interactive(model, tokenizer):
+def interactive(model, tokenizer, max_length: int = 2048, max_new_tokens: int | None = None):
     print("ChatGLM-6B + LoRA. Type a message; 'clear' forgets the history, 'exit' quits.")
     history = []
     while True:
@@ -66,8 +67,13 @@ def interactive(model, tokenizer):
         if not query:
             continue
         printed = 0
+        limits = {"max_length": None, "max_new_tokens": max_new_tokens} if max_new_tokens else {"max_length": max_length}
         print("ChatGLM: ", end="", flush=True)
-        for response, history in model.stream_chat(tokenizer, query, history=history):
+        length = len(tokenizer(build_prompt(query, history))["input_ids"])
+        if not max_new_tokens and length >= max_length:
+            print(f"[the conversation is {length} tokens, over --chat_max_length {max_length}; type 'clear']")
+            continue
+        for response, history in model.stream_chat(tokenizer, query, history=history, **limits):
             print(response[printed:], end="", flush=True)
             printed = len(response)
         print()
@@ -82,6 +88,9 @@ def main():
     parser.add_argument("--max_length", type=int, default=150, help="prompt + answer tokens, as the tutorial")
     parser.add_argument("--batch_size", type=int, default=1, help="prompts per generate call (left-padded)")
     parser.add_argument("--interactive", action="store_true", help="multi-turn chat with history, streamed")
+    parser.add_argument("--chat_max_length", type=int, default=2048,
+                        help="--interactive: prompt + history + answer tokens (the original chat's default)")
+    parser.add_argument("--max_new_tokens", type=int, default=None, help="--interactive: cap each answer instead")
     parser.add_argument("--bf16", action="store_true", help="bf16 weights (CPU or GPU)")
     args = parser.parse_args()
 
@@ -99,7 +108,7 @@ def main():
     model, tokenizer = load_model_and_tokenizer(args.chatglm_path, dtype="bf16" if args.bf16 else None)
     model = PeftModel.from_pretrained(model, args.lora_path).eval()
     if args.interactive:
-        return interactive(model, tokenizer)
+        return interactive(model, tokenizer, args.chat_max_length, args.max_new_tokens)
 
     prompts = [format_example(e)["context"] for e in examples]
     answers = generate_answers(model, tokenizer, prompts, args.max_length, args.batch_size)

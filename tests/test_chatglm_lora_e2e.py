@@ -110,3 +110,12 @@ def test_fp16_on_cpu_is_refused(workdir):
                              str(workdir / "alpaca"), "--output_dir", str(workdir / "x"), "--fp16", "--use_cpu"],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2 and "fp16 is not supported on CPU" in result.stderr
+
+
+def test_infer_interactive_chat_keeps_history(workdir):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "chatglm_lora", "infer.py"), "--chatglm_path",
+                             "tiny:chatglm-6b", "--lora_path", str(workdir / "full"), "--interactive",
+                             "--max_new_tokens", "8"],
+                            input="你好\n再说一遍\nclear\nexit\n", capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("ChatGLM: ") == 2 and "'clear' forgets the history" in result.stdout
