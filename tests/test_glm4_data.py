@@ -104,3 +104,30 @@ def test_labels_cover_answer_and_stop_token(glm4_tokenizer):
     assert decode(every["labels"][0]) == "\nB<|user|>\nD<|user|>"
     assert decode(last["labels"][0]) == "D<|user|>"
     assert every["input_ids"][0][-1] == last["input_ids"][0][-1] == EOS_FOR_CHAT
+
+
+@pytest.mark.parametrize("combine", [True, False])
+def test_finetune_tokenisation_equals_the_functions(golden, glm4_tokenizer, combine, capsys):
+    """finetune.py's datasets path (tools, observations, multi-turn) gives exactly process_batch(_eval)'s rows,
+    minus what it reports: rows cut before any label, turns past max_input_length."""
+    from types import SimpleNamespace
+
+    from glm4_finetune.trainer import tokenize_split
+
+    conversations = golden["conversations"]
+    cfg = SimpleNamespace(max_input_length=24, max_output_length=8, combine=combine,
+                          data_config=SimpleNamespace(num_proc=None))
+    train = tokenize_split(conversations, "train", glm4_tokenizer, cfg)
+    direct = process_batch({"messages": conversations}, glm4_tokenizer, 24, 8, combine)
+    kept = [i for i, labels in enumerate(direct["labels"]) if any(t != -100 for t in labels)]
+    assert train["input_ids"] == [direct["input_ids"][i] for i in kept]
+    assert train["labels"] == [direct["labels"][i] for i in kept]
+    evaluation = tokenize_split(conversations, "validation", glm4_tokenizer, cfg)
+    rows = {"input_ids": [], "output_ids": []}
+    for conversation in conversations:
+        one = process_batch_eval({"messages": [conversation]}, glm4_tokenizer, 24, 8, combine)
+        rows["input_ids"] += one["input_ids"]
+        rows["output_ids"] += one["output_ids"]
+    assert evaluation["input_ids"] == rows["input_ids"] and evaluation["output_ids"] == rows["output_ids"]
+    printed = capsys.readouterr().out
+    assert "train: 8 rows; " in printed and f"{8 - len(kept)} dropped because the cut removed every label" in printed
