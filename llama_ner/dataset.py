@@ -16,7 +16,7 @@ import json
 import torch
 
 from tuning.errors import UserError
-from tuning.files import read_text
+from tuning.files import parse_json_object, read_text
 
 PROMPT_TEMPLATE = (
     "Below is an instruction that describes a task. "
@@ -40,12 +40,7 @@ def load_data(path: str, columns=("instruct", "query", "answer")) -> list[str]:
 
 
 def validate_row(line: str, path: str, line_no: int, columns) -> dict:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"invalid JSON: {exc.msg} (column {exc.colno})", path=path, line=line_no) from None
-    if not isinstance(row, dict):
-        raise UserError(f"expected a JSON object, got {type(row).__name__}", path=path, line=line_no)
+    row = parse_json_object(line, path, line_no)
     instruct, query, answer = columns
     for field, nullable in ((instruct, False), (query, True), (answer, False)):
         if field not in row:

@@ -40,20 +40,21 @@ def read_json(path: str):
         raise UserError(f"invalid JSON: {exc.msg} (column {exc.colno})", path=path, line=exc.lineno) from None
 
 
+def parse_json_object(line: str, path: str, line_no: int) -> dict:
+    """One jsonl line as a JSON object, or a UserError naming file and line."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"invalid JSON: {exc.msg} (column {exc.colno})", path=path, line=line_no) from None
+    if not isinstance(obj, dict):
+        raise UserError(f"expected a JSON object per line, got {type(obj).__name__}", path=path, line=line_no)
+    return obj
+
+
 def read_jsonl(path: str) -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line; each line must be one JSON object."""
-    rows = []
-    for line_no, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"invalid JSON: {exc.msg} (column {exc.colno})", path=path, line=line_no) from None
-        if not isinstance(obj, dict):
-            raise UserError(f"expected a JSON object per line, got {type(obj).__name__}", path=path, line=line_no)
-        rows.append((line_no, obj))
-    return rows
+    return [(line_no, parse_json_object(line, path, line_no))
+            for line_no, line in enumerate(read_text(path).splitlines(), start=1) if line.strip()]
 
 
 def require_str(record: dict, field: str, path: str, line: int | None, *, allow_empty: bool = False) -> str:
