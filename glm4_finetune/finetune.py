@@ -117,8 +117,8 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
     tokenizer.padding_side = "left"
     from glm4_finetune.trainer import DataCollator, GenerationTrainer, say, tokenize_split
 
-    datasets = {split: tokenize_split(rows, split, tokenizer, cfg) for split, rows in conversations.items()}
-    for split, dataset in datasets.items():
+    splits = {split: tokenize_split(rows, split, tokenizer, cfg) for split, rows in conversations.items()}
+    for split, dataset in splits.items():
         if len(dataset) == 0:
             raise UserError(f"no {split} examples left after tokenisation",
                             path=os.path.join(data_dir, cfg.data_config.data_files[split]))
@@ -155,15 +155,15 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
 
     trainer = GenerationTrainer(
         model=model, args=args, data_collator=DataCollator(tokenizer, padding="longest", return_tensors="pt"),
-        train_dataset=datasets["train"], eval_dataset=datasets.get("validation"), processing_class=tokenizer,
+        train_dataset=splits["train"], eval_dataset=splits.get("validation"), processing_class=tokenizer,
         compute_metrics=lambda p: generation_metrics(tokenizer, p.predictions, p.label_ids),
         callbacks=[NanGuard(model), LossPlot()])
 
     # 5. Train, save the final weights (the original kept only checkpoint-N), score the test split.
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
-    if "test" in datasets:
-        result = trainer.predict(datasets["test"])
+    if "test" in splits:
+        result = trainer.predict(splits["test"])
         trainer.log_metrics("test", result.metrics)
         trainer.save_metrics("test", result.metrics)
         if trainer.is_world_process_zero():
