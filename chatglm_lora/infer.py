@@ -33,7 +33,8 @@ def generate_ids(model, tokenizer, prompts: list[str], max_length: int = 150, ba
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         batch = tokenizer(chunk, padding=True, return_tensors="pt").to(model.device)
-        lengths = [len(ids) for ids in tokenizer(chunk)["input_ids"]]
+        # Prompt lengths without the left padding (<pad> is a control piece: text never produces it).
+        lengths = (batch["input_ids"] != tokenizer.pad_token_id).sum(dim=1).tolist()
         width = batch["input_ids"].shape[1]
         budget = max_length - min(lengths)
         if budget <= 0:
