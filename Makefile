@@ -8,8 +8,9 @@ REQS := requirements/base.txt requirements/chatglm_lora.txt requirements/llama_n
         requirements/glm4_finetune.txt requirements/dev.txt
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: setup test test-fast data tiny-models clean-build help
+.PHONY: setup test test-fast data tiny-models bench clean-build help
 
 help:  ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/' | expand -t 18
@@ -34,6 +35,9 @@ test: $(STAMP) data  ## the whole test suite (README's test command)
 
 test-fast: $(STAMP) data  ## everything but the slow end-to-end and distributed tests
 	$(PY) -m pytest -m "not slow and not distributed" $(PYTEST_ARGS)
+
+bench: $(STAMP) data  ## every bench/bench_*.py side by side → bench/results/*.json + bench/REPORT.md (BENCH_ARGS=--quick for a dry run)
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 clean-build:  ## remove generated tiny models, tokenizers and run outputs
 	rm -rf build runs output
