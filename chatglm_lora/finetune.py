@@ -69,7 +69,29 @@ def load_rows(path: str):
         raise UserError(f"missing columns {sorted(missing)}; expected input_ids and seq_len", path=path)
     if len(dataset) == 0:
         raise UserError("dataset is empty", path=path)
+    check_rows(dataset, path)
     return dataset
+
+
+def check_rows(dataset, path: str) -> None:
+    """Every row: integer input_ids with 1 <= seq_len < len(input_ids), i.e. at least one target token to learn
+    (the collator would otherwise train on nothing, or index out of the row). Checked on the Arrow columns."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    ids, seq_len = str(dataset.features["input_ids"]), str(dataset.features["seq_len"])
+    if not (ids.startswith(("List(", "Sequence(", "LargeList(")) and "int" in ids):
+        raise UserError(f"expected a list of integers, got {ids}", path=path, field="input_ids")
+    if not (seq_len.startswith("Value(") and "int" in seq_len):
+        raise UserError(f"expected an integer, got {seq_len}", path=path, field="seq_len")
+    lengths = pc.list_value_length(dataset.data.column("input_ids")).to_numpy(zero_copy_only=False)
+    starts = dataset.data.column("seq_len").to_numpy()
+    bad = np.flatnonzero((starts < 1) | (starts >= lengths))
+    if len(bad):
+        i = int(bad[0])
+        raise UserError(f"row {i}: seq_len {int(starts[i])} must be between 1 and len(input_ids) - 1 = "
+                        f"{int(lengths[i]) - 1} ({len(bad)} such rows); rebuild with tokenize_dataset_rows.py",
+                        path=path, field="seq_len")
 
 
 def main():

@@ -96,7 +96,7 @@ def main():
                         field="version")
     if args.max_seq_length < 4:
         raise UserError("must be at least 4 (prompt + [gMASK] <sop> + eos)", field="max_seq_length")
-    require_output_parent(args.save_path)
+    require_output_parent(args.save_path, "folder")
     rows = read_rows(args.jsonl_path)  # validate the whole file before loading anything heavy
     empty = [line for line, _, target in rows if not target.strip()]
     rows = [row for row in rows if row[2].strip()]

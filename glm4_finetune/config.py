@@ -11,11 +11,12 @@ original's ruamel loader: `5e-4` is a float (plain PyYAML would read it as the s
 import dataclasses
 import os
 import re
+import types
 
 import yaml
 
 from tuning.errors import UserError
-from tuning.files import read_text
+from tuning.files import read_json, read_text
 
 TOP_KEYS = {"data_config", "max_input_length", "max_output_length", "combine", "freezeV", "training_args",
             "peft_config"}
@@ -152,6 +153,9 @@ def load_config(path: str) -> FinetuningConfig:
     training.setdefault("output_dir", "./output")
     if training.get("deepspeed"):
         training["deepspeed"] = _resolve_deepspeed(training["deepspeed"], path)
+        if isinstance(training["deepspeed"], str):
+            if not isinstance(read_json(training["deepspeed"]), dict):
+                raise UserError("expected a JSON object (a DeepSpeed config)", path=training["deepspeed"])
         _single_process_defaults()
     args = _training_args(training, generation, fail)
 
@@ -178,6 +182,7 @@ def _training_args(training: dict, generation: dict, fail):
             fail(f"training_args.{key}", f"removed in transformers 5; use {RENAMED[key]}")
         if key not in fields:
             fail(f"training_args.{key}", "unknown Seq2SeqTrainingArguments keyword")
+    _check_types(training, fail)
     known = set(GenerationConfig().__dict__)
     for key in generation:
         if key not in known:
@@ -188,6 +193,34 @@ def _training_args(training: dict, generation: dict, fail):
     except (ValueError, TypeError) as exc:
         fail("training_args", str(exc).splitlines()[0])
     return args
+
+
+def _type_name(kind) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "text", list: "a list",
+            dict: "a mapping", type(None): "null"}.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def _check_types(training: dict, fail) -> None:
+    """Each training_args value has the type its Seq2SeqTrainingArguments field declares (`learning_rate: fast`
+    would otherwise pass through and crash inside the optimizer, after the model is loaded)."""
+    import typing
+
+    from transformers import Seq2SeqTrainingArguments
+
+    hints = typing.get_type_hints(Seq2SeqTrainingArguments)
+    for key, value in training.items():
+        hint = hints.get(key)
+        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        allowed = tuple(typing.get_origin(a) or a for a in allowed)
+        if not all(isinstance(a, type) for a in allowed) or not allowed:
+            continue
+        if any(a not in (bool, int, float, str, list, dict, type(None)) for a in allowed):
+            continue  # enums, paths, configs: transformers checks those itself
+        ok = any(isinstance(value, a) and not (a in (int, float) and isinstance(value, bool)) for a in allowed)
+        ok = ok or (float in allowed and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            expected = " or ".join(_type_name(a) for a in allowed)
+            fail(f"training_args.{key}", f"expected {expected}, got {value!r}")
 
 
 def _peft_config(peft: dict | None, fail):

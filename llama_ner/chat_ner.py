@@ -61,9 +61,11 @@ def read_examples(path: str) -> list[tuple[str, str | None, str]]:
             except json.JSONDecodeError as exc:
                 raise UserError(f"invalid JSON: {exc.msg} (column {exc.colno})", path=path, line=line_no) from None
             if not isinstance(row, dict) or not isinstance(row.get("instruct"), str) or not row["instruct"]:
-                raise UserError("expected a non-empty string", path=path, line=line_no, field="instruct")
+                got = type(row.get("instruct") if isinstance(row, dict) else row).__name__
+                raise UserError(f"expected a non-empty string, got {got}", path=path, line=line_no, field="instruct")
             if row.get("query") is not None and not isinstance(row["query"], str):
-                raise UserError("expected a string", path=path, line=line_no, field="query")
+                raise UserError(f"expected a string, got {type(row['query']).__name__}", path=path, line=line_no,
+                                field="query")
             examples.append((row["instruct"], row.get("query"), row["instruct"] + (row.get("query") or "")))
         else:
             examples.append((line.strip(), None, line.strip()))

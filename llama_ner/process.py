@@ -52,15 +52,16 @@ def _entities(record: dict, path: str, line: int) -> list[tuple[str, str]]:
     return found
 
 
-def convert(path: str) -> tuple[list[dict], list[dict]]:
-    """(rows with entities, rows without), each in file order; empty texts are skipped as the original did."""
-    has_entity, no_entity = [], []
+def convert(path: str) -> tuple[list[dict], list[dict], list[int]]:
+    """(rows with entities, rows without, lines skipped); empty texts are skipped as the original did."""
+    has_entity, no_entity, skipped = [], [], []
     for line, record in read_jsonl(path):
         text = record.get("text")
         if not isinstance(text, str):
             raise UserError("missing or not a string; expected the sentence", path=path, line=line, field="text")
         entities = _entities(record, path, line)
         if not text:
+            skipped.append(line)
             continue
         row = {"instruct": INSTRUCT, "query": "文本：" + text, "answer": NO_ENTITY}
         items = list(dict.fromkeys(f"{entity}_{kind}" for entity, kind in entities))  # dedupe, keep order
@@ -69,19 +70,24 @@ def convert(path: str) -> tuple[list[dict], list[dict]]:
             has_entity.append(row)
         else:
             no_entity.append(row)
-    return has_entity, no_entity
+    return has_entity, no_entity, skipped
 
 
 def process_msra(in_file: str, out_file: str, mode: str = "train") -> int:
     """The original's function: convert `in_file` and write `out_file`; returns the number of rows written."""
     if mode not in ("train", "dev"):
         raise UserError(f"expected train or dev, got {mode!r}", field="mode")
-    has_entity, no_entity = convert(in_file)
+    has_entity, no_entity, skipped = convert(in_file)
     print(f"{in_file}: 有实体的句子 {len(has_entity)}，没有实体的句子 {len(no_entity)}")
     rows = has_entity + no_entity if mode == "train" else has_entity
     with atomic_file(out_file) as f:
         f.write("\n".join(json.dumps(row, ensure_ascii=False) for row in rows))
     print(f"wrote {len(rows)} rows ({mode} mode) -> {out_file}")
+    if mode == "dev" and no_entity:
+        print(f"left out {len(no_entity)} sentences without entities (dev mode keeps positives only)")
+    if skipped:
+        print(f"skipped {len(skipped)} lines with an empty text (lines {', '.join(map(str, skipped[:10]))}"
+              f"{', …' if len(skipped) > 10 else ''})")
     return len(rows)
 
 

@@ -4,6 +4,7 @@ Every reader names the file, the line (or record) and the field in its error, as
 Every writer writes to a temporary sibling and renames it into place, so a failure never leaves half a file.
 """
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -69,34 +70,60 @@ def require_str(record: dict, field: str, path: str, line: int | None, *, allow_
     return value
 
 
-def require_output_parent(path: str) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
+# Write failures that are about the place, not the program: reported in one line, not as a traceback.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT}
+
+
+def require_output_parent(path: str, kind: str = "file") -> None:
+    """`path` can be written as a `kind` ("file" or "folder"): its parent folder exists and is writable, and
+    it is not already something of the other kind."""
+    if kind == "file" and os.path.isdir(path):
+        raise UserError("is a folder; expected the path of a file to write", path=path)
+    if kind == "folder" and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError("is a file; expected the path of a folder to write", path=path)
+    parent = os.path.dirname(os.path.normpath(path)) or "."
+    if not os.path.exists(parent):
         raise UserError("output folder does not exist", path=parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"is a file, not a folder: cannot write {os.path.basename(path)} inside it", path=parent)
+    if not os.access(parent, os.W_OK):
+        raise UserError("output folder is not writable", path=parent)
+
+
+def write_error(exc: BaseException, path: str) -> UserError | None:
+    """A one-line error for an OSError that is about the place written to (full disk, permissions), else None."""
+    if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+        return UserError(f"cannot write: {exc.strerror} (nothing was written)", path=path)
+    return None
 
 
 @contextlib.contextmanager
 def atomic_file(path: str, mode: str = "w", encoding: str | None = "utf-8"):
     """Open a temporary sibling of `path` for writing; rename it onto `path` only if the block succeeds."""
     require_output_parent(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(os.path.abspath(path)))
+        os.close(fd)
         with open(tmp, mode, encoding=encoding if "b" not in mode else None) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+    except BaseException as exc:
+        if tmp:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        error = write_error(exc, path)
+        if error:
+            raise error from None
         raise
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str):
     """Yield a temporary sibling folder; it replaces `path` only if the block succeeds."""
-    require_output_parent(path)
+    require_output_parent(path, "folder")
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.normpath(path))}.",
                            dir=os.path.dirname(os.path.abspath(path)))
     try:
@@ -108,6 +135,9 @@ def atomic_dir(path: str):
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        error = write_error(exc, path)
+        if error:
+            raise error from None
         raise
