@@ -12,12 +12,11 @@ import sentencepiece as spm
 from transformers import AddedToken, PreTrainedTokenizer
 from transformers.utils import PaddingStrategy, logging
 
+from tuning.chatglm_text import NEWLINE_PIECE, TAB_PIECE, VOCAB_FILE, layout, prepare
+
 logger = logging.get_logger(__name__)
 
-VOCAB_FILES_NAMES = {"vocab_file": "ice_text.model"}
-NEWLINE_PIECE = "<n>"
-TAB_PIECE = "<|tab|>"
-_BLANK_RUN = re.compile(r" {2,}")
+VOCAB_FILES_NAMES = {"vocab_file": VOCAB_FILE}
 _BLANK_PIECE = re.compile(r"<\|blank_(\d+)\|>")
 _IMAGE_TOKEN = re.compile(r"<image_(\d+)>")
 
@@ -105,26 +104,11 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
     # ---- encoding ---------------------------------------------------------------------------------------------
     def _layout(self, text: str, linebreak: bool = True, whitespaces: bool = True) -> str:
         """Newlines, tabs and blank runs become pieces, because the normaliser would collapse the whitespace."""
-        if linebreak:
-            text = text.replace("\n", NEWLINE_PIECE)
-        if whitespaces:
-            text = text.replace("\t", TAB_PIECE)
-            text = _BLANK_RUN.sub(self._blank_pieces, text)
-        return text
-
-    def _blank_pieces(self, match) -> str:
-        # Same result as replacing runs of max_blank_length, ..., 3, 2 spaces in turn: full-length pieces first,
-        # then one piece for the remainder (a lone remaining space stays a space).
-        full, rest = divmod(len(match.group(0)), self.max_blank_length)
-        tail = f"<|blank_{rest}|>" if rest >= 2 else " " * rest
-        return f"<|blank_{self.max_blank_length}|>" * full + tail
+        return layout(text, self.max_blank_length, linebreak, whitespaces)
 
     def _tokenize(self, text: str, **kwargs) -> list:
-        if self.remove_space:
-            text = " ".join(text.strip().split())
-        if self.do_lower_case:
-            text = text.lower()
-        return self.sp_model.encode(self._layout(text), out_type=str)
+        return self.sp_model.encode(prepare(text, remove_space=self.remove_space, do_lower_case=self.do_lower_case,
+                                            max_blank_length=self.max_blank_length), out_type=str)
 
     def encode_text(self, text: str, linebreak: bool = True, whitespaces: bool = True,
                     add_dummy_prefix: bool = True) -> list:
