@@ -5,6 +5,7 @@ one of datasets 5.2 for one shard: `data-00000-of-00001.arrow` (Arrow IPC stream
 under the "huggingface" key), `dataset_info.json` and `state.json`. `datasets.load_from_disk` reads it back;
 tests/test_tokenize_fast.py checks the folder against one written by datasets itself.
 """
+import hashlib
 import json
 import os
 
@@ -32,11 +33,15 @@ def save_table(table, path: str) -> None:
     features = {field.name: feature_of(field.type) for field in table.schema}
     schema = table.schema.with_metadata({"huggingface": json.dumps({"info": {"features": features}})})
     info = {"citation": "", "description": "", "features": features, "homepage": "", "license": ""}
-    state = {"_data_files": [{"filename": SHARD}], "_fingerprint": os.urandom(8).hex(), "_format_columns": None,
-             "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}
     with atomic_dir(path) as tmp:
         with pa.OSFile(os.path.join(tmp, SHARD), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
             writer.write_table(table.replace_schema_metadata(schema.metadata))
+        # `datasets` hashes the dataset's state; a hash of the written bytes is as deterministic (same rows, same
+        # folder bytes) without importing it.
+        with open(os.path.join(tmp, SHARD), "rb") as f:
+            fingerprint = hashlib.sha256(f.read()).hexdigest()[:16]
+        state = {"_data_files": [{"filename": SHARD}], "_fingerprint": fingerprint, "_format_columns": None,
+                 "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}
         with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
             json.dump(state, f, indent=2, sort_keys=True)
         with open(os.path.join(tmp, "dataset_info.json"), "w", encoding="utf-8") as f:
