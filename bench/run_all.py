@@ -26,9 +26,9 @@ BENCH_DIR = os.path.join(REPO, "bench")
 STDERR_TAIL = 2000  # characters of a failed benchmark's stderr kept in its result
 
 
-def discover(only: list[str] | None) -> list[str]:
-    """bench/bench_*.py in name order; `only` keeps those whose name or number matches one entry."""
-    scripts = sorted(glob.glob(os.path.join(BENCH_DIR, "bench_*.py")))
+def discover(only: list[str] | None, bench_dir: str = BENCH_DIR) -> list[str]:
+    """bench_*.py in name order; `only` keeps those whose name or number matches one entry."""
+    scripts = sorted(glob.glob(os.path.join(bench_dir, "bench_*.py")))
     if not only:
         return scripts
     chosen = []
@@ -92,8 +92,9 @@ def main(argv=None) -> int:
     parser.add_argument("--results_dir", default=RESULTS_DIR, help="where the result JSON files go (default bench/results)")
     parser.add_argument("--report", default=os.path.join(BENCH_DIR, "REPORT.md"), help="the markdown report written at the end")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before one benchmark is stopped and marked failed")
+    parser.add_argument("--bench_dir", default=BENCH_DIR, help="where the bench_*.py scripts are (default bench/)")
     args = parser.parse_args(argv)
-    scripts = discover(args.only)
+    scripts = discover(args.only, args.bench_dir)
     if not scripts:
         parser.error(f"no benchmark matches --only {args.only}")
     os.makedirs(args.results_dir, exist_ok=True)
