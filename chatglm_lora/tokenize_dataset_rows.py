@@ -19,22 +19,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from chatglm_lora.cover_alpaca2jsonl import format_example  # noqa: E402
 from tuning.chatglm_text import VOCAB_FILE, ChatGLMTextEncoder  # noqa: E402
 from tuning.datasets_folder import save_table, token_rows_table  # noqa: E402
-from tuning.errors import UserError, run_main  # noqa: E402
+from tuning.errors import UserError, parse_bool, run_main  # noqa: E402
 from tuning.files import atomic_dir, read_jsonl, require_output_parent, require_str  # noqa: E402
 
 # The March-2023 format of ChatGLM-Tuning's committed data/alpaca_data.jsonl (Input block optional).
 OLD_TEXT = re.compile(r"\A### Instruction:\n(?P<instruction>.*?)(?:\n\n### Input:\n(?P<input>.*?))?"
                       r"\n\n### Response:\n(?P<output>.*)\nEND\n?\Z", re.S)
-
-
-def parse_bool(value: str) -> bool:
-    """A real boolean (the original's argparse type=bool turned "False" into True)."""
-    lowered = value.strip().lower()
-    if lowered in ("true", "1", "yes", "y"):
-        return True
-    if lowered in ("false", "0", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def read_rows(path: str) -> list[tuple[int, str, str]]:

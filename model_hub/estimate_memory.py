@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tuning.errors import UserError, run_main  # noqa: E402
+from tuning.errors import UserError, parse_bool, run_main  # noqa: E402
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 METHODS = ("lora", "ptuning_v2", "sft")
@@ -228,15 +228,6 @@ def render(result: dict, settings: dict) -> str:
     for name, value in list(result["parts"].items()) + [("total per GPU", result["total"])]:
         lines.append(f"{name:<18}{value / MIB:>12,.0f}{value / 1e9:>10.2f}")
     return "\n".join(lines)
-
-
-def parse_bool(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -26,6 +26,19 @@ class TrainingStopped(Exception):
     """Training had to stop (e.g. a non-finite loss); the message says why and what was kept. Exit code 1."""
 
 
+def parse_bool(value: str) -> bool:
+    """An argparse `type` for true/false flags (argparse's type=bool, as some originals used, turns "False" into
+    True)."""
+    import argparse
+
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes", "y"):
+        return True
+    if lowered in ("false", "0", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
 def run_main(main, argv: list[str] | None = None):
     """Run a script's `main()`; a UserError becomes `error: ...` on stderr and exit code 2.
 
