@@ -92,7 +92,8 @@ def weights_dtype(args) -> str:
     return "fp32" if (args.bf16 or args.fp16) else "bf16"
 
 
-def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_checkpoint: str = ""):
+def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_checkpoint: str = "",
+             group_by_length: bool = False, packing: bool = False):
     """The whole recipe; returns the Trainer (its model is the trained one)."""
     # 1. Config, data and resume point: every user mistake surfaces here, before any weight is loaded.
     cfg = load_config(config_file)
@@ -102,6 +103,9 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
     conversations = {split: read_conversations(os.path.join(data_dir, name))
                      for split, name in cfg.data_config.data_files.items()}
     resume = resolve_auto_resume(auto_resume_from_checkpoint, args.output_dir)
+    if packing and cfg.peft_config is not None and cfg.peft_config.peft_type == "PREFIX_TUNING":
+        raise UserError("packing does not work with P-tuning v2 (the prefix cache turns off the per-row "
+                        "attention); use --group_by_length", field="packing")
 
     from transformers import AutoConfig
 
@@ -150,14 +154,25 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
     generation.pad_token_id, generation.eos_token_id = spec.pad_id, list(spec.stop_ids)
     (model.get_base_model() if cfg.peft_config is not None else model).generation_config = generation
 
+    from glm4_finetune.trainer import train_rows
+    from tuning.packing import less_padding, use_train_sampler
     from tuning.text_metrics import generation_metrics
     from tuning.training import LossPlot, NanGuard
 
+    lengths = [len(ids) for ids in splits["train"]["input_ids"]] if packing or group_by_length else []
+    rows, collator, sampler = less_padding(
+        splits["train"], lengths, rows_fn=train_rows, collator=DataCollator(tokenizer, padding="longest",
+                                                                            return_tensors="pt"),
+        pad_token_id=tokenizer.pad_token_id, model_config=model.config, packing=packing,
+        group_by_length=group_by_length, capacity=cfg.max_input_length + cfg.max_output_length + 1,
+        batch_size=args.per_device_train_batch_size, seed=args.seed)
     trainer = GenerationTrainer(
-        model=model, args=args, data_collator=DataCollator(tokenizer, padding="longest", return_tensors="pt"),
-        train_dataset=splits["train"], eval_dataset=splits.get("validation"), processing_class=tokenizer,
-        compute_metrics=lambda p: generation_metrics(tokenizer, p.predictions, p.label_ids),
+        model=model, args=args, data_collator=collator, train_dataset=rows, eval_dataset=splits.get("validation"),
+        processing_class=tokenizer, compute_metrics=lambda p: generation_metrics(tokenizer, p.predictions,
+                                                                                 p.label_ids),
         callbacks=[NanGuard(model), LossPlot()])
+    if sampler is not None:
+        use_train_sampler(trainer, sampler)
 
     # 5. Train, save the final weights (the original kept only checkpoint-N), score the test split.
     trainer.train(resume_from_checkpoint=resume)
@@ -188,8 +203,13 @@ def main(
     config_file: Annotated[str, typer.Argument(help="YAML config, e.g. glm4_finetune/configs/lora.yaml")],
     auto_resume_from_checkpoint: Annotated[str, typer.Argument(
         help="empty/no = fresh; yes = newest checkpoint-N in output_dir; N = checkpoint-N")] = "",
+    group_by_length: Annotated[bool, typer.Option(
+        "--group_by_length", help="opt-in: batches of rows of similar length (less padding)")] = False,
+    packing: Annotated[bool, typer.Option(
+        "--packing", help="opt-in: several rows per training row, each with its own positions and attention "
+                          "(same loss, far less padding; LoRA and full fine-tuning)")] = False,
 ):
-    finetune(data_dir, model_dir, config_file, auto_resume_from_checkpoint)
+    finetune(data_dir, model_dir, config_file, auto_resume_from_checkpoint, group_by_length, packing)
 
 
 if __name__ == "__main__":

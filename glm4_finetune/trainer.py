@@ -93,6 +93,11 @@ class DataCollator(DataCollatorForSeq2Seq):
         return batch
 
 
+def train_rows(features) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of tokenised training rows, for --packing."""
+    return [(list(f["input_ids"]), list(f["labels"])) for f in features]
+
+
 class GenerationTrainer(Seq2SeqTrainer):
     """Evaluation = generate from input_ids, keep only the new tokens, compare them with output_ids."""
 

@@ -71,6 +71,7 @@ class NerCollate:
         self.response_column = args.response_column
         self.max_seq_length = args.max_seq_length
         self.tokenizer = tokenizer
+        self.pad_to_longest = False  # True with --group_by_length
         if tokenizer.pad_token_id is None:
             raise UserError("the tokenizer has no pad token; the recipe pads with it (Chinese-Alpaca: [PAD] 49953). "
                             "Use the Chinese-Alpaca tokenizer or add one", field="tokenizer")
@@ -87,16 +88,26 @@ class NerCollate:
         t = self.tokenizer(targets, return_attention_mask=False, add_special_tokens=False)["input_ids"]
         return s, t
 
-    def collate_fn(self, batch) -> dict:
+    def rows(self, batch) -> list[tuple[list[int], list[int]]]:
+        """(input_ids, labels) per row, cut to max_seq_length, unpadded."""
         n = self.max_seq_length
+        return [((s + t)[:n], ([IGNORE_INDEX] * len(s) + t)[:n]) for s, t in zip(*self.sources_and_targets(batch))]
+
+    def collate_fn(self, batch) -> dict:
+        rows = self.rows(batch)
+        # The original pads to max_seq_length; --group_by_length pads to the longest row of the batch instead
+        # (the same loss: no attention mask is used and padding only ever follows the real tokens).
+        n = max(len(ids) for ids, _ in rows) if self.pad_to_longest else self.max_seq_length
         all_input_ids, all_labels = [], []
-        for s, t in zip(*self.sources_and_targets(batch)):
-            input_ids = (s + t)[:n]
-            labels = ([IGNORE_INDEX] * len(s) + t)[:n]
+        for input_ids, labels in rows:
             all_input_ids.append(input_ids + [self.tokenizer.pad_token_id] * (n - len(input_ids)))
             all_labels.append(labels + [IGNORE_INDEX] * (n - len(labels)))
         return {"input_ids": torch.tensor(all_input_ids, dtype=torch.long),
                 "labels": torch.tensor(all_labels, dtype=torch.long)}
+
+    def lengths(self, lines: list[str], chunk: int = 256) -> list[int]:
+        """Each row's token count after the max_seq_length cut."""
+        return [len(ids) for start in range(0, len(lines), chunk) for ids, _ in self.rows(lines[start:start + chunk])]
 
     def prompt_ids(self, example) -> list[int]:
         """What generation starts from: the source tokens and the "<s>" that opens every trained answer."""

@@ -23,9 +23,9 @@ from tqdm import tqdm  # noqa: E402
 
 from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS,  # noqa: E402
                               deepspeed_config, find_deepspeed_json, load_training_rows, save_adapter,
-                              show_args, write_train_args)
+                              show_args, training_inputs, write_train_args)
 from llama_ner.config_utils import ConfigParser  # noqa: E402
-from llama_ner.dataset import NerCollate, load_data  # noqa: E402
+from llama_ner.dataset import load_data  # noqa: E402
 from tuning.errors import TrainingStopped, UserError, run_main  # noqa: E402
 from tuning.methods import apply_lora, trainable_summary  # noqa: E402
 
@@ -71,12 +71,14 @@ def main():
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     world = torch.distributed.get_world_size()
     generator = torch.Generator().manual_seed(args.seed)
-    if world > 1:
+    train_data, collate_fn, sampler = training_inputs(args, tokenizer, model, train_data,
+                                                      rank=torch.distributed.get_rank(), world=world)
+    if sampler is None and world > 1:  # (with --group_by_length each process takes its share of the batches)
         sampler = torch.utils.data.DistributedSampler(train_data, shuffle=True, seed=args.seed, drop_last=True)
-    else:
+    elif sampler is None:
         sampler = RandomSampler(train_data, generator=generator)
     loader = DataLoader(train_data, batch_size=args.train_batch_size, sampler=sampler, drop_last=True,
-                        collate_fn=NerCollate(args, tokenizer).collate_fn)
+                        collate_fn=collate_fn)
     if len(loader) == 0:
         raise UserError(f"fewer rows ({len(train_data)}) than one batch", field="train_batch_size")
     engine, _, _, _ = deepspeed.initialize(config=conf, model=model,
@@ -89,7 +91,7 @@ def main():
     bar = tqdm(total=total_step, desc="training", disable=not rank0)
     engine.train()
     for epoch in range(args.num_train_epochs):
-        if world > 1:
+        if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         for batch in loader:
             batch = {k: v.to(engine.device) for k, v in batch.items()}

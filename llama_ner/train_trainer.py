@@ -23,11 +23,12 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 
 from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS,  # noqa: E402
                               adapter_dir, deepspeed_config, find_deepspeed_json, learning_rate,
-                              load_training_rows, save_adapter, show_args, write_train_args)
+                              load_training_rows, save_adapter, show_args, training_inputs, write_train_args)
 from llama_ner.config_utils import ConfigParser  # noqa: E402
 from llama_ner.dataset import load_data  # noqa: E402
 from tuning.errors import run_main  # noqa: E402
 from tuning.methods import apply_lora, trainable_summary  # noqa: E402
+from tuning.packing import use_train_sampler  # noqa: E402
 from tuning.training import LossPlot, NanGuard, check_precision, resolve_resume  # noqa: E402
 
 CONFIG = {**BASE_CONFIG, "deepspeed_jaon_path": "deepspeed.json", **EXTRA_CONFIG}
@@ -73,8 +74,7 @@ def main():
     model = apply_lora(model, LORA_TARGETS, r=args.lora_r, alpha=LORA_ALPHA, dropout=LORA_DROPOUT)
     print(trainable_summary(model))
 
-    from llama_ner.dataset import NerCollate
-
+    rows, collate_fn, sampler = training_inputs(args, tokenizer, model, train_data)
     fp16 = on_gpu and not args.bf16 and bool(ds_config.get("fp16", {}).get("enabled"))  # as the original on a GPU
     if use_deepspeed and not on_gpu:
         # accelerate finds no GPU and assumes one process; pre-create its state on gloo (STACK_ON_CPU.md §1).
@@ -92,9 +92,10 @@ def main():
         deepspeed=ds_config if use_deepspeed else None, ddp_backend="gloo" if not on_gpu and distributed else None,
         accelerator_config={"use_configured_state": True} if use_deepspeed and not on_gpu else None,
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_data,
-                      data_collator=NerCollate(args, tokenizer).collate_fn,
+    trainer = Trainer(model=model, args=training_args, train_dataset=rows, data_collator=collate_fn,
                       callbacks=[AdapterToSaveDir(adapter_dir(args)), NanGuard(model), LossPlot()])
+    if sampler is not None:
+        use_train_sampler(trainer, sampler)
     trainer.train(resume_from_checkpoint=resume)
     print(f"adapter: {adapter_dir(args)}")
     print(f"loss curve: {os.path.join(args.save_dir, 'loss.png')}")
