@@ -88,6 +88,7 @@ def test_fast_rows_equal_one_row_at_a_time_rows(encoder, tokenizer, rows, max_se
     one_row = tokenize_rows(tokenizer, EOS, contexts, targets, max_seq_length)
     fast = tokenize_rows_fast(encoder, contexts, targets, max_seq_length, num_threads=2)
     assert fast == one_row
+    assert tokenize_rows_fast(encoder, contexts, targets, max_seq_length, num_threads=2, chunk_rows=100) == one_row
     for skip in (True, False):
         assert fit_rows(fast, max_seq_length, skip) == fit_rows(one_row, max_seq_length, skip)
     kept, counts = fit_rows(fast, max_seq_length, skip_overlength=False)
