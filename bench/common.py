@@ -183,3 +183,19 @@ def write_result(name: str, *, settings: dict, table: list, goals: list, notes: 
         json.dump(result, f, indent=2, ensure_ascii=False)
         f.write("\n")
     return path
+
+
+# The 76M tiny LLaMA of PEER_BASELINES.md: the real Chinese-Alpaca-7B config shrunk to these sizes, real vocabulary
+# and tokenizer, random weights from torch.manual_seed(0), fp32.
+PEER_LLAMA_SIZES = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                        num_key_value_heads=8)
+
+
+def peer_llama_76m() -> str:
+    """The folder of the peer benchmarks' 76M tiny LLaMA (build/bench/llama-76m), built on first use."""
+    path = os.path.join(REPO, "build", "bench", "llama-76m")
+    if not os.path.exists(os.path.join(path, "tiny_model.json")):
+        from model_hub.make_tiny import build_tiny
+
+        build_tiny("chinese-alpaca-7b", path, seed=0, sizes=PEER_LLAMA_SIZES)
+    return path

@@ -6,6 +6,7 @@ and vocabulary, weights from a fixed seed. Builds in seconds, loads offline with
     python -m model_hub.make_tiny all               # every model into build/tiny/<NAME>
 """
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -78,9 +79,14 @@ def _spread_init(model) -> None:
 BUILDERS = {"llama": _build_llama, "glm4": _build_glm4, "chatglm6b": _build_chatglm6b}
 
 
-def build_tiny(name: str, out_dir: str, seed: int = SEED) -> str:
-    """Write the tiny `name` model + tokenizer to `out_dir` (atomically: a reader never sees half a folder)."""
+def build_tiny(name: str, out_dir: str, seed: int = SEED, sizes: dict | None = None) -> str:
+    """Write the tiny `name` model + tokenizer to `out_dir` (atomically: a reader never sees half a folder).
+
+    `sizes` overrides the tiny sizes of the registry (e.g. a bigger twin for benchmarks: bench/bench_2_training.py).
+    """
     spec = get_spec(name)
+    if sizes:
+        spec = dataclasses.replace(spec, tiny={**spec.tiny, **sizes})
     torch.manual_seed(seed)
     model, tokenizer = BUILDERS[spec.family](spec)
     model = model.float().eval()
@@ -94,7 +100,8 @@ def build_tiny(name: str, out_dir: str, seed: int = SEED) -> str:
         n_params = sum(p.numel() for p in model.parameters())
         with open(os.path.join(tmp, "tiny_model.json"), "w", encoding="utf-8") as f:
             json.dump({"name": name, "seed": seed, "parameters": n_params, "random_weights": True,
-                       "real_files": f"model_hub/tokenizer_files/{spec.files}"}, f, indent=2)
+                       "real_files": f"model_hub/tokenizer_files/{spec.files}",
+                       **({"sizes": sizes} if sizes else {})}, f, indent=2)
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

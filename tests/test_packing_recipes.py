@@ -78,8 +78,8 @@ def test_glm4_trains_packed_and_grouped_and_ptuning_refuses_packing(tmp_path):
         (tmp_path / "train.jsonl").write_text("".join(f.readlines()[:10]), encoding="utf-8")
     lora = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 32, "lora_dropout": 0.1,
             "target_modules": ["q_proj", "k_proj", "v_proj"]}
-    trainer = finetune(str(tmp_path), "tiny:glm-4-9b-chat", write_config(tmp_path / "lora.yaml", tmp_path / "run", lora),
-                       group_by_length=True, packing=True)
+    config = write_config(tmp_path / "lora.yaml", tmp_path / "run", lora)
+    trainer = finetune(str(tmp_path), "tiny:glm-4-9b-chat", config, group_by_length=True, packing=True)
     check_trainer(trainer, "position_ids")
     prefix = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 8,
               "num_attention_heads": 2, "token_dim": 32}
