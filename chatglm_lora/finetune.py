@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-from transformers import HfArgumentParser, Trainer, TrainingArguments  # noqa: E402
+from transformers import HfArgumentParser, TrainingArguments, set_seed  # noqa: E402
 
+from tuning.checkpoints import AtomicTrainer, save_pretrained_atomically  # noqa: E402
 from tuning.errors import UserError, run_main  # noqa: E402
 from tuning.methods import apply_lora, trainable_summary  # noqa: E402
 from tuning.training import LossPlot, NanGuard, check_precision, resolve_resume  # noqa: E402
@@ -135,6 +136,7 @@ def main():
         model.enable_input_require_grads()
     model.config.use_cache = False
 
+    set_seed(training_args.seed)  # the adapter's random init: the same --seed gives the same run
     model = apply_lora(model, ["query_key_value"], r=finetune_args.lora_rank, alpha=32, dropout=0.1)
     print(trainable_summary(model))
 
@@ -148,12 +150,12 @@ def main():
         model_config=model.config, packing=finetune_args.packing, group_by_length=finetune_args.group_by_length,
         capacity=max(lengths, default=0), batch_size=training_args.per_device_train_batch_size,
         seed=training_args.seed)
-    trainer = Trainer(model=model, args=training_args, train_dataset=rows, data_collator=collator,
-                      callbacks=[NanGuard(model), LossPlot()])
+    trainer = AtomicTrainer(model=model, args=training_args, train_dataset=rows, data_collator=collator,
+                            callbacks=[NanGuard(model), LossPlot()])
     if sampler is not None:
         use_train_sampler(trainer, sampler)
     trainer.train(resume_from_checkpoint=resume)
-    model.save_pretrained(training_args.output_dir)
+    save_pretrained_atomically(model.save_pretrained, training_args.output_dir)
     print(f"adapter: {training_args.output_dir}")
     print(f"tensorboard: {os.path.join(training_args.output_dir, 'runs')}")
     print(f"loss curve: {os.path.join(training_args.output_dir, 'loss.png')}")

@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from chatglm_lora.cover_alpaca2jsonl import format_example, read_alpaca  # noqa: E402
 from model_hub.chatglm6b.generation import build_prompt  # noqa: E402
 from tuning.errors import UserError, run_main  # noqa: E402
+from tuning.files import refuse_pickled_code  # noqa: E402
 
 
 def clean_answer(text: str) -> str:
@@ -107,7 +108,8 @@ def main():
     from model_hub.loader import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(args.chatglm_path, dtype="bf16" if args.bf16 else None)
-    model = PeftModel.from_pretrained(model, args.lora_path).eval()
+    with refuse_pickled_code(args.lora_path):  # an old adapter_model.bin: tensors only
+        model = PeftModel.from_pretrained(model, args.lora_path).eval()
     if args.interactive:
         return interactive(model, tokenizer, args.chat_max_length, args.max_new_tokens)
 

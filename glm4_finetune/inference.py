@@ -19,7 +19,7 @@ from typing import Annotated  # noqa: E402
 import typer  # noqa: E402
 
 from tuning.errors import UserError, run_main  # noqa: E402
-from tuning.files import read_json  # noqa: E402
+from tuning.files import read_json, refuse_pickled_code  # noqa: E402
 
 OBSERVATION = 151338
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
@@ -41,7 +41,8 @@ def load_for_inference(model_dir: str, base_model: str | None = None, dtype: str
     if not base:
         raise UserError("base_model_name_or_path is empty; pass --base-model", path=adapter_config)
     model, tokenizer = load_model_and_tokenizer(base, dtype=dtype)
-    model = PeftModelForCausalLM.from_pretrained(model, model_dir)
+    with refuse_pickled_code(model_dir):
+        model = PeftModelForCausalLM.from_pretrained(model, model_dir)
     number_text_from_zero(model)  # P-tuning v2: the text positions it was trained with (no-op for LoRA)
     if os.path.isfile(os.path.join(model_dir, "tokenizer_config.json")):  # ours save it with the adapter
         from transformers import AutoTokenizer

@@ -7,6 +7,8 @@ import uuid
 import torch
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer
 
+from tuning.checkpoints import AtomicCheckpoints
+
 from .data import process_batch, process_batch_eval
 
 UNLIMITED = 10**9
@@ -98,8 +100,11 @@ def train_rows(features) -> list[tuple[list[int], list[int]]]:
     return [(list(f["input_ids"]), list(f["labels"])) for f in features]
 
 
-class GenerationTrainer(Seq2SeqTrainer):
-    """Evaluation = generate from input_ids, keep only the new tokens, compare them with output_ids."""
+class GenerationTrainer(AtomicCheckpoints, Seq2SeqTrainer):
+    """Evaluation = generate from input_ids, keep only the new tokens, compare them with output_ids.
+    Checkpoints are written atomically (tuning/checkpoints.py)."""
+
+    resume_hint = "yes as the 4th argument (AUTO_RESUME_FROM_CHECKPOINT)"
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
         with torch.no_grad():

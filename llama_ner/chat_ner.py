@@ -21,7 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tuning.errors import UserError, run_main  # noqa: E402
-from tuning.files import atomic_file, read_text, require_output_parent  # noqa: E402
+from tuning.files import atomic_file, read_text, refuse_pickled_code, require_output_parent  # noqa: E402
 
 ORIGINAL_TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                      "the request.\n\n### Instruction:\n\n{instruction}\n\n### Response:\n\n")
@@ -117,7 +117,8 @@ def load(args):
         print(f"resizing the model's vocabulary {vocab} -> {len(tokenizer)} to match the tokenizer")
         model.resize_token_embeddings(len(tokenizer))
     if args.lora_model:
-        model = PeftModel.from_pretrained(model, args.lora_model)
+        with refuse_pickled_code(args.lora_model):
+            model = PeftModel.from_pretrained(model, args.lora_model)
     model.eval()
     return model, tokenizer
 

@@ -121,17 +121,9 @@ def load_training_rows(args, tokenizer) -> list[str]:
 
 def save_adapter(model, folder: str) -> None:
     """The adapter files into `folder` (next to train_args.json), each replaced whole or not at all."""
-    import shutil
-    import tempfile
+    from tuning.checkpoints import save_pretrained_atomically
 
-    os.makedirs(folder, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".saving-", dir=folder)
-    try:
-        model.save_pretrained(tmp)
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained_atomically(model.save_pretrained, folder)
 
 
 def find_deepspeed_json(path: str) -> str:

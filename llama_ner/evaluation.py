@@ -12,7 +12,7 @@ import torch
 from llama_ner.common import BASE_CONFIG, EXTRA_CONFIG, load_train_args
 from llama_ner.config_utils import ConfigParser
 from tuning.errors import UserError
-from tuning.files import atomic_file
+from tuning.files import atomic_file, refuse_pickled_code
 from tuning.generation import generate_batched
 from tuning.ner_metrics import format_table, ner_scores
 
@@ -55,7 +55,8 @@ def load_model(args):
     adapter = find_adapter(args.save_dir)
     model, tokenizer = load_model_and_tokenizer(args.model_dir, dtype="bf16" if getattr(args, "bf16", False)
                                                 else "auto")
-    model = PeftModel.from_pretrained(model, adapter)
+    with refuse_pickled_code(adapter):
+        model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     print(f"model: {args.model_dir} + adapter {adapter}")
     return model, tokenizer

@@ -87,7 +87,7 @@ def main():
     if args.max_steps > 0:
         total_step = min(total_step, args.max_steps)
 
-    global_step = 0
+    global_step = saved_step = 0
     bar = tqdm(total=total_step, desc="training", disable=not rank0)
     engine.train()
     for epoch in range(args.num_train_epochs):
@@ -97,8 +97,12 @@ def main():
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             loss = engine(**batch).loss
             if not torch.isfinite(loss):
-                raise TrainingStopped(f"non-finite loss at step {global_step + 1}; lower the learning rate or "
-                                      "check the data. The last saved adapter is intact.")
+                hint = ("fp16 overflow is the usual cause: use --bf16=true on a CPU, or lower the learning rate"
+                        if conf.get("fp16", {}).get("enabled") else "lower the learning rate or check the data")
+                saved = (f"the adapter saved at step {saved_step} in {args.save_dir} is intact" if saved_step
+                         else "no adapter was saved yet")
+                raise TrainingStopped(f"non-finite loss at step {global_step + 1}; {hint}. Weights were not "
+                                      f"updated; {saved}")
             boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
             engine.step()
@@ -108,8 +112,10 @@ def main():
             bar.update(1)
             if global_step % args.log_steps == 0 and rank0:
                 tqdm.write("loss:{}, global_step:{}/{}".format(loss.item(), global_step, total_step))
-            if global_step % args.save_steps == 0 and rank0:
-                save_adapter(engine.module, args.save_dir)
+            if global_step % args.save_steps == 0:
+                if rank0:
+                    save_adapter(engine.module, args.save_dir)
+                saved_step = global_step
             if global_step >= total_step:
                 break
         if global_step >= total_step:

@@ -19,13 +19,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import TrainerCallback, TrainingArguments, set_seed  # noqa: E402
 
 from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS,  # noqa: E402
                               adapter_dir, deepspeed_config, find_deepspeed_json, learning_rate,
                               load_training_rows, save_adapter, show_args, training_inputs, write_train_args)
 from llama_ner.config_utils import ConfigParser  # noqa: E402
 from llama_ner.dataset import load_data  # noqa: E402
+from tuning.checkpoints import AtomicTrainer  # noqa: E402
 from tuning.errors import run_main  # noqa: E402
 from tuning.methods import apply_lora, trainable_summary  # noqa: E402
 from tuning.packing import use_train_sampler  # noqa: E402
@@ -71,6 +72,7 @@ def main():
     # fp32 master weights; the GPU run gets fp16 mixed precision from deepspeed.json, the CPU run bf16 autocast.
     model, tokenizer = load_model_and_tokenizer(args.model_dir, dtype="fp32")
     model.config.use_cache = False
+    set_seed(args.seed)  # the adapter's random init: the same seed gives the same run
     model = apply_lora(model, LORA_TARGETS, r=args.lora_r, alpha=LORA_ALPHA, dropout=LORA_DROPOUT)
     print(trainable_summary(model))
 
@@ -92,10 +94,11 @@ def main():
         deepspeed=ds_config if use_deepspeed else None, ddp_backend="gloo" if not on_gpu and distributed else None,
         accelerator_config={"use_configured_state": True} if use_deepspeed and not on_gpu else None,
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=rows, data_collator=collate_fn,
-                      callbacks=[AdapterToSaveDir(adapter_dir(args)), NanGuard(model), LossPlot()])
+    trainer = AtomicTrainer(model=model, args=training_args, train_dataset=rows, data_collator=collate_fn,
+                            callbacks=[AdapterToSaveDir(adapter_dir(args)), NanGuard(model), LossPlot()])
     if sampler is not None:
         use_train_sampler(trainer, sampler)
+    trainer.resume_hint = "--resume_from_checkpoint=last"
     trainer.train(resume_from_checkpoint=resume)
     print(f"adapter: {adapter_dir(args)}")
     print(f"loss curve: {os.path.join(args.save_dir, 'loss.png')}")

@@ -116,10 +116,17 @@ def read_shard(path: str) -> dict:
         from safetensors.torch import load_file
 
         return load_file(path)
+    import pickle
+
+    from tuning.files import pickle_refusal
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # a pickle with code in it, or a corrupt file
-        raise UserError(f"cannot be read with torch.load(weights_only=True): {exc}", path=path) from None
+    except pickle.UnpicklingError as exc:  # a pickle with code or objects in it
+        raise pickle_refusal(exc, path) from None
+    except Exception as exc:  # a corrupt or truncated file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot be read with torch.load(weights_only=True): {reason}", path=path) from None
     if not isinstance(state, dict):
         raise UserError("expected a state dict", path=path)
     return state

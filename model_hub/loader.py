@@ -11,6 +11,7 @@ import os
 import torch
 
 from tuning.errors import UserError
+from tuning.files import refuse_pickled_code
 
 from .make_tiny import tiny_dir
 from .registry import MODELS
@@ -89,8 +90,9 @@ def load_model_and_tokenizer(name_or_path: str, *, dtype=None, device: str | Non
     if load_in_8bit:
         model_kwargs["quantization_config"] = _bnb_8bit_config(dev)
         model_kwargs.setdefault("device_map", "auto")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                                 **model_kwargs)
+    with refuse_pickled_code(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                     **model_kwargs)
     if not load_in_8bit:
         model = model.to(dev)
     return model, tokenizer

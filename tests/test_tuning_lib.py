@@ -2,6 +2,7 @@
 import os
 
 import pytest
+import torch
 
 from tuning.errors import UserError
 from tuning.files import atomic_dir, atomic_file, read_json, read_jsonl, require_str
@@ -96,3 +97,17 @@ def test_loss_plot_is_a_png(tmp_path):
                           str(tmp_path / "loss.png"))
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert save_loss_plot([], str(tmp_path / "none.png")) is None
+
+
+@pytest.mark.parametrize("exc", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), MemoryError()])
+def test_out_of_memory_is_one_line_with_what_to_do(exc, capsys):
+    from tuning.errors import OUT_OF_MEMORY, run_main
+
+    def main():
+        raise exc
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, [])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: " + OUT_OF_MEMORY)

@@ -22,6 +22,11 @@ class UserError(Exception):
         return where + self.message
 
 
+OUT_OF_MEMORY = ("out of memory: lower the batch size (raise gradient accumulation to keep the effective batch), "
+                 "lower max_seq_length, keep gradient checkpointing on, or use LoRA / 8-bit loading; resume from "
+                 "the last checkpoint")
+
+
 class TrainingStopped(Exception):
     """Training had to stop (e.g. a non-finite loss); the message says why and what was kept. Exit code 1."""
 
@@ -39,6 +44,13 @@ def parse_bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def _end_progress_bars() -> None:
+    """Close open tqdm bars so the error starts on its own line, not glued to a half-drawn bar."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
 def run_main(main, argv: list[str] | None = None):
     """Run a script's `main()`; a UserError becomes `error: ...` on stderr and exit code 2.
 
@@ -52,14 +64,30 @@ def run_main(main, argv: list[str] | None = None):
     try:
         return main()
     except UserError as exc:
+        _end_progress_bars()
         if debug:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except TrainingStopped as exc:
+        _end_progress_bars()
         if debug:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except MemoryError as exc:  # Python's (host RAM); CUDA's is handled below
+        _end_progress_bars()
+        if debug:
+            traceback.print_exc()
+        print(f"error: {OUT_OF_MEMORY}", file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as exc:
+        if type(exc).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA/accelerator memory)
+            raise
+        _end_progress_bars()
+        if debug:
+            traceback.print_exc()
+        print(f"error: {OUT_OF_MEMORY} ({str(exc).strip().splitlines()[0][:160]})", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

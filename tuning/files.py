@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -97,6 +98,12 @@ def write_error(exc: BaseException, path: str) -> UserError | None:
     return None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_file(path: str, mode: str = "w", encoding: str | None = "utf-8"):
     """Open a temporary sibling of `path` for writing; rename it onto `path` only if the block succeeds."""
@@ -105,6 +112,7 @@ def atomic_file(path: str, mode: str = "w", encoding: str | None = "utf-8"):
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(os.path.abspath(path)))
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the output gets the usual permissions
         with open(tmp, mode, encoding=encoding if "b" not in mode else None) as f:
             yield f
             f.flush()
@@ -141,3 +149,24 @@ def atomic_dir(path: str):
         if error:
             raise error from None
         raise
+
+
+def pickle_refusal(exc: Exception, path: str) -> UserError:
+    """The one-line error for a .bin/.pth/.pt that torch.load(weights_only=True) refused: it holds code or
+    arbitrary objects (or is not a torch file at all), and we never unpickle those."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    what = f" ({found.group(1)})" if found else ""
+    return UserError(f"refused to load: a pickled file here holds code or objects{what}, not only tensors; files are "
+                     "read with torch.load(weights_only=True) only. Convert it to safetensors where you trust it",
+                     path=path)
+
+
+@contextlib.contextmanager
+def refuse_pickled_code(path: str):
+    """Around a load that may meet a .bin: an unsafe pickle becomes the one-line `pickle_refusal` error."""
+    import pickle
+
+    try:
+        yield
+    except pickle.UnpicklingError as exc:
+        raise pickle_refusal(exc, path) from None

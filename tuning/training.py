@@ -75,10 +75,20 @@ class NanGuard(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         grads = [p.grad for p in self.params if p.grad is not None]
         if grads and not torch.isfinite(torch.stack([g.detach().float().norm() for g in grads]).sum()):
-            hint = ("fp16 overflow is the usual cause: use --bf16 (or fp32)" if args.fp16
-                    else "lower the learning rate, check the data, or try fp32")
+            if args.fp16:
+                hint = "fp16 overflow is the usual cause: use bf16 (or fp32)"
+            elif args.bf16:
+                hint = "lower the learning rate, check the data, or try fp32"
+            else:
+                hint = "lower the learning rate or check the data"
             raise TrainingStopped(f"non-finite loss/gradients at step {state.global_step + 1}; {hint}. "
-                                     "Weights were not updated; the last checkpoint is intact.")
+                                  f"Weights were not updated; {last_good(args.output_dir)}")
+
+
+def last_good(output_dir: str) -> str:
+    """Which checkpoint is still good, for the message of a run that has to stop."""
+    found = list_checkpoints(output_dir)
+    return f"the last good checkpoint is {found[-1][1]}" if found else "no checkpoint was saved yet"
 
 
 class LossPlot(TrainerCallback):

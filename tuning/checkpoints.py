@@ -1,0 +1,225 @@
+"""Atomic Trainer checkpoints: a checkpoint-N folder either exists complete or does not exist at all.
+
+Why (transformers 5.23, Trainer._save_checkpoint): the files of checkpoint-N are written straight into the
+final folder — weights, optimizer, scheduler, RNG state (one file per rank), then trainer_state.json. That
+last file is written without a temporary file, so a kill while it is written leaves a truncated
+trainer_state.json that looks like a finished checkpoint; under DDP/DeepSpeed rank 0 writes it without waiting
+for the other ranks' RNG/optimizer files; nothing is fsync'ed; and rotation (save_total_limit) deletes old
+folders with a plain rmtree, so a kill there can leave a half-deleted folder that still has its state file.
+
+What this does instead (`AtomicCheckpoints`, mixed into the recipes' Trainer classes):
+1. every rank writes checkpoint-N into OUTPUT/.saving-checkpoint-N/checkpoint-N (the Trainer's own save code,
+   pointed at a staging folder);
+2. all ranks agree that their part succeeded (all_reduce of a failure flag), then wait at a barrier;
+3. the saving rank (should_save: rank 0, or each node's local rank 0 with save_on_each_node) fsyncs the files
+   and renames the folder to OUTPUT/checkpoint-N in one step, then rotates old checkpoints by renaming each to
+   .deleting-… before removing it; a second barrier keeps the other ranks from racing ahead.
+A save that fails (disk full, file-size limit, ...) removes its staging folder, keeps every older checkpoint,
+and stops training with one line naming the last good checkpoint and how to resume (exit code 1).
+"""
+import os
+import shutil
+
+from transformers import Trainer
+
+from .errors import TrainingStopped
+from .files import refuse_pickled_code
+from .training import list_checkpoints
+
+STAGING, DELETING, REPLACED = ".saving-", ".deleting-", ".replaced-"
+
+
+def fsync_tree(folder: str) -> None:
+    """Flush every file and folder under `folder` to disk (a rename is only durable after its contents are)."""
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_dir(folder)
+
+
+def fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(run_dir: str) -> None:
+    """Staging/deleting folders of a run that was killed; never a checkpoint-N itself."""
+    if not os.path.isdir(run_dir):
+        return
+    for name in os.listdir(run_dir):
+        if name.startswith((STAGING, DELETING, REPLACED)) and "checkpoint-" in name:
+            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+
+
+def publish(staged: str, final: str) -> None:
+    """Rename the finished folder `staged` to `final`, replacing an older folder of that name."""
+    fsync_tree(staged)
+    parent, name = os.path.split(final)
+    if os.path.exists(final):
+        old = os.path.join(parent, REPLACED + name)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staged, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, final)
+    fsync_dir(parent)
+
+
+def rotate(run_dir: str, limit: int | None, keep: set[str]) -> None:
+    """Keep the `limit` most recently written complete checkpoints (and those in `keep`)."""
+    if not limit or limit <= 0:
+        return
+    found = [path for _, path in list_checkpoints(run_dir)]
+    found.sort(key=lambda p: (os.path.getmtime(os.path.join(p, "trainer_state.json")), p))
+    keep = {os.path.abspath(p) for p in keep}
+    excess = len(found) - max(limit, len(keep))
+    for path in found:
+        if excess <= 0:
+            break
+        if os.path.abspath(path) in keep:
+            continue
+        doomed = os.path.join(run_dir, DELETING + os.path.basename(path))
+        os.replace(path, doomed)  # no longer a checkpoint-N the moment deletion starts
+        shutil.rmtree(doomed, ignore_errors=True)
+        excess -= 1
+
+
+def save_pretrained_atomically(save, folder: str) -> None:
+    """`save(tmp)` writes a model/adapter into a temporary folder; its files then replace those in `folder` one
+    by one (each file whole or not at all; the folder may hold other files, e.g. checkpoints or train_args)."""
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, STAGING + "final")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save(tmp)
+        fsync_tree(tmp)
+        for name in os.listdir(tmp):
+            target = os.path.join(folder, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(tmp, name), target)
+        fsync_dir(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _any_rank(flag: bool, device) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value)
+    return bool(value.item())
+
+
+def deepspeed_loads_weights_only() -> None:
+    """DeepSpeed 0.19 reads its own checkpoints with torch.load(weights_only=False) (TorchCheckpointEngine.load),
+    so resuming a DeepSpeed checkpoint could run pickled code. From here on it reads them with
+    weights_only=True, allowing only the DeepSpeed classes its optimizer states hold (found on ZeRO-1/2/3
+    checkpoints: the loss scaler, the ZeRO stage enum, fragment addresses). Called before any DeepSpeed resume."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if getattr(TorchCheckpointEngine.load, "weights_only", False):
+        return
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    load.weights_only = True
+    TorchCheckpointEngine.load = load
+
+
+class AtomicCheckpoints:
+    """Mix into a transformers Trainer class (before it): checkpoints are staged and renamed (module docstring).
+
+    `resume_hint` is how the recipe's user resumes, shown when a save fails."""
+
+    resume_hint = "--resume_from_checkpoint last"
+    _staging_root = None
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """As Trainer.train; a checkpoint file that holds pickled code is refused in one line (DeepSpeed's
+        own checkpoint files included)."""
+        if resume_from_checkpoint and getattr(self, "is_deepspeed_enabled", False):
+            deepspeed_loads_weights_only()
+        with refuse_pickled_code(str(resume_from_checkpoint or self.args.output_dir)):
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _get_output_dir(self, trial):
+        return self._staging_root or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = super()._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        staging = os.path.join(run_dir, STAGING + name)
+        saver = self.args.should_save
+        if saver:
+            os.makedirs(run_dir, exist_ok=True)
+            remove_leftovers(run_dir)
+        self.accelerator.wait_for_everyone()
+        error = None
+        self._staging_root = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as exc:  # disk full, file-size limit, ... (any rank)
+            error = exc
+        finally:
+            self._staging_root = None
+        if _any_rank(error is not None, self.args.device):
+            if saver:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise TrainingStopped(self._save_failed(name, run_dir, error)) from error
+        final = os.path.join(run_dir, name)
+        if saver:
+            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging):
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(
+                    self.state.best_model_checkpoint))
+                self.state.save_to_json(os.path.join(staging, name, "trainer_state.json"))
+            publish(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            keep = {final} | ({self.state.best_model_checkpoint} if self.state.best_model_checkpoint else set())
+            rotate(run_dir, self.args.save_total_limit, keep)
+        self.accelerator.wait_for_everyone()
+
+    def _save_failed(self, name: str, run_dir: str, error) -> str:
+        found = list_checkpoints(run_dir)
+        if found:
+            good = f"{found[-1][1]} is the last good checkpoint; free space and resume with {self.resume_hint}"
+        else:
+            good = "there is no earlier checkpoint; free space and start again"
+        return f"saving {name} failed ({failure_reason(error)}); nothing of it was kept. {good}"
+
+
+class AtomicTrainer(AtomicCheckpoints, Trainer):
+    """transformers.Trainer whose checkpoints are written atomically."""
+
+
+def failure_reason(error: BaseException) -> str:
+    """A short reason for a failed save: the OS error if there is one; torch and safetensors report a failed
+    write in their own words, which are translated."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    text = str(error).strip()
+    if any(sign in text for sign in ("file write failed", "unexpected pos", "os error 27", "os error 28")):
+        return "a file write failed: disk full or over a file-size limit"
+    return text.splitlines()[0][:200] if text else type(error).__name__
