@@ -133,7 +133,7 @@ def main():
     settings = {"rows": n_rows, "input": "alpaca_data.json via cover_alpaca2jsonl.py" + (" (quick: first rows)" if args.quick else ""),
                 "tokenizer": "model_hub/tokenizer_files/chatglm-6b (real ice_text.model)", "max_seq_length": MAX_LEN,
                 "skip_overlength": False, "threads": THREADS, "repeats": args.repeats,
-                "repeats_one_row_at_a_time": slow_repeats,
+                "repeats_one_row_at_a_time": slow_repeats, "quick": args.quick,
                 "kept_rows": len(kept), "tokens": tokens, **{k: v for k, v in counts.items()}}
     notes = ("Stage = texts → kept rows (tokenize, truncate, length filter), tokenizer already loaded, jsonl already "
              "parsed; the peer's 'tokenization loop alone' also parsed each JSON line (json.loads ≈ 0.25 CPU-s "

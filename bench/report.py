@@ -73,6 +73,8 @@ def benchmark_section(result: dict) -> list[str]:
                   result.get("stderr_tail", "").rstrip(), "```", ""]
         return lines
     settings = result.get("settings", {})
+    if settings.get("quick"):
+        lines += ["**Quick run** (`--quick`: fewer rows, 1 repeat): development numbers, not for reporting.", ""]
     if settings:
         lines += ["Settings: " + "; ".join(f"{key} = {fmt(value)}" for key, value in settings.items()), ""]
     lines += markdown_table(result.get("table", [])) + [""]
@@ -99,8 +101,10 @@ def render(results: list[dict]) -> str:
     goals = [(r["name"], g) for r in results if not r.get("failed") for g in r.get("goals", [])]
     failed = [r["name"] for r in results if r.get("failed")]
     met = sum(g["met"] for _, g in goals)
+    quick = [r["name"] for r in results if r.get("settings", {}).get("quick")]
     lines += [f"Summary: {len(results)} benchmarks, {len(failed)} failed"
-              + (f" ({', '.join(failed)})" if failed else "") + f"; goals met {met} of {len(goals)}.", ""]
+              + (f" ({', '.join(failed)})" if failed else "") + f"; goals met {met} of {len(goals)}."
+              + (f" Quick (development) runs, not for reporting: {', '.join(quick)}." if quick else ""), ""]
     if goals:
         rows = [{"benchmark": name, "goal": g["goal"], "target": g["target"], "measured": g["measured"],
                  "result": "met" if g["met"] else "**NOT met**"} for name, g in goals]

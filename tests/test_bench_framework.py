@@ -34,6 +34,7 @@ def test_run_all_quick_memory_estimate_writes_result_and_report(tmp_path):
     assert len(result["goals"]) == 4 and any(g["met"] for g in result["goals"])
     text = report_path.read_text(encoding="utf-8")
     assert "## bench_6_memory_estimate" in text and "| GLM-4-9B LoRA |" in text and "Versions: torch 2.13.0" in text
+    assert "Quick (development) runs, not for reporting: bench_6_memory_estimate" in text
     for goal in result["goals"]:  # every goal is in the report with its verdict
         assert goal["goal"] in text
     assert text.count("**NOT met**") == 2 * sum(not g["met"] for g in result["goals"])  # summary + section
