@@ -3,7 +3,8 @@ original infer loops do, with the same function (tuning/generation.generate_batc
 evaluation) and the same outputs token for token (asserted).
 
 Model: the 76M tiny LLaMA of PEER_BASELINES.md (the real Chinese-Alpaca-7B config shrunk to hidden 512, 8 layers,
-8 heads, intermediate 1376, the real 49,954 vocabulary; random weights from torch.manual_seed(0); fp32, 2 threads).
+8 heads, intermediate 1376, the real 49,954 vocabulary; random weights, seed 0; bench.common.peer_llama_76m, shared
+with benchmarks 2 and 5), fp32, 2 threads.
 Prompts: the first 32 Stanford alpaca rows (instruction + input) in the llama_ner training prompt (+ <s>, as
 chat_ner.py and the evaluation build them); 64 new tokens each, greedy.
 tokens/s = generated tokens (up to </s>) / median wall seconds of the whole set (2 repeats per side by default:
@@ -15,25 +16,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import REPO, bench_name, median, parse_args, repeat, write_result  # noqa: E402
+from bench.common import REPO, bench_name, median, parse_args, peer_llama_76m, repeat, write_result  # noqa: E402
 
 ALPACA = os.path.join(REPO, "data", "stanford_alpaca", "alpaca_data.json")
-TINY_76M = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-                intermediate_size=1376)
 BATCH = 8
 GOAL_RATIO = 5.0
-
-
-def build_model():
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import model_hub
-
-    with open(os.path.join(model_hub.tokenizer_files("chinese-alpaca-7b"), "config.json"), encoding="utf-8") as f:
-        config = LlamaConfig(**{**json.load(f), **TINY_76M})
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
 
 
 def main():
@@ -41,18 +28,17 @@ def main():
         "--threads", type=int, default=2, help="torch threads (default 2, the machine's cores)"))
     import torch
 
-    import model_hub
     from llama_ner.chat_ner import prompt_ids
-    from model_hub.loader import load_tokenizer
+    from model_hub.loader import load_model_and_tokenizer
     from tuning.generation import generate_batched
 
     torch.set_num_threads(args.threads)
     n_prompts, new_tokens = (8, 16) if args.quick else (32, 64)
-    tokenizer = load_tokenizer(model_hub.tokenizer_files("chinese-alpaca-7b"))
+    model, tokenizer = load_model_and_tokenizer(peer_llama_76m(), dtype="fp32")
+    model.eval()
     with open(ALPACA, encoding="utf-8") as f:
         rows = json.load(f)[:n_prompts]
     prompts = [prompt_ids(tokenizer, r["instruction"], r["input"], True, False)[0] for r in rows]
-    model = build_model()
     params = sum(p.numel() for p in model.parameters())
     kwargs = dict(pad_id=tokenizer.pad_token_id, stop_ids=[tokenizer.eos_token_id], show_progress=False,
                   max_new_tokens=new_tokens, do_sample=False, num_beams=1, use_cache=True)
