@@ -125,8 +125,13 @@ def timed_chatglm(dataset_dir: str, flags: list[str], steps: int, pad_id: int) -
     import tuning.packing
     from chatglm_lora import finetune
 
+    from transformers import Trainer
+
     counted, captured = [], {}
-    less_padding, trainer_class = tuning.packing.less_padding, finetune.Trainer
+    less_padding = tuning.packing.less_padding
+    # whichever Trainer class the recipe builds its trainer with (Trainer, AtomicTrainer, ...)
+    name, trainer_class = next((k, v) for k, v in vars(finetune).items()
+                               if isinstance(v, type) and issubclass(v, Trainer))
 
     def counting_less_padding(*args, **kwargs):
         rows, collate, sampler = less_padding(*args, **kwargs)
@@ -144,7 +149,8 @@ def timed_chatglm(dataset_dir: str, flags: list[str], steps: int, pad_id: int) -
             super().__init__(*args, **kwargs)
             captured["trainer"] = self
 
-    tuning.packing.less_padding, finetune.Trainer = counting_less_padding, CapturingTrainer
+    tuning.packing.less_padding = counting_less_padding
+    setattr(finetune, name, CapturingTrainer)
     try:
         with tempfile.TemporaryDirectory() as out:
             sys.argv = ["finetune.py", "--dataset_path", dataset_dir, "--chatglm_path", "tiny:chatglm-6b",
@@ -154,7 +160,8 @@ def timed_chatglm(dataset_dir: str, flags: list[str], steps: int, pad_id: int) -
                         "--report_to", "none", "--disable_tqdm", "true", *flags]
             finetune.main()
     finally:
-        tuning.packing.less_padding, finetune.Trainer = less_padding, trainer_class
+        tuning.packing.less_padding = less_padding
+        setattr(finetune, name, trainer_class)
     history = captured["trainer"].state.log_history
     seconds = next(e["train_runtime"] for e in history if "train_runtime" in e)
     real, total, supervised = (sum(c[i] for c in counted) for i in range(3))
