@@ -10,7 +10,11 @@ Same arguments as the original (FinetuneArguments + transformers' TrainingArgume
 Every output_dir/checkpoint-N/ is a loadable PEFT adapter (adapter_config.json + adapter_model.safetensors) with
 the Trainer state; `--resume_from_checkpoint PATH|N|last` resumes exactly; the final adapter, TensorBoard logs
 (output_dir/runs/) and loss.png land in output_dir. On CPU use fp32 or --bf16 (fp16 is refused).
+Several processes: `torchrun --nproc_per_node N chatglm_lora/finetune.py ...` (DDP) or `deepspeed --num_gpus N
+chatglm_lora/finetune.py ... --deepspeed glm4_finetune/configs/ds_zero_2.json` (see README.md, Distributed
+training); 8-bit base weights work with DDP and ZeRO-1/2, not with ZeRO-3.
 """
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
@@ -20,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from transformers import HfArgumentParser, TrainingArguments, set_seed  # noqa: E402
 
+from tuning import distributed  # noqa: E402
 from tuning.checkpoints import AtomicTrainer, save_pretrained_atomically  # noqa: E402
 from tuning.errors import UserError, run_main  # noqa: E402
 from tuning.methods import apply_lora, trainable_summary  # noqa: E402
@@ -109,28 +114,52 @@ def check_rows(dataset, path: str) -> None:
                         path=path, field="seq_len")
 
 
-def main():
+def parse_arguments(argv: list[str] | None = None) -> tuple[FinetuneArguments, TrainingArguments]:
+    """The original's two dataclasses from the command line, with the launch setup of tuning.distributed added
+    before TrainingArguments is built (it creates the process state: torchrun DDP or DeepSpeed, GPU or CPU)."""
     parser = HfArgumentParser((FinetuneArguments, TrainingArguments))
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise UserError(f"unknown arguments {unknown}", field="arguments")
+    values = vars(namespace)
+    finetune_args = FinetuneArguments(**{f.name: values.pop(f.name) for f in dataclasses.fields(FinetuneArguments)})
+    if values.get("deepspeed"):
+        stage = distributed.zero_stage(values["deepspeed"])
+        if stage == 3 and finetune_args.load_in_8bit:
+            raise UserError("8-bit base weights (bitsandbytes) cannot be partitioned by ZeRO-3; use a ZeRO-1/2 "
+                            "config (e.g. glm4_finetune/configs/ds_zero_2.json) or --load_in_8bit false",
+                            field="load_in_8bit")
+        if stage == 3 and finetune_args.load_in_8bit is None:
+            finetune_args.load_in_8bit = False  # the GPU default would be 8-bit; ZeRO-3 shards 16-bit weights
     try:
-        finetune_args, training_args = parser.parse_args_into_dataclasses()
+        training_args = TrainingArguments(**distributed.trainer_arguments(values))
     except ValueError as exc:  # TrainingArguments rejects inconsistent flags in __post_init__
         raise UserError(str(exc).splitlines()[0], field="arguments") from None
+    return finetune_args, training_args
+
+
+def main():
+    finetune_args, training_args = parse_arguments()
     check_precision(training_args.fp16, training_args.bf16, training_args.use_cpu)
     training_args.remove_unused_columns = False  # the collator needs seq_len (the README had to say so)
     if not training_args.report_to or training_args.report_to in ("none", ["none"]):
         training_args.report_to = ["tensorboard"]
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     dataset = load_rows(finetune_args.dataset_path)  # validate data before loading the model
-    print(len(dataset))
+    distributed.say(len(dataset))
 
-    from model_hub.loader import load_model_and_tokenizer, pick_device
+    from model_hub.loader import load_model_and_tokenizer
 
-    on_gpu = pick_device().type == "cuda"
+    device = distributed.local_device()
     load_in_8bit = finetune_args.load_in_8bit
     if load_in_8bit is None:
-        load_in_8bit = on_gpu and _has_bitsandbytes()
-    dtype = "bf16" if training_args.bf16 else ("fp16" if training_args.fp16 else ("auto" if on_gpu else "fp32"))
-    model, tokenizer = load_model_and_tokenizer(finetune_args.chatglm_path, dtype=dtype, load_in_8bit=load_in_8bit)
+        load_in_8bit = device.type == "cuda" and _has_bitsandbytes()
+    dtype = "bf16" if training_args.bf16 else ("fp16" if training_args.fp16 else ("auto" if device.type == "cuda"
+                                                                                  else "fp32"))
+    # 8-bit: the original's device_map="auto" alone; one whole copy per GPU under a launcher (DDP / ZeRO-1/2).
+    placement = {"device_map": {"": device}} if load_in_8bit and distributed.world_size() > 1 else {}
+    model, tokenizer = load_model_and_tokenizer(finetune_args.chatglm_path, dtype=dtype, load_in_8bit=load_in_8bit,
+                                                device=None if load_in_8bit else device, **placement)
     if finetune_args.gradient_checkpointing_base:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -138,7 +167,7 @@ def main():
 
     set_seed(training_args.seed)  # the adapter's random init: the same --seed gives the same run
     model = apply_lora(model, ["query_key_value"], r=finetune_args.lora_rank, alpha=32, dropout=0.1)
-    print(trainable_summary(model))
+    distributed.say(trainable_summary(model))
 
     from tuning.packing import less_padding, use_train_sampler
 
@@ -155,10 +184,12 @@ def main():
     if sampler is not None:
         use_train_sampler(trainer, sampler)
     trainer.train(resume_from_checkpoint=resume)
-    save_pretrained_atomically(model.save_pretrained, training_args.output_dir)
-    print(f"adapter: {training_args.output_dir}")
-    print(f"tensorboard: {os.path.join(training_args.output_dir, 'runs')}")
-    print(f"loss curve: {os.path.join(training_args.output_dir, 'loss.png')}")
+    # Collective: under ZeRO-3 the LoRA shards are gathered on every rank, rank 0 writes.
+    distributed.save_trainable(model, lambda trained: save_pretrained_atomically(trained.save_pretrained,
+                                                                                 training_args.output_dir))
+    distributed.say(f"adapter: {training_args.output_dir}")
+    distributed.say(f"tensorboard: {os.path.join(training_args.output_dir, 'runs')}")
+    distributed.say(f"loss curve: {os.path.join(training_args.output_dir, 'loss.png')}")
 
 
 def _has_bitsandbytes() -> bool:

@@ -88,16 +88,22 @@ def _resolve_deepspeed(value: str, config_path: str) -> str:
     return value
 
 
-def _single_process_defaults() -> None:
-    """Without a launcher DeepSpeed goes looking for MPI; a plain `python finetune.py` becomes rank 0 of 1."""
-    if "WORLD_SIZE" in os.environ:
-        return
-    import socket
+def _check_deepspeed(ds_path: str, peft: dict | None, fail) -> None:
+    """Combinations that cannot work on this stack, refused before any process group or weight exists."""
+    from tuning.distributed import read_deepspeed_config
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if not os.path.isfile(ds_path):
+        fail("training_args.deepspeed", f"DeepSpeed config not found: {ds_path}")
+    ds = read_deepspeed_config(ds_path)
+    if int(ds.get("zero_optimization", {}).get("stage", 0)) != 3 or not isinstance(peft, dict):
+        return
+    if peft.get("peft_type") == "PREFIX_TUNING":
+        fail("training_args.deepspeed", "ZeRO-3 with P-tuning v2 (prefix tuning) hangs at the first save; use "
+                                        "configs/ds_zero_2.json")
+    if not ds["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save", False):
+        fail("training_args.deepspeed", f"{ds_path}: ZeRO-3 with an adapter needs zero_optimization."
+                                        "stage3_gather_16bit_weights_on_model_save: true (else the saved adapter "
+                                        "is empty)")
 
 
 def load_config(path: str) -> FinetuningConfig:
@@ -156,8 +162,10 @@ def load_config(path: str) -> FinetuningConfig:
         if isinstance(training["deepspeed"], str):
             if not isinstance(read_json(training["deepspeed"]), dict):
                 raise UserError("expected a JSON object (a DeepSpeed config)", path=training["deepspeed"])
-        _single_process_defaults()
-    args = _training_args(training, generation, fail)
+        _check_deepspeed(training["deepspeed"], raw.get("peft_config"), fail)
+    from tuning.distributed import trainer_arguments
+
+    args = _training_args(trainer_arguments(training), generation, fail)  # torchrun / deepspeed, GPU or CPU
 
     if not args.do_eval or data.get("val_file") is None:  # the original's __post_init__
         from transformers.trainer_utils import IntervalStrategy

@@ -26,6 +26,8 @@ import typer  # noqa: E402
 from glm4_finetune.config import load_config  # noqa: E402
 from glm4_finetune.data import process_batch, process_batch_eval  # noqa: E402,F401  (the original's API)
 from glm4_finetune.validate import read_conversations  # noqa: E402
+from tuning import distributed  # noqa: E402
+from tuning.distributed import say  # noqa: E402
 from tuning.errors import UserError, run_main  # noqa: E402
 from tuning.training import list_checkpoints  # noqa: E402
 
@@ -43,7 +45,7 @@ def resolve_auto_resume(value: str, output_dir: str) -> str | None:
     found = list_checkpoints(output_dir)
     if text.lower() == "yes":
         if not found:
-            print(f"no checkpoint-N in {output_dir}: training from scratch")
+            say(f"no checkpoint-N in {output_dir}: training from scratch")
             return None
         return found[-1][1]
     if text.isdigit() and int(text) > 0:
@@ -117,9 +119,9 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
 
     # 2. Tokenizer and model (left padding, as the original; no KV cache while training).
     model, tokenizer = load_model_and_tokenizer(model_path, dtype=weights_dtype(args), use_cache=False,
-                                                device="cpu" if args.deepspeed else None)
+                                                device="cpu" if args.deepspeed else distributed.local_device())
     tokenizer.padding_side = "left"
-    from glm4_finetune.trainer import DataCollator, GenerationTrainer, say, tokenize_split
+    from glm4_finetune.trainer import DataCollator, GenerationTrainer, tokenize_split
 
     splits = {split: tokenize_split(rows, split, tokenizer, cfg) for split, rows in conversations.items()}
     for split, dataset in splits.items():
@@ -213,4 +215,5 @@ def main(
 
 
 if __name__ == "__main__":
+    distributed.drop_local_rank_argument(sys.argv)  # the deepspeed launcher's; LOCAL_RANK says the same
     run_main(app)

@@ -1,23 +1,17 @@
 """Trainer glue of the GLM-4 recipe: tokenised datasets with counts, the collator, and the Seq2SeqTrainer whose
 evaluation generates an answer per example and scores it (as finetune_demo's finetune.py)."""
 import json
-import os
 import uuid
 
 import torch
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer
 
 from tuning.checkpoints import AtomicCheckpoints
+from tuning.distributed import say
 
 from .data import process_batch, process_batch_eval
 
 UNLIMITED = 10**9
-
-
-def say(message: str) -> None:
-    """Print once per job (rank 0 under torchrun), like the Trainer's own logs."""
-    if os.environ.get("RANK", "0") == "0":
-        print(message)
 
 
 def _train_map(batch, tokenizer, max_input_length, max_output_length, combine):

@@ -13,6 +13,8 @@ REPO = os.path.dirname(HERE)
 # The original's LoRA: r from the config, alpha 32, dropout 0.1, these seven modules (its order).
 LORA_TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
 LORA_ALPHA, LORA_DROPOUT = 32, 0.1
+# deepspeed.json's optimizer (the Trainer path sets the same betas / eps / weight decay on its AdamW).
+RECIPE_ADAM = {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 5e-4}
 
 # The original config dict (train_trainer.py), paths adapted to this repository's data layout.
 BASE_CONFIG = {
@@ -61,7 +63,10 @@ HELP = {
 
 
 def show_args(args) -> None:
-    pprint(vars(args))
+    from tuning.distributed import is_main
+
+    if is_main():
+        pprint(vars(args))
 
 
 def adapter_dir(args) -> str:
@@ -120,10 +125,12 @@ def load_training_rows(args, tokenizer) -> list[str]:
 
 
 def save_adapter(model, folder: str) -> None:
-    """The adapter files into `folder` (next to train_args.json), each replaced whole or not at all."""
+    """The adapter files into `folder` (next to train_args.json), each replaced whole or not at all.
+    Call it on every rank: ZeRO-3 gathers the LoRA shards collectively, rank 0 writes."""
     from tuning.checkpoints import save_pretrained_atomically
+    from tuning.distributed import save_trainable
 
-    save_pretrained_atomically(model.save_pretrained, folder)
+    save_trainable(model, lambda trained: save_pretrained_atomically(trained.save_pretrained, folder))
 
 
 def find_deepspeed_json(path: str) -> str:
@@ -143,7 +150,8 @@ def deepspeed_config(path: str, args, on_gpu: bool) -> dict:
         raise UserError("expected a JSON object", path=path)
     config["train_micro_batch_size_per_gpu"] = args.train_batch_size
     config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
-    optimizer = config.setdefault("optimizer", {"type": "Adam", "params": {}})
+    # A config without an optimizer (e.g. a ZeRO-2/3 file written for the Trainer) gets the recipe's.
+    optimizer = config.setdefault("optimizer", {"type": "Adam", "params": dict(RECIPE_ADAM)})
     optimizer.setdefault("params", {})["lr"] = learning_rate(args, config)
     if not on_gpu:
         # No fp16 on CPU (0.3 GFLOP/s); bf16 if asked. Optimizer offload to "cpu" is moot on a CPU and would

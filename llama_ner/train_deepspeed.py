@@ -5,20 +5,25 @@
         --train_batch_size=4 --max_steps=10 --learning_rate=2e-3 --save_dir=runs/llama_ner/train_deepspeed/
 
 Options are the original's config keys as --key=value (--help lists them). The DeepSpeed config is the
-original's deepspeed.json built in code (Adam lr 1e-5, betas (0.9, 0.95), weight decay 5e-4, fp16, ZeRO-1 with
-the optimizer offloaded to the CPU) plus this run's micro batch, gradient accumulation and steps_per_print=log_steps.
-Per step: forward, engine.backward, engine.step; the loss is printed every log_steps optimizer steps and the
-adapter saved to save_dir (with train_args.json) every save_steps steps and at the end. On a CPU: fp32 (or
---bf16=true), no optimizer offload, torch's Adam. The first DeepSpeed run on a CPU JIT-compiles a comm op (~60 s,
-cached in ~/.cache/torch_extensions).
+original's deepspeed.json (Adam lr 1e-5, betas (0.9, 0.95), weight decay 5e-4, fp16, ZeRO-1 with the optimizer
+offloaded to the CPU; another file with --deepspeed_jaon_path, e.g. ZeRO-2/3) plus this run's micro batch,
+gradient accumulation and steps_per_print=log_steps. Per step: forward, engine.backward, engine.step; the loss is
+printed every log_steps optimizer steps; every save_steps steps and at the end the adapter goes to save_dir (with
+train_args.json) and DeepSpeed's own checkpoint (LoRA weights, optimizer, per-rank RNG) to
+save_dir/checkpoints/global_stepN (the newest save_total_limit kept); --resume_from_checkpoint=last|N|PATH
+continues from one exactly. Any number of processes (torchrun / deepspeed --num_gpus N, multi-node: README.md).
+On a CPU: fp32 (or --bf16=true), no optimizer offload, torch's Adam. The first DeepSpeed run on a CPU
+JIT-compiles a comm op (~60 s, cached in ~/.cache/torch_extensions).
 """
 import os
+import re
+import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
+from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS,  # noqa: E402
@@ -26,77 +31,137 @@ from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, LORA_ALPHA, LORA_
                               show_args, training_inputs, write_train_args)
 from llama_ner.config_utils import ConfigParser  # noqa: E402
 from llama_ner.dataset import load_data  # noqa: E402
+from tuning import distributed  # noqa: E402
 from tuning.errors import TrainingStopped, UserError, run_main  # noqa: E402
 from tuning.methods import apply_lora, trainable_summary  # noqa: E402
 
-CONFIG = {**BASE_CONFIG, "save_dir": "./checkpoint/msra/train_deepspeed/adapter_model/", **EXTRA_CONFIG}
-for _key in ("save_total_limit", "resume_from_checkpoint"):  # Trainer-only options
-    CONFIG.pop(_key)
+CONFIG = {**BASE_CONFIG, "save_dir": "./checkpoint/msra/train_deepspeed/adapter_model/",
+          "deepspeed_jaon_path": "deepspeed.json", **EXTRA_CONFIG}
+TAG = re.compile(r"^global_step(\d+)$")
+
+
+def checkpoint_root(args) -> str:
+    return os.path.join(args.save_dir, "checkpoints")
+
+
+def saved_steps(root: str) -> list[int]:
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return sorted(int(m.group(1)) for m in map(TAG.match, names) if m)
+
+
+def resume_point(value, root: str) -> tuple[str, str] | None:
+    """--resume_from_checkpoint → (folder, tag) for engine.load_checkpoint, or None to start fresh."""
+    if value in (None, "", False, "no", "false"):
+        return None
+    text = str(value)
+    if text.lower() in ("last", "latest", "yes", "true"):
+        steps = saved_steps(root)
+        if not steps:
+            raise UserError("no DeepSpeed checkpoint to resume from", path=root, field="resume_from_checkpoint")
+        return root, f"global_step{steps[-1]}"
+    path = os.path.join(root, f"global_step{text}") if text.isdigit() else text.rstrip("/")
+    if not os.path.isdir(path) or not TAG.match(os.path.basename(path)):
+        raise UserError("not a DeepSpeed checkpoint folder global_stepN; expected a path, a step number or "
+                        f"'last' (saved steps: {saved_steps(root) or 'none'})", path=path,
+                        field="resume_from_checkpoint")
+    return os.path.dirname(path), os.path.basename(path)
+
+
+def save_checkpoint(engine, args, step: int) -> None:
+    """Collective: DeepSpeed's checkpoint of the trainable weights and optimizer, plus each rank's RNG."""
+    root, tag = checkpoint_root(args), f"global_step{step}"
+    engine.save_checkpoint(root, tag=tag, client_state={"global_step": step}, exclude_frozen_parameters=True)
+    os.makedirs(os.path.join(root, tag), exist_ok=True)
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    torch.save(rng, os.path.join(root, tag, f"rng_state_{distributed.rank()}.pth"))
+    distributed.barrier()
+    if distributed.is_main() and args.save_total_limit:
+        for old in saved_steps(root)[:-args.save_total_limit]:
+            shutil.rmtree(os.path.join(root, f"global_step{old}"), ignore_errors=True)
+
+
+def load_checkpoint(engine, folder: str, tag: str) -> int:
+    from tuning.checkpoints import deepspeed_loads_weights_only
+
+    deepspeed_loads_weights_only()  # no pickled code runs while resuming
+    _, client_state = engine.load_checkpoint(folder, tag=tag, load_module_strict=False)
+    rng_file = os.path.join(folder, tag, f"rng_state_{distributed.rank()}.pth")
+    if os.path.isfile(rng_file):
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return int(client_state["global_step"])
 
 
 def main():
     args = ConfigParser(CONFIG, help_text=__doc__, help_keys=HELP).parse_main()
-    if "RANK" not in os.environ and "LOCAL_RANK" not in os.environ:
+    if not distributed.launched():
         raise UserError("launch with `deepspeed --num_gpus 1 llama_ner/train_deepspeed.py …` or `torchrun "
                         "--nproc_per_node 1 llama_ner/train_deepspeed.py …` (DeepSpeed needs a launcher)",
                         field="launcher")
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    if rank0:
-        show_args(args)
+    show_args(args)
     on_gpu = torch.cuda.is_available()
     if args.bf16 and on_gpu:
         raise UserError("bf16 is the CPU option here; on a GPU the original's fp16 from deepspeed.json is used",
                         field="bf16")
-    conf = deepspeed_config(find_deepspeed_json("deepspeed.json"), args, on_gpu)
+    conf = deepspeed_config(find_deepspeed_json(args.deepspeed_jaon_path), args, on_gpu)
     conf["steps_per_print"] = args.log_steps
     conf["gradient_clipping"] = 1.0  # the original clipped model grads by hand; DeepSpeed clips unscaled grads
+    resume = resume_point(args.resume_from_checkpoint, checkpoint_root(args))
     load_data(args.train_path, (args.instruct_column, args.query_column, args.response_column))  # fail fast
 
     from model_hub.loader import load_model_and_tokenizer, load_tokenizer
 
     tokenizer = load_tokenizer(args.model_dir)
     train_data = load_training_rows(args, tokenizer)
-    if rank0:
+    if distributed.is_main():
         write_train_args(args, args.save_dir)
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model_dir, dtype="fp16" if on_gpu else "fp32")
+    model, tokenizer = load_model_and_tokenizer(args.model_dir, dtype="fp16" if on_gpu else "fp32",
+                                                device=distributed.local_device())
     model.config.use_cache = False
     model = apply_lora(model, LORA_TARGETS, r=args.lora_r, alpha=LORA_ALPHA, dropout=LORA_DROPOUT)
-    if rank0:
-        print(trainable_summary(model))
+    distributed.say(trainable_summary(model))
 
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    world = torch.distributed.get_world_size()
-    generator = torch.Generator().manual_seed(args.seed)
+    distributed.init_process_group()
     train_data, collate_fn, sampler = training_inputs(args, tokenizer, model, train_data,
-                                                      rank=torch.distributed.get_rank(), world=world)
-    if sampler is None and world > 1:  # (with --group_by_length each process takes its share of the batches)
-        sampler = torch.utils.data.DistributedSampler(train_data, shuffle=True, seed=args.seed, drop_last=True)
-    elif sampler is None:
-        sampler = RandomSampler(train_data, generator=generator)
+                                                      rank=distributed.rank(), world=distributed.world_size())
+    if sampler is None:  # (with --group_by_length each process takes its share of the batches)
+        # Each rank reads its own share; the order depends on seed and epoch only (exact resume).
+        sampler = DistributedSampler(train_data, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(train_data, batch_size=args.train_batch_size, sampler=sampler, drop_last=True,
-                        collate_fn=collate_fn)
+                        collate_fn=collate_fn, generator=torch.Generator().manual_seed(args.seed))  # not the global RNG
     if len(loader) == 0:
-        raise UserError(f"fewer rows ({len(train_data)}) than one batch", field="train_batch_size")
+        raise UserError(f"fewer rows ({len(train_data)}) than one batch per process", field="train_batch_size")
     engine, _, _, _ = deepspeed.initialize(config=conf, model=model,
                                            model_parameters=[p for p in model.parameters() if p.requires_grad])
-    total_step = len(loader) * args.num_train_epochs // args.gradient_accumulation_steps
+    steps_per_epoch = len(loader) // args.gradient_accumulation_steps
+    total_step = steps_per_epoch * args.num_train_epochs
     if args.max_steps > 0:
         total_step = min(total_step, args.max_steps)
 
-    global_step = saved_step = 0
-    bar = tqdm(total=total_step, desc="training", disable=not rank0)
+    global_step = load_checkpoint(engine, *resume) if resume else 0
+    saved_step = global_step
+    if resume:
+        distributed.say(f"resumed from {os.path.join(*resume)} at step {global_step}")
+    bar = tqdm(total=total_step, initial=global_step, desc="training", disable=not distributed.is_main())
     engine.train()
-    for epoch in range(args.num_train_epochs):
+    skip = global_step * args.gradient_accumulation_steps  # micro-batches already trained on
+    for epoch in range(skip // len(loader), args.num_train_epochs):
+        if global_step >= total_step:
+            break
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
-        for batch in loader:
+        for i, batch in enumerate(loader):
+            if epoch * len(loader) + i < skip:
+                continue
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             loss = engine(**batch).loss
-            if not torch.isfinite(loss):
+            if not distributed.all_ranks(bool(torch.isfinite(loss))):  # every rank stops, none waits forever
                 hint = ("fp16 overflow is the usual cause: use --bf16=true on a CPU, or lower the learning rate"
                         if conf.get("fp16", {}).get("enabled") else "lower the learning rate or check the data")
                 saved = (f"the adapter saved at step {saved_step} in {args.save_dir} is intact" if saved_step
@@ -110,20 +175,16 @@ def main():
                 continue
             global_step += 1
             bar.update(1)
-            if global_step % args.log_steps == 0 and rank0:
+            if global_step % args.log_steps == 0 and distributed.is_main():
                 tqdm.write("loss:{}, global_step:{}/{}".format(loss.item(), global_step, total_step))
-            if global_step % args.save_steps == 0:
-                if rank0:
-                    save_adapter(engine.module, args.save_dir)
+            if global_step % args.save_steps == 0 or global_step == total_step:
+                save_adapter(engine.module, args.save_dir)  # collective (ZeRO-3 gathers the LoRA shards)
+                save_checkpoint(engine, args, global_step)
                 saved_step = global_step
             if global_step >= total_step:
                 break
-        if global_step >= total_step:
-            break
     bar.close()
-    if rank0:
-        save_adapter(engine.module, args.save_dir)
-        print(f"adapter: {args.save_dir}")
+    distributed.say(f"adapter: {args.save_dir}")
 
 
 if __name__ == "__main__":

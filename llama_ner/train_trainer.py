@@ -27,6 +27,7 @@ from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, LORA_ALPHA, LORA_
 from llama_ner.config_utils import ConfigParser  # noqa: E402
 from llama_ner.dataset import load_data  # noqa: E402
 from tuning.checkpoints import AtomicTrainer  # noqa: E402
+from tuning import distributed  # noqa: E402
 from tuning.errors import run_main  # noqa: E402
 from tuning.methods import apply_lora, trainable_summary  # noqa: E402
 from tuning.packing import use_train_sampler  # noqa: E402
@@ -36,18 +37,17 @@ CONFIG = {**BASE_CONFIG, "deepspeed_jaon_path": "deepspeed.json", **EXTRA_CONFIG
 
 
 class AdapterToSaveDir(TrainerCallback):
-    """The original's PeftSavingCallback: the adapter in save_dir/adapter_model at every save and at the end."""
+    """The original's PeftSavingCallback: the adapter in save_dir/adapter_model at every save and at the end.
+    Runs on every rank (ZeRO-3 gathers the LoRA shards collectively); rank 0 writes."""
 
     def __init__(self, folder: str):
         self.folder = folder
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero:
-            save_adapter(model, self.folder)
+        save_adapter(model, self.folder)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero:
-            save_adapter(model, self.folder)
+        save_adapter(model, self.folder)
 
 
 def main():
@@ -55,7 +55,6 @@ def main():
     show_args(args)
     on_gpu = torch.cuda.is_available()
     use_deepspeed = args.local_rank != -1
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     check_precision(fp16=False, bf16=args.bf16, use_cpu=not on_gpu)
     resume = resolve_resume(args.resume_from_checkpoint, args.save_dir)
     ds_path = find_deepspeed_json(args.deepspeed_jaon_path)
@@ -66,42 +65,36 @@ def main():
 
     tokenizer = load_tokenizer(args.model_dir)
     train_data = load_training_rows(args, tokenizer)
-    print(f"train rows: {len(train_data)}")
-    write_train_args(args, adapter_dir(args))
+    distributed.say(f"train rows: {len(train_data)}")
+    if distributed.is_main():
+        write_train_args(args, adapter_dir(args))
 
     # fp32 master weights; the GPU run gets fp16 mixed precision from deepspeed.json, the CPU run bf16 autocast.
-    model, tokenizer = load_model_and_tokenizer(args.model_dir, dtype="fp32")
+    model, tokenizer = load_model_and_tokenizer(args.model_dir, dtype="fp32", device=distributed.local_device())
     model.config.use_cache = False
     set_seed(args.seed)  # the adapter's random init: the same seed gives the same run
     model = apply_lora(model, LORA_TARGETS, r=args.lora_r, alpha=LORA_ALPHA, dropout=LORA_DROPOUT)
-    print(trainable_summary(model))
+    distributed.say(trainable_summary(model))
 
     rows, collate_fn, sampler = training_inputs(args, tokenizer, model, train_data)
     fp16 = on_gpu and not args.bf16 and bool(ds_config.get("fp16", {}).get("enabled"))  # as the original on a GPU
-    if use_deepspeed and not on_gpu:
-        # accelerate finds no GPU and assumes one process; pre-create its state on gloo (STACK_ON_CPU.md §1).
-        from accelerate import PartialState
-
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        PartialState(backend="gloo")
-    training_args = TrainingArguments(
+    training_args = TrainingArguments(**distributed.trainer_arguments(dict(
         output_dir=args.save_dir, learning_rate=learning_rate(args, ds_config), adam_beta1=0.9, adam_beta2=0.95,
         adam_epsilon=1e-8, weight_decay=0.0005, fp16=fp16, bf16=args.bf16, num_train_epochs=args.num_train_epochs,
         max_steps=args.max_steps, per_device_train_batch_size=args.train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, save_strategy="steps",
         save_steps=args.save_steps, logging_steps=args.log_steps, save_total_limit=args.save_total_limit,
-        seed=args.seed, use_cpu=not on_gpu, remove_unused_columns=False, report_to=["tensorboard"],
-        deepspeed=ds_config if use_deepspeed else None, ddp_backend="gloo" if not on_gpu and distributed else None,
-        accelerator_config={"use_configured_state": True} if use_deepspeed and not on_gpu else None,
-    )
+        seed=args.seed, remove_unused_columns=False, report_to=["tensorboard"],
+        deepspeed=ds_config if use_deepspeed else None,
+    )))
     trainer = AtomicTrainer(model=model, args=training_args, train_dataset=rows, data_collator=collate_fn,
                             callbacks=[AdapterToSaveDir(adapter_dir(args)), NanGuard(model), LossPlot()])
     if sampler is not None:
         use_train_sampler(trainer, sampler)
     trainer.resume_hint = "--resume_from_checkpoint=last"
     trainer.train(resume_from_checkpoint=resume)
-    print(f"adapter: {adapter_dir(args)}")
-    print(f"loss curve: {os.path.join(args.save_dir, 'loss.png')}")
+    distributed.say(f"adapter: {adapter_dir(args)}")
+    distributed.say(f"loss curve: {os.path.join(args.save_dir, 'loss.png')}")
     return trainer
 
 
