@@ -9,7 +9,8 @@ steps; a real mistake (a wrong batch, a lost rank, a mis-scaled gradient, a diff
 changes the losses at 1e-3 or more from step 2 on. LoRA dropout is off in these comparisons (see
 distributed_runner.py: with it, rank 1 draws rank 0's masks, so the runs differ by design).
 
-Every job has a free MASTER_PORT and a timeout that kills its whole process group (a hang fails the test).
+Every job has a free MASTER_PORT and a timeout after which every rank dumps its stacks and the launcher and all
+ranks are killed (a hang fails the test instead of blocking CI).
 The first DeepSpeed job on a machine JIT-compiles the CPU comm op (~60 s) and the offload test cpu_adam
 (~70 s); both are cached in TORCH_EXTENSIONS_DIR (~/.cache/torch_extensions).
 """
@@ -60,8 +61,7 @@ def launch(launcher: str, *args: str, processes: int = 2) -> str:
     try:
         out, _ = proc.communicate(timeout=JOB_TIMEOUT)
     except subprocess.TimeoutExpired:
-        dump_stacks(proc.pid)
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank
+        kill_job(proc.pid)
         out, _ = proc.communicate()
         pytest.fail(f"{launcher} job hung for {JOB_TIMEOUT} s and was killed:\n{out[-3000:]}")
     assert proc.returncode == 0, f"{launcher} job failed (exit {proc.returncode}):\n{out[-5000:]}"
@@ -81,17 +81,26 @@ def in_process(module, *argv: str) -> None:
         run_main(module.main)
 
 
-def dump_stacks(launcher_pid: int) -> None:
-    """Every rank prints its Python stacks (faulthandler on SIGUSR1, see distributed_runner.py): where it hung."""
+def kill_job(launcher_pid: int) -> None:
+    """Every rank prints its Python stacks (faulthandler on SIGUSR1, see distributed_runner.py), so the output
+    shows where it hung; then the launcher and every process below it are killed (torchrun starts the ranks in
+    sessions of their own: killing the launcher's process group alone would leave them running)."""
     import psutil
 
-    for child in psutil.Process(launcher_pid).children(recursive=True):
+    launcher = psutil.Process(launcher_pid)
+    processes = [launcher, *launcher.children(recursive=True)]
+    for process in processes[1:]:
         try:
-            if RUNNER in " ".join(child.cmdline()):
-                child.send_signal(signal.SIGUSR1)
+            if RUNNER in " ".join(process.cmdline()):
+                process.send_signal(signal.SIGUSR1)
         except psutil.Error:
             pass
     time.sleep(3)
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
 
 
 def trainer_losses(checkpoint) -> list[float]:
@@ -146,14 +155,14 @@ def test_llama_ner_trainer_ddp_and_zero2_equal_single_process(ner_runs):
 
 
 def test_llama_ner_trainer_resumes_under_deepspeed(ner_runs, ner_data):
-    """ZeRO-2 (torchrun this time) from checkpoint-3 (model, DeepSpeed optimizer partitions, scheduler, both ranks'
-    RNG) = the uninterrupted run."""
+    """ZeRO-2 from checkpoint-3 (model, DeepSpeed optimizer partitions, scheduler, both ranks' RNG) = the
+    uninterrupted run. (train_trainer.py uses DeepSpeed under the deepspeed launcher, DDP under torchrun.)"""
     import shutil
 
     resumed = ner_runs / "zero2_resumed"
     resumed.mkdir()
     shutil.copytree(ner_runs / "zero2" / "checkpoint-3", resumed / "checkpoint-3")
-    launch("torchrun", "--no-lora-dropout", "script", os.path.join(REPO, "llama_ner", "train_trainer.py"),
+    launch("deepspeed", "--no-lora-dropout", "script", os.path.join(REPO, "llama_ner", "train_trainer.py"),
            *NER_TRAIN, f"--train_path={ner_data / 'train.txt'}", f"--deepspeed_jaon_path={ZERO_2}",
            f"--save_dir={resumed}/", "--resume_from_checkpoint=last")
     full = trainer_losses(ner_runs / "zero2" / "checkpoint-6")

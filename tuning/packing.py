@@ -23,6 +23,8 @@ import random
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from .distributed import say
+
 IGNORE_INDEX = -100
 MEGABATCH = 64  # batches per sorted megabatch: enough to find similar lengths, still well shuffled
 
@@ -211,7 +213,7 @@ def less_padding(rows, lengths: list[int], *, rows_fn, collator, pad_token_id: i
         from model_hub.registry import family_of_config
 
         bins = pack_rows(lengths, capacity)
-        print(packing_report(lengths, bins, capacity))
+        say(packing_report(lengths, bins, capacity))
         rows = PackedRows(rows, bins)
         lengths = rows.lengths(lengths)
         collator = PackingCollator(rows_fn, pad_token_id, family_of_config(model_config), model_config, collator)
