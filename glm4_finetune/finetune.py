@@ -159,7 +159,7 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
     from glm4_finetune.trainer import train_rows
     from tuning.packing import less_padding, use_train_sampler
     from tuning.text_metrics import generation_metrics
-    from tuning.training import LossPlot, NanGuard
+    from tuning.training import DataNotesAtEnd, LossPlot, NanGuard
 
     lengths = [len(ids) for ids in splits["train"]["input_ids"]] if packing or group_by_length else []
     rows, collator, sampler = less_padding(
@@ -172,7 +172,7 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
         model=model, args=args, data_collator=collator, train_dataset=rows, eval_dataset=splits.get("validation"),
         processing_class=tokenizer, compute_metrics=lambda p: generation_metrics(tokenizer, p.predictions,
                                                                                  p.label_ids),
-        callbacks=[NanGuard(model), LossPlot()])
+        callbacks=[NanGuard(model), LossPlot(), DataNotesAtEnd()])
     if sampler is not None:
         use_train_sampler(trainer, sampler)
 

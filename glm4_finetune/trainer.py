@@ -7,7 +7,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer
 
 from tuning.checkpoints import AtomicCheckpoints
-from tuning.distributed import say
+from tuning.training import data_note
 
 from .data import process_batch, process_batch_eval
 
@@ -60,14 +60,14 @@ def tokenize_split(conversations, split: str, tokenizer, cfg) -> "datasets.Datas
         lengths = mapped["full_length"]
         truncated = sum(n > limit for n in lengths)
         keep = [i for i, labels in enumerate(mapped["labels"]) if any(t != -100 for t in labels)]
-        say(f"{split}: {len(mapped)} rows; {truncated} cut to {limit} tokens "
-              f"(max_input_length + max_output_length + 1); {len(mapped) - len(keep)} dropped because the cut "
-              "removed every label")
+        data_note(f"{split}: {len(mapped)} rows; {truncated} cut to {limit} tokens "
+                  f"(max_input_length + max_output_length + 1); {len(mapped) - len(keep)} dropped because the cut "
+                  "removed every label")
         return mapped.select(keep).remove_columns(["full_length"])
     skipped = sum(mapped["skipped_turns"])
     keep = [i for i, ids in enumerate(mapped["input_ids"]) if ids]
-    say(f"{split}: {len(keep)} examples from {len(conversations)} conversations; {skipped} assistant turns "
-          f"without an example (history already at max_input_length = {cfg.max_input_length})")
+    data_note(f"{split}: {len(keep)} examples from {len(conversations)} conversations; {skipped} assistant turns "
+              f"without an example (history already at max_input_length = {cfg.max_input_length})")
     return mapped.select(keep).remove_columns(["skipped_turns"])
 
 

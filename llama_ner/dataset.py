@@ -15,9 +15,9 @@ import json
 
 import torch
 
-from tuning.distributed import say
 from tuning.errors import UserError
 from tuning.files import parse_json_object, read_text
+from tuning.training import data_note
 
 PROMPT_TEMPLATE = (
     "Below is an instruction that describes a task. "
@@ -136,11 +136,11 @@ def drop_cut_rows(lines: list[str], collate: NerCollate, path: str) -> list[str]
     report = length_report(lines, collate)
     n = collate.max_seq_length
     if report["answer_truncated"]:
-        say(f"{path}: {len(report['answer_truncated'])} of {len(lines)} rows have their answer truncated at "
+        data_note(f"{path}: {len(report['answer_truncated'])} of {len(lines)} rows have their answer truncated at "
               f"max_seq_length={n} (the end and </s> are not trained; kept, as the original)")
     if report["answer_cut"]:
         rows = ", ".join(str(i + 1) for i in report["answer_cut"][:10])
-        say(f"{path}: dropped {len(report['answer_cut'])} of {len(lines)} rows whose answer max_seq_length={n} "
+        data_note(f"{path}: dropped {len(report['answer_cut'])} of {len(lines)} rows whose answer max_seq_length={n} "
               f"cuts away entirely (rows {rows}{', ...' if len(report['answer_cut']) > 10 else ''}); "
               "raise max_seq_length to keep them")
     dropped = set(report["answer_cut"])

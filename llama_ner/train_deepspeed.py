@@ -34,6 +34,7 @@ from llama_ner.dataset import load_data  # noqa: E402
 from tuning import distributed  # noqa: E402
 from tuning.errors import TrainingStopped, UserError, run_main  # noqa: E402
 from tuning.methods import apply_lora, trainable_summary  # noqa: E402
+from tuning.training import print_data_notes  # noqa: E402
 
 CONFIG = {**BASE_CONFIG, "save_dir": "./checkpoint/msra/train_deepspeed/adapter_model/",
           "deepspeed_jaon_path": "deepspeed.json", **EXTRA_CONFIG}
@@ -185,6 +186,7 @@ def main():
                 break
     bar.close()
     distributed.say(f"adapter: {args.save_dir}")
+    print_data_notes()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from tuning import distributed  # noqa: E402
 from tuning.errors import run_main  # noqa: E402
 from tuning.methods import apply_lora, trainable_summary  # noqa: E402
 from tuning.packing import use_train_sampler  # noqa: E402
-from tuning.training import LossPlot, NanGuard, check_precision, resolve_resume  # noqa: E402
+from tuning.training import DataNotesAtEnd, LossPlot, NanGuard, check_precision, resolve_resume  # noqa: E402
 
 CONFIG = {**BASE_CONFIG, "deepspeed_jaon_path": "deepspeed.json", **EXTRA_CONFIG}
 
@@ -88,7 +88,8 @@ def main():
         deepspeed=ds_config if use_deepspeed else None,
     )))
     trainer = AtomicTrainer(model=model, args=training_args, train_dataset=rows, data_collator=collate_fn,
-                            callbacks=[AdapterToSaveDir(adapter_dir(args)), NanGuard(model), LossPlot()])
+                            callbacks=[AdapterToSaveDir(adapter_dir(args)), NanGuard(model), LossPlot(),
+                                       DataNotesAtEnd()])
     if sampler is not None:
         use_train_sampler(trainer, sampler)
     trainer.resume_hint = "--resume_from_checkpoint=last"

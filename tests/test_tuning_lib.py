@@ -111,3 +111,16 @@ def test_out_of_memory_is_one_line_with_what_to_do(exc, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert err.startswith("error: " + OUT_OF_MEMORY)
+
+
+def test_data_notes_are_repeated_when_training_ends(capsys):
+    from tuning.training import DATA_NOTES, DataNotesAtEnd, data_note
+
+    DATA_NOTES.clear()
+    data_note("train.txt: dropped 2 of 40 rows whose answer max_seq_length=16 cuts away entirely")
+    assert capsys.readouterr().out.count("dropped 2 of 40") == 1
+    DataNotesAtEnd().on_train_end(None, None, None)
+    assert capsys.readouterr().out.splitlines() == [
+        "data notes (rows dropped or cut before training):",
+        "  train.txt: dropped 2 of 40 rows whose answer max_seq_length=16 cuts away entirely"]
+    assert DATA_NOTES == []

@@ -91,6 +91,36 @@ def last_good(output_dir: str) -> str:
     return f"the last good checkpoint is {found[-1][1]}" if found else "no checkpoint was saved yet"
 
 
+# What the data steps dropped or cut, printed when found and again when training ends (where it is seen).
+DATA_NOTES: list[str] = []
+
+
+def data_note(message: str) -> None:
+    """Print a count of dropped/truncated rows now (rank 0) and keep it for `print_data_notes` at the end."""
+    from .distributed import say
+
+    say(message)
+    DATA_NOTES.append(message)
+
+
+def print_data_notes() -> None:
+    """Repeat the data notes of this run once, at its end (rank 0), then forget them."""
+    from .distributed import say
+
+    if DATA_NOTES:
+        say("data notes (rows dropped or cut before training):")
+        for message in DATA_NOTES:
+            say(f"  {message}")
+    DATA_NOTES.clear()
+
+
+class DataNotesAtEnd(TrainerCallback):
+    """`print_data_notes` when training ends."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        print_data_notes()
+
+
 class LossPlot(TrainerCallback):
     """Writes OUTPUT_DIR/loss.png (training loss per logged step) when training ends."""
 
