@@ -17,7 +17,6 @@ JIT-compiles a comm op (~60 s, cached in ~/.cache/torch_extensions).
 """
 import os
 import re
-import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -69,16 +68,41 @@ def resume_point(value, root: str) -> tuple[str, str] | None:
 
 
 def save_checkpoint(engine, args, step: int) -> None:
-    """Collective: DeepSpeed's checkpoint of the trainable weights and optimizer, plus each rank's RNG."""
+    """Collective: DeepSpeed's checkpoint of the trainable weights and optimizer, plus each rank's RNG, written
+    into save_dir/checkpoints/.saving-global_stepN and renamed to global_stepN once every rank's part is on disk
+    (a kill midway never leaves a global_stepN that resume would pick); then the oldest beyond save_total_limit
+    are removed (renamed first) and DeepSpeed's `latest` file names the new one."""
+    from tuning.checkpoints import STAGING, publish, remove_leftovers, rotate_folders, save_collectively
+    from tuning.checkpoints import failure_reason
+    from tuning.files import atomic_file
+
     root, tag = checkpoint_root(args), f"global_step{step}"
-    engine.save_checkpoint(root, tag=tag, client_state={"global_step": step}, exclude_frozen_parameters=True)
-    os.makedirs(os.path.join(root, tag), exist_ok=True)
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    torch.save(rng, os.path.join(root, tag, f"rng_state_{distributed.rank()}.pth"))
-    distributed.barrier()
-    if distributed.is_main() and args.save_total_limit:
-        for old in saved_steps(root)[:-args.save_total_limit]:
-            shutil.rmtree(os.path.join(root, f"global_step{old}"), ignore_errors=True)
+    staging = os.path.join(root, STAGING + tag)
+    if distributed.is_main():
+        os.makedirs(root, exist_ok=True)
+        remove_leftovers(root)
+
+    def write():
+        engine.save_checkpoint(staging, tag=tag, client_state={"global_step": step}, save_latest=False,
+                               exclude_frozen_parameters=True)
+        os.makedirs(os.path.join(staging, tag), exist_ok=True)
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        torch.save(rng, os.path.join(staging, tag, f"rng_state_{distributed.rank()}.pth"))
+
+    def finish():
+        publish(os.path.join(staging, tag), os.path.join(root, tag))
+        rotate_folders(root, [os.path.join(root, f"global_step{s}") for s in saved_steps(root)],
+                       args.save_total_limit)
+        with atomic_file(os.path.join(root, "latest")) as f:
+            f.write(tag)
+
+    error = save_collectively(write, staging, finish, distributed.is_main())
+    if error is not None:
+        steps = saved_steps(root)
+        good = (f"{os.path.join(root, f'global_step{steps[-1]}')} is the last good checkpoint; free space and "
+                "resume with --resume_from_checkpoint=last") if steps else "there is no earlier checkpoint"
+        raise TrainingStopped(f"saving {tag} failed ({failure_reason(error)}); nothing of it was kept. {good}") \
+            from error
 
 
 def load_checkpoint(engine, folder: str, tag: str) -> int:

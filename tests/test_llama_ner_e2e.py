@@ -3,7 +3,9 @@ Trainer LoRA training (loss falls, adapter reloads with identical logits, resume
 test.py, predict.py's printout, chat_ner.py, the raw DeepSpeed loop under torchrun, and one-line errors."""
 import json
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -164,18 +166,35 @@ def test_chat_ner_batch_file(trained, data, tmp_path, monkeypatch, capsys):
 def test_raw_deepspeed_loop_trains_and_saves(data, tmp_path):
     save_dir = tmp_path / "ds"
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "1", "--master_port", "29613",
-         os.path.join(REPO, "llama_ner", "train_deepspeed.py"), f"--model_dir={MODEL}",
-         f"--train_path={data / 'train.txt'}", "--train_batch_size=2", "--gradient_accumulation_steps=2",
-         "--max_steps=4", "--log_steps=2", "--save_steps=2", "--learning_rate=1e-2", f"--save_dir={save_dir}/"],
-        capture_output=True, text=True, env=env, timeout=600)
+    argv = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "1", "--master_port",
+            "29613", os.path.join(REPO, "llama_ner", "train_deepspeed.py"), f"--model_dir={MODEL}",
+            f"--train_path={data / 'train.txt'}", "--train_batch_size=2", "--gradient_accumulation_steps=2",
+            "--max_steps=4", "--log_steps=2", "--save_steps=2", "--learning_rate=1e-2", f"--save_dir={save_dir}/"]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logged = [line for line in proc.stdout.splitlines() if line.startswith("loss:")]
     assert [line.split("global_step:")[1] for line in logged] == ["2/4", "4/4"]
     assert {"adapter_config.json", "adapter_model.safetensors", "train_args.json"} <= set(os.listdir(save_dir))
     b = [v for k, v in adapter_tensors(save_dir).items() if "lora_B" in k]
     assert b and all(t.abs().sum() > 0 for t in b)  # lora_B starts at zero: the optimizer really stepped
+
+    # Resumed under a file-size limit, the save of global_step6 fails (model states ~92 kB): one line, the partial
+    # write is gone, and global_step4 stays what resume picks, byte for byte.
+    good = {f.name: f.read_bytes() for f in (save_dir / "checkpoints" / "global_step4").iterdir()}
+    proc = subprocess.run([*argv[:-1], "--max_steps=6", "--resume_from_checkpoint=last", argv[-1]],
+                          capture_output=True, text=True, env=env, timeout=600, preexec_fn=_limit_file_size)
+    assert proc.returncode != 0
+    assert f"error: saving global_step6 failed (a file write failed: disk full or over a file-size limit); nothing " \
+           f"of it was kept. {save_dir}/checkpoints/global_step4 is the last good checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr.split("error: saving")[0]
+    assert sorted(os.listdir(save_dir / "checkpoints")) == ["global_step4", "latest"]
+    assert (save_dir / "checkpoints" / "latest").read_text() == "global_step4"
+    assert {f.name: f.read_bytes() for f in (save_dir / "checkpoints" / "global_step4").iterdir()} == good
+
+
+def _limit_file_size():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit raise OSError(EFBIG) instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (80_000, 80_000))
 
 
 @pytest.mark.parametrize("content, expected", [

@@ -124,3 +124,41 @@ def test_data_notes_are_repeated_when_training_ends(capsys):
         "data notes (rows dropped or cut before training):",
         "  train.txt: dropped 2 of 40 rows whose answer max_seq_length=16 cuts away entirely"]
     assert DATA_NOTES == []
+
+
+def test_collective_save_publishes_only_a_complete_write(tmp_path):
+    """save_collectively (the raw DeepSpeed loop's checkpoints and every recipe's final save): a write that fails
+    leaves the folder as it was and no staging folder; one that succeeds replaces the files whole."""
+    from tuning.checkpoints import replace_files, rotate_folders, save_collectively
+
+    final = tmp_path / "adapter"
+    final.mkdir()
+    (final / "adapter_model.safetensors").write_text("old weights")
+    (final / "train_args.json").write_text("{}")
+    staging = tmp_path / ".saving-final"
+
+    def failing_write():
+        staging.mkdir()
+        (staging / "adapter_model.safetensors").write_text("half")
+        raise OSError(27, "File too large")
+
+    finished = []
+    error = save_collectively(failing_write, str(staging), lambda: finished.append(1), True)
+    assert isinstance(error, OSError) and finished == [] and not staging.exists()
+    assert (final / "adapter_model.safetensors").read_text() == "old weights"
+
+    def write():
+        staging.mkdir()
+        (staging / "adapter_model.safetensors").write_text("new weights")
+
+    assert save_collectively(write, str(staging), lambda: replace_files(str(staging), str(final)), True) is None
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+    assert (final / "adapter_model.safetensors").read_text() == "new weights"
+    assert (final / "train_args.json").read_text() == "{}"  # files the save did not write are kept
+
+    folders = []
+    for step in (2, 4, 6):
+        (tmp_path / f"global_step{step}").mkdir()
+        folders.append(str(tmp_path / f"global_step{step}"))
+    rotate_folders(str(tmp_path), folders, 2)
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "global_step4", "global_step6"]

@@ -54,7 +54,7 @@ def remove_leftovers(run_dir: str) -> None:
     if not os.path.isdir(run_dir):
         return
     for name in os.listdir(run_dir):
-        if name.startswith((STAGING, DELETING, REPLACED)) and "checkpoint-" in name:
+        if name.startswith((STAGING, DELETING, REPLACED)) and ("checkpoint-" in name or "global_step" in name):
             shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
 
 
@@ -75,48 +75,91 @@ def publish(staged: str, final: str) -> None:
 
 def rotate(run_dir: str, limit: int | None, keep: set[str]) -> None:
     """Keep the `limit` most recently written complete checkpoints (and those in `keep`)."""
-    if not limit or limit <= 0:
-        return
     found = [path for _, path in list_checkpoints(run_dir)]
     found.sort(key=lambda p: (os.path.getmtime(os.path.join(p, "trainer_state.json")), p))
+    rotate_folders(run_dir, found, limit, keep)
+
+
+def rotate_folders(run_dir: str, oldest_first: list[str], limit: int | None, keep: set[str] = frozenset()) -> None:
+    """Remove the oldest folders beyond `limit` (never one in `keep`); each is renamed to .deleting-… first, so it
+    is no longer a checkpoint the moment its deletion starts."""
+    if not limit or limit <= 0:
+        return
     keep = {os.path.abspath(p) for p in keep}
-    excess = len(found) - max(limit, len(keep))
-    for path in found:
+    excess = len(oldest_first) - max(limit, len(keep))
+    for path in oldest_first:
         if excess <= 0:
             break
         if os.path.abspath(path) in keep:
             continue
         doomed = os.path.join(run_dir, DELETING + os.path.basename(path))
-        os.replace(path, doomed)  # no longer a checkpoint-N the moment deletion starts
+        os.replace(path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
         excess -= 1
 
 
+def replace_files(staged: str, folder: str) -> None:
+    """Move every file/folder of the finished folder `staged` into `folder`, each replacing its namesake whole
+    (the folder may hold other files, e.g. checkpoints or train_args.json), then remove `staged`."""
+    fsync_tree(staged)
+    for name in os.listdir(staged):
+        target = os.path.join(folder, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(staged, name), target)
+    fsync_dir(folder)
+    shutil.rmtree(staged, ignore_errors=True)
+
+
 def save_pretrained_atomically(save, folder: str) -> None:
     """`save(tmp)` writes a model/adapter into a temporary folder; its files then replace those in `folder` one
-    by one (each file whole or not at all; the folder may hold other files, e.g. checkpoints or train_args)."""
+    by one (each file whole or not at all). One process only; collective saves use `save_collectively`."""
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, STAGING + "final")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         save(tmp)
-        fsync_tree(tmp)
-        for name in os.listdir(tmp):
-            target = os.path.join(folder, name)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(tmp, name), target)
-        fsync_dir(folder)
+        replace_files(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _any_rank(flag: bool, device) -> bool:
+def save_collectively(write, staging: str, finish, is_saver: bool, device=None) -> BaseException | None:
+    """A save that every rank takes part in: `write()` (all ranks) fills `staging`; when it worked on every rank,
+    the saver runs `finish()` (e.g. publish/replace_files) while the others wait. Returns the error of a failed
+    write (any rank; its staging folder removed, nothing published), else None."""
+    from .distributed import barrier
+
+    if is_saver:
+        shutil.rmtree(staging, ignore_errors=True)
+    barrier()
+    error = None
+    try:
+        write()
+    except Exception as exc:  # disk full, file-size limit, ... (any rank)
+        error = exc
+    if _any_rank(error is not None, device):
+        if is_saver:
+            shutil.rmtree(staging, ignore_errors=True)
+        return error or RuntimeError("the save failed on another process")
+    barrier()
+    if is_saver:
+        finish()
+        shutil.rmtree(staging, ignore_errors=True)
+    barrier()
+    return None
+
+
+def _any_rank(flag: bool, device=None) -> bool:
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return flag
+    if device is None:
+        from .distributed import local_device
+
+        device = local_device() if dist.get_backend() == "nccl" else "cpu"
     value = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(value)
     return bool(value.item())
@@ -173,30 +216,47 @@ class AtomicCheckpoints:
         if saver:
             os.makedirs(run_dir, exist_ok=True)
             remove_leftovers(run_dir)
-        self.accelerator.wait_for_everyone()
-        error = None
-        self._staging_root = staging
-        try:
-            super()._save_checkpoint(model, trial)
-        except Exception as exc:  # disk full, file-size limit, ... (any rank)
-            error = exc
-        finally:
-            self._staging_root = None
-        if _any_rank(error is not None, self.args.device):
-            if saver:
-                shutil.rmtree(staging, ignore_errors=True)
-            raise TrainingStopped(self._save_failed(name, run_dir, error)) from error
-        final = os.path.join(run_dir, name)
-        if saver:
+
+        def write():
+            self._staging_root = staging
+            try:
+                super(AtomicCheckpoints, self)._save_checkpoint(model, trial)
+            finally:
+                self._staging_root = None
+
+        def finish():
+            final = os.path.join(run_dir, name)
             if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging):
                 self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(
                     self.state.best_model_checkpoint))
                 self.state.save_to_json(os.path.join(staging, name, "trainer_state.json"))
             publish(os.path.join(staging, name), final)
-            shutil.rmtree(staging, ignore_errors=True)
             keep = {final} | ({self.state.best_model_checkpoint} if self.state.best_model_checkpoint else set())
             rotate(run_dir, self.args.save_total_limit, keep)
-        self.accelerator.wait_for_everyone()
+
+        error = save_collectively(write, staging, finish, saver, self.args.device)
+        if error is not None:
+            raise TrainingStopped(self._save_failed(name, run_dir, error)) from error
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """The final weights (a call from the recipe, not from a checkpoint save, which is staged already) go to
+        a staging folder first; their files then replace those in output_dir, each whole or not at all."""
+        if _internal_call or self._staging_root:
+            return super().save_model(output_dir, _internal_call)
+        folder = output_dir or self.args.output_dir
+        staging = os.path.join(folder, STAGING + "final")
+        if self.args.should_save:
+            os.makedirs(folder, exist_ok=True)
+        error = save_collectively(lambda: super(AtomicCheckpoints, self).save_model(staging, _internal_call=True),
+                                  staging, lambda: replace_files(staging, folder), self.args.should_save,
+                                  self.args.device)
+        if error is not None:
+            found = list_checkpoints(folder)
+            kept = f"; {found[-1][1]} is the last good checkpoint" if found else ""
+            raise TrainingStopped(f"saving the final weights into {folder} failed ({failure_reason(error)}); the "
+                                  f"files there before were kept{kept}") from error
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _save_failed(self, name: str, run_dir: str, error) -> str:
         found = list_checkpoints(run_dir)
