@@ -197,8 +197,11 @@ def main() -> None:
          "met": fast["nonpad_tok_s"] >= 1.5 * PEER["nonpad_tok_s"]},
         {"goal": "... at <= 0.7x its 3.0 GiB peak RSS (MiB)", "target": round(0.7 * PEER["peak_rss_mib"]),
          "measured": fast["peak_rss_mib"], "met": fast["peak_rss_mib"] <= 0.7 * PEER["peak_rss_mib"]},
-        {"goal": "MFU >= 45% (bf16, standard model-FLOPs formula)", "target": 45.0,
-         "measured": fast["mfu_model_flops_pct"], "met": fast["mfu_model_flops_pct"] >= 45.0},
+        # Judged on the FLOPs really executed: with --lm_head_on_labels_only the standard formula counts lm_head
+        # work that never runs (it reaches >100% for full fp32), so it cannot show that the hardware is busy.
+        {"goal": "MFU >= 45% (bf16; executed FLOPs, the standard formula is in mfu_model_flops_pct)",
+         "target": 45.0, "measured": min(fast["mfu_model_flops_pct"], fast["hfu_executed_flops_pct"]),
+         "met": min(fast["mfu_model_flops_pct"], fast["hfu_executed_flops_pct"]) >= 45.0},
     ]
     notes = ("matmul peak: the best seen in this run (measured before every case and at the end): "
              f"{peaks['bf16']:.0f} GFLOP/s bf16, {peaks['fp32']:.0f} fp32 (2048², 2 threads). MFU = model FLOPs (6N "
