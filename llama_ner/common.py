@@ -46,7 +46,6 @@ EXTRA_CONFIG = {
     "group_by_length": False,  # opt-in: batches of similar length, padded to their longest row
     "packing": False,          # opt-in: several rows per training row, own positions/attention (same loss)
     "lm_head_on_labels_only": False,  # opt-in: LM head + loss only where a label is trained (same loss/grads)
-    "frozen_weights_bf16": False,  # opt-in with --bf16: frozen Linear weights stored in bf16 (same loss/grads)
 }
 HELP = {
     "model_dir": "LLaMA folder (Chinese-Alpaca-7B), or tiny:chinese-alpaca-7b for a CPU smoke run",
@@ -60,9 +59,6 @@ HELP = {
                "attention: same loss, far less padding, fewer steps per epoch",
     "lm_head_on_labels_only": "compute the LM head and the loss only at trained positions: same loss and "
                               "gradients, about half the FLOPs of a small LLaMA on NER rows",
-    "frozen_weights_bf16": "with --bf16=true (HF Trainer, no DeepSpeed): keep the frozen base's Linear weights in "
-                           "bf16 instead of casting them from fp32 at every step: bit-identical losses, less time "
-                           "and memory",
 }
 
 

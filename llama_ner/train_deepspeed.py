@@ -127,9 +127,6 @@ def main():
                         field="launcher")
     show_args(args)
     on_gpu = torch.cuda.is_available()
-    if args.frozen_weights_bf16:
-        raise UserError("is an HF Trainer option (train_trainer.py --bf16=true); the DeepSpeed engine manages "
-                        "its own weight dtypes", field="frozen_weights_bf16")
     if args.bf16 and on_gpu:
         raise UserError("bf16 is the CPU option here; on a GPU the original's fp16 from deepspeed.json is used",
                         field="bf16")

@@ -28,8 +28,8 @@ from llama_ner.config_utils import ConfigParser  # noqa: E402
 from llama_ner.dataset import load_data  # noqa: E402
 from tuning.checkpoints import AtomicTrainer  # noqa: E402
 from tuning import distributed  # noqa: E402
-from tuning.errors import UserError, run_main  # noqa: E402
-from tuning.methods import apply_lora, frozen_linear_weights_to_bf16, trainable_summary  # noqa: E402
+from tuning.errors import run_main  # noqa: E402
+from tuning.methods import apply_lora, trainable_summary  # noqa: E402
 from tuning.packing import use_train_sampler  # noqa: E402
 from tuning.training import DataNotesAtEnd, LossPlot, NanGuard, check_precision, resolve_resume  # noqa: E402
 
@@ -56,8 +56,6 @@ def main():
     on_gpu = torch.cuda.is_available()
     use_deepspeed = args.local_rank != -1
     check_precision(fp16=False, bf16=args.bf16, use_cpu=not on_gpu)
-    if args.frozen_weights_bf16 and (not args.bf16 or use_deepspeed):
-        raise UserError("needs --bf16=true and no DeepSpeed (it relies on bf16 autocast)", field="frozen_weights_bf16")
     resume = resolve_resume(args.resume_from_checkpoint, args.save_dir)
     ds_path = find_deepspeed_json(args.deepspeed_jaon_path)
     ds_config = deepspeed_config(ds_path, args, on_gpu)  # lr and fp16 come from it even without DeepSpeed
@@ -77,8 +75,6 @@ def main():
     set_seed(args.seed)  # the adapter's random init: the same seed gives the same run
     model = apply_lora(model, LORA_TARGETS, r=args.lora_r, alpha=LORA_ALPHA, dropout=LORA_DROPOUT)
     distributed.say(trainable_summary(model))
-    if args.frozen_weights_bf16:
-        frozen_linear_weights_to_bf16(model)
 
     rows, collate_fn, sampler = training_inputs(args, tokenizer, model, train_data)
     fp16 = on_gpu and not args.bf16 and bool(ds_config.get("fp16", {}).get("enabled"))  # as the original on a GPU

@@ -260,30 +260,3 @@ def test_trainer_under_the_deepspeed_launcher(data, tmp_path):
     assert (save_dir / "checkpoint-2" / "global_step2").is_dir()  # DeepSpeed's own optimizer state
     assert (save_dir / "adapter_model" / "adapter_model.safetensors").is_file()
     assert json.loads((save_dir / "adapter_model" / "train_args.json").read_text())["local_rank"] == 0
-
-
-@pytest.mark.slow
-def test_frozen_weights_bf16_gives_the_same_run(data, tmp_path, monkeypatch):
-    """--frozen_weights_bf16 only stores what bf16 autocast would cast to: the same losses and adapter, bit for bit."""
-    argv = ["--model_dir=" + MODEL, "--train_batch_size=2", "--max_steps=3", "--save_steps=3", "--log_steps=1",
-            "--learning_rate=1e-2", "--bf16=true", f"--train_path={data / 'train.txt'}"]
-    plain = run(train_trainer, argv + [f"--save_dir={tmp_path}/plain/"], monkeypatch)
-    stored = run(train_trainer, argv + [f"--save_dir={tmp_path}/stored/", "--frozen_weights_bf16=true"], monkeypatch)
-    dtypes = {n: p.dtype for n, p in stored.model.named_parameters()}
-    assert dtypes["base_model.model.lm_head.weight"] == torch.bfloat16
-    assert all(d == torch.bfloat16 for n, d in dtypes.items() if n.endswith("base_layer.weight"))
-    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n or "norm" in n or "embed" in n)
-    assert losses(tmp_path / "plain", "checkpoint-3") == losses(tmp_path / "stored", "checkpoint-3")
-    a, b = adapter_tensors(tmp_path / "plain" / "adapter_model"), adapter_tensors(tmp_path / "stored" / "adapter_model")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert plain.state.log_history[0]["loss"] > 0
-
-
-def test_frozen_weights_bf16_needs_bf16(tmp_path, monkeypatch, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run(train_trainer, ["--model_dir=" + MODEL, "--frozen_weights_bf16=true", f"--save_dir={tmp_path}/run/"],
-            monkeypatch)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2
-    assert err.strip() == "error: frozen_weights_bf16: needs --bf16=true and no DeepSpeed (it relies on bf16 autocast)"
-    assert not (tmp_path / "run").exists()

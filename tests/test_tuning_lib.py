@@ -162,18 +162,3 @@ def test_collective_save_publishes_only_a_complete_write(tmp_path):
         folders.append(str(tmp_path / f"global_step{step}"))
     rotate_folders(str(tmp_path), folders, 2)
     assert sorted(os.listdir(tmp_path)) == ["adapter", "global_step4", "global_step6"]
-
-
-def test_frozen_linear_weights_to_bf16_leaves_tied_and_trainable_weights_alone():
-    from model_hub.loader import load_model_and_tokenizer
-    from tuning.methods import apply_lora, frozen_linear_weights_to_bf16
-
-    model, _ = load_model_and_tokenizer("tiny:chatglm-6b", dtype="fp32")  # lm_head is tied to the embedding
-    model = apply_lora(model, ["query_key_value"], r=4)
-    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    frozen = [m for m in linear if not m.weight.requires_grad and m.weight is not model.get_input_embeddings().weight]
-    assert frozen_linear_weights_to_bf16(model) == len(frozen) > 0
-    assert all(m.weight.dtype == torch.bfloat16 for m in frozen)
-    assert model.get_input_embeddings().weight.dtype == torch.float32  # shared with lm_head: untouched
-    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
-    assert frozen_linear_weights_to_bf16(model) == 0  # idempotent
