@@ -189,9 +189,9 @@ def steps_logged(output: str) -> int:
     return output.count("'loss'")
 
 
-def _limit_file_size():
+def _limit_file_size(limit=20_000):  # default: chatglm tiny's optimizer.pt (37 kB) fails
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit raise OSError(EFBIG) instead
-    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))  # chatglm tiny: optimizer.pt (37 kB) fails
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
 def out_of_space_save(data, out):
@@ -228,3 +228,32 @@ def test_killed_mid_step_and_mid_save_resumes_bit_identical(recipe, data, refere
     run_in_process(recipe, argv_for(data, out, "last"))
     assert not staging.exists() and checkpoints(out) == ["checkpoint-4", "checkpoint-6"]
     assert_identical(weights(out / final), reference(recipe))
+
+
+def test_a_final_save_that_runs_out_of_space_keeps_the_previous_files(data, tmp_path):
+    """glm4_finetune's final trainer.save_model() under a 1 MB file-size limit (tokenizer.json is 20 MB): one line,
+    exit 1, and the adapter and tokenizer files of the earlier run in output_dir are left as they were."""
+    out = tmp_path / "run"
+    argv = glm4_argv(data, out)
+    with open(argv[2], encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    config["training_args"].update(max_steps=2, save_strategy="no")
+    with open(argv[2], "w", encoding="utf-8") as f:
+        yaml.safe_dump(config, f)
+    first = start("glm4_ptuning", argv)
+    output, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, output[-3000:]
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "loss.png"}
+    assert "adapter_model.safetensors" in before and "tokenizer.json" in before
+
+    config["training_args"]["seed"] = 7  # another run: other weights would be written
+    with open(argv[2], "w", encoding="utf-8") as f:
+        yaml.safe_dump(config, f)
+    second = start("glm4_ptuning", argv, preexec_fn=lambda: _limit_file_size(1_000_000))
+    output, _ = second.communicate(timeout=300)
+    assert second.returncode == 1, output[-3000:]
+    assert "Traceback" not in output
+    assert output.strip().splitlines()[-1] == (
+        f"error: saving the final weights into {out} failed (a file write failed: disk full or over a file-size "
+        "limit); the files there before were kept")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "loss.png"} == before
