@@ -72,8 +72,8 @@ def save_checkpoint(engine, args, step: int) -> None:
     into save_dir/checkpoints/.saving-global_stepN and renamed to global_stepN once every rank's part is on disk
     (a kill midway never leaves a global_stepN that resume would pick); then the oldest beyond save_total_limit
     are removed (renamed first) and DeepSpeed's `latest` file names the new one."""
-    from tuning.checkpoints import STAGING, publish, remove_leftovers, rotate_folders, save_collectively
-    from tuning.checkpoints import failure_reason
+    from tuning.checkpoints import (STAGING, failure_reason, publish, remove_leftovers, rotate_folders,
+                                    save_collectively)
     from tuning.files import atomic_file
 
     root, tag = checkpoint_root(args), f"global_step{step}"

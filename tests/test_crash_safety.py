@@ -189,7 +189,7 @@ def steps_logged(output: str) -> int:
     return output.count("'loss'")
 
 
-def _limit_file_size(limit=20_000):  # default: chatglm tiny's optimizer.pt (37 kB) fails
+def limit_file_size(limit=20_000):  # default: chatglm tiny's optimizer.pt (37 kB) fails
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit raise OSError(EFBIG) instead
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
@@ -197,7 +197,7 @@ def _limit_file_size(limit=20_000):  # default: chatglm tiny's optimizer.pt (37 
 def out_of_space_save(data, out):
     """Resume under a file-size limit: the save of checkpoint-4 fails; checkpoint-2 stays the good one."""
     good = (out / "checkpoint-2" / "adapter_model.safetensors").read_bytes()
-    proc = start("chatglm_lora", chatglm_argv(data, out, "last"), preexec_fn=_limit_file_size)
+    proc = start("chatglm_lora", chatglm_argv(data, out, "last"), preexec_fn=limit_file_size)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1, output[-3000:]
     assert "Traceback" not in output
@@ -249,7 +249,7 @@ def test_a_final_save_that_runs_out_of_space_keeps_the_previous_files(data, tmp_
     config["training_args"]["seed"] = 7  # another run: other weights would be written
     with open(argv[2], "w", encoding="utf-8") as f:
         yaml.safe_dump(config, f)
-    second = start("glm4_ptuning", argv, preexec_fn=lambda: _limit_file_size(1_000_000))
+    second = start("glm4_ptuning", argv, preexec_fn=lambda: limit_file_size(1_000_000))
     output, _ = second.communicate(timeout=300)
     assert second.returncode == 1, output[-3000:]
     assert "Traceback" not in output

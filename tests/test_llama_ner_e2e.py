@@ -3,9 +3,7 @@ Trainer LoRA training (loss falls, adapter reloads with identical logits, resume
 test.py, predict.py's printout, chat_ner.py, the raw DeepSpeed loop under torchrun, and one-line errors."""
 import json
 import os
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -17,6 +15,7 @@ from llama_ner import chat_ner, predict, train_trainer
 from llama_ner import test as ner_test
 from llama_ner.process import process_msra
 from model_hub.make_tiny import tiny_dir
+from test_crash_safety import limit_file_size  # a file-size limit for a child process
 from tuning.errors import run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,7 +181,8 @@ def test_raw_deepspeed_loop_trains_and_saves(data, tmp_path):
     # write is gone, and global_step4 stays what resume picks, byte for byte.
     good = {f.name: f.read_bytes() for f in (save_dir / "checkpoints" / "global_step4").iterdir()}
     proc = subprocess.run([*argv[:-1], "--max_steps=6", "--resume_from_checkpoint=last", argv[-1]],
-                          capture_output=True, text=True, env=env, timeout=600, preexec_fn=_limit_file_size)
+                          capture_output=True, text=True, env=env, timeout=600,
+                          preexec_fn=lambda: limit_file_size(80_000))
     assert proc.returncode != 0
     assert f"error: saving global_step6 failed (a file write failed: disk full or over a file-size limit); nothing " \
            f"of it was kept. {save_dir}/checkpoints/global_step4 is the last good checkpoint" in proc.stderr
@@ -190,11 +190,6 @@ def test_raw_deepspeed_loop_trains_and_saves(data, tmp_path):
     assert sorted(os.listdir(save_dir / "checkpoints")) == ["global_step4", "latest"]
     assert (save_dir / "checkpoints" / "latest").read_text() == "global_step4"
     assert {f.name: f.read_bytes() for f in (save_dir / "checkpoints" / "global_step4").iterdir()} == good
-
-
-def _limit_file_size():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit raise OSError(EFBIG) instead
-    resource.setrlimit(resource.RLIMIT_FSIZE, (80_000, 80_000))
 
 
 @pytest.mark.parametrize("content, expected", [

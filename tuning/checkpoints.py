@@ -100,7 +100,7 @@ def rotate_folders(run_dir: str, oldest_first: list[str], limit: int | None, kee
 
 def replace_files(staged: str, folder: str) -> None:
     """Move every file/folder of the finished folder `staged` into `folder`, each replacing its namesake whole
-    (the folder may hold other files, e.g. checkpoints or train_args.json), then remove `staged`."""
+    (the folder may hold other files, e.g. checkpoints or train_args.json); the callers remove `staged`."""
     fsync_tree(staged)
     for name in os.listdir(staged):
         target = os.path.join(folder, name)
@@ -108,7 +108,6 @@ def replace_files(staged: str, folder: str) -> None:
             shutil.rmtree(target)
         os.replace(os.path.join(staged, name), target)
     fsync_dir(folder)
-    shutil.rmtree(staged, ignore_errors=True)
 
 
 def save_pretrained_atomically(save, folder: str) -> None:
