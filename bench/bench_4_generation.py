@@ -78,7 +78,10 @@ def main():
     notes = ("Both sides call tuning/generation.generate_batched (sorted by length, left-padded, attention mask, "
              "position ids from the mask); the one-at-a-time side uses batch 1, i.e. no padding, as the originals' "
              "loops. A decode step of batch 1 is bound by reading the 76M fp32 weights and by generate's per-step "
-             "Python work; batch 8 shares both over 8 rows (and pays for padding). The prompt prefill costs the same "
+             "Python work; batch 8 shares both over 8 rows (and pays for padding). On CPU in fp32 the vocab projection "
+             "runs as weight @ hidden.T while generating (tuning/generation.vocab_projection_as_tall_matmul): "
+             "F.linear picks a slow gemm for a few rows against the 49,954 x 512 head (about 16 ms at 8 rows vs 7 ms; "
+             "identical at batch 1). The prompt prefill costs the same "
              "batched or not, so the ratio grows with the number of new tokens and falls with prompt length. "
              "OpenMP threads collapse when the cores are oversubscribed: measure on a quiet machine.")
     print(write_result(bench_name(__file__), settings=settings, table=table, goals=goals, notes=notes))
