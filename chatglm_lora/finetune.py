@@ -47,6 +47,9 @@ class FinetuneArguments:
     packing: bool = field(default=False, metadata={
         "help": "opt-in: pack several rows into each training row (own positions and attention per row; "
                 "same loss as unpacked, far less padding; fewer, fuller steps per epoch)"})
+    lm_head_on_labels_only: bool = field(default=False, metadata={
+        "help": "opt-in: compute the LM head and the loss only at trained positions (the answer tokens): same loss "
+                "and gradients, far less work with ChatGLM's 130k vocabulary"})
 
 
 @dataclass
@@ -168,6 +171,10 @@ def main():
     set_seed(training_args.seed)  # the adapter's random init: the same --seed gives the same run
     model = apply_lora(model, ["query_key_value"], r=finetune_args.lora_rank, alpha=32, dropout=0.1)
     distributed.say(trainable_summary(model))
+    if finetune_args.lm_head_on_labels_only:
+        from tuning.labelled_logits import compute_logits_only_at_labels
+
+        compute_logits_only_at_labels(model)
 
     from tuning.packing import less_padding, use_train_sampler
 

@@ -163,3 +163,27 @@ def test_pack_rows_places_every_row_once_within_capacity():
     assert sum(lengths) / (256 * len(bins)) > 0.97
     with pytest.raises(ValueError, match="does not fit"):
         pack_rows([10, 300], 256)
+
+
+def test_packed_rows_with_the_lm_head_on_labels_only_give_the_original_loss_and_gradients(family):
+    """--packing with --lm_head_on_labels_only (the fastest chatglm_lora / llama_ner combination): the narrowed
+    head on packed rows gives the original batch's loss and gradients through the full head."""
+    from tuning.labelled_logits import compute_logits_only_at_labels
+
+    model, *_ = FAMILIES[family.name]()  # a model of its own: the hooks stay on it
+    model.config.use_cache = False
+    model.eval()
+    lengths = [len(ids) for ids, _ in family.rows_fn(family.rows)]
+    packed = PackedRows(family.rows, pack_rows(lengths, max(lengths) * 2))
+    collate = PackingCollator(family.rows_fn, family.pad_id, family.name, model.config)
+    packed_batch = collate([packed[i] for i in range(len(packed))])
+
+    loss_u, n_u, grads_u = loss_and_grads(model, family.original(family.rows))
+    narrow = compute_logits_only_at_labels(model)
+    loss_p, n_p, grads_p = loss_and_grads(narrow, packed_batch)
+    with torch.no_grad():
+        assert narrow(**packed_batch, use_cache=False).logits.shape[:2] == (1, n_u)  # really narrowed
+    assert n_p == n_u and abs(loss_p - loss_u) <= LOSS_RTOL * abs(loss_u)
+    assert grads_u.keys() == grads_p.keys() and grads_u
+    for name, grad in grads_u.items():
+        assert (grads_p[name] - grad).abs().max().item() <= GRAD_RTOL * grad.abs().max().item() + 1e-12, name

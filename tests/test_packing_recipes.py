@@ -51,7 +51,8 @@ def test_chatglm_lora_trains_packed_and_grouped(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [
         "x", "--dataset_path", str(tmp_path / "alpaca"), "--chatglm_path", "tiny:chatglm-6b", "--output_dir", str(out),
         "--per_device_train_batch_size", "2", "--max_steps", "2", "--save_steps", "100", "--learning_rate", "1e-3",
-        "--logging_steps", "1", "--use_cpu", "--report_to", "none", "--packing", "--group_by_length"])
+        "--logging_steps", "1", "--use_cpu", "--report_to", "none", "--packing", "--group_by_length",
+        "--lm_head_on_labels_only"])
     run_main(finetune.main)
     assert f"packing: {len(kept)} rows -> " in capsys.readouterr().out
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())

@@ -6,10 +6,10 @@ a small LLaMA's FLOPs, and in an instruction row (long prompt, short answer) onl
 are trained, so skipping the rest saves close to half the work. Loss and gradients are the same as the full
 computation (tests/test_labelled_logits.py); only `outputs.logits` changes shape: [1, n_labels, vocab].
 
-Works for transformers' causal LMs whose loss is `ForCausalLMLoss` (LLaMA, GLM-4): a forward pre-hook on the
-model the training loop calls (PeftModel, DDP or DeepSpeed call it through __call__) passes the already shifted
-labels of the kept positions as `shift_labels`, and a pre-hook on the LM head keeps only those positions. Calls
-without labels (evaluation, generation) are untouched.
+Works for transformers' causal LMs whose loss is `ForCausalLMLoss` (LLaMA, GLM-4) and for model_hub's ChatGLM-6B
+(`accepts_shift_labels`): a forward pre-hook on the model the training loop calls (PeftModel, DDP or DeepSpeed call
+it through __call__) passes the already shifted labels of the kept positions as `shift_labels`, and a pre-hook on
+the LM head keeps only those positions. Calls without labels (evaluation, generation) are untouched.
 """
 import torch
 
@@ -20,7 +20,11 @@ def compute_logits_only_at_labels(model):
         return model
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = causal_lm.get_output_embeddings()
-    if head is None or getattr(causal_lm, "loss_function", None) is None:
+    # transformers' causal LMs take shift_labels through loss_function; a model with its own loss says so.
+    takes_shift_labels = getattr(causal_lm, "accepts_shift_labels", None)
+    if takes_shift_labels is None:
+        takes_shift_labels = getattr(causal_lm, "loss_function", None) is not None
+    if head is None or not takes_shift_labels:
         raise ValueError(f"{type(causal_lm).__name__} has no transformers LM head / loss function to narrow")
     pending = []  # the positions to keep, from the model call to its LM head call
 

@@ -161,6 +161,8 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
     # The loss is the mean over the batch's labelled tokens, as in the original (no num_items_in_batch scaling).
     accepts_loss_kwargs = False
+    # forward(shift_labels=...) takes labels aligned with the logits, as transformers' causal-LM loss does.
+    accepts_shift_labels = True
 
     def __init__(self, config: ChatGLMConfig, *inputs, **kwargs):
         if getattr(config, "quantization_bit", 0):
@@ -357,7 +359,14 @@ class ChatGLMForConditionalGeneration(ChatGLMGenerationMixin, ChatGLMPreTrainedM
         hidden_states = out.last_hidden_state.transpose(0, 1)
         logits = self.lm_head(hidden_states)
         loss = None
-        if labels is not None:
+        shift_labels = kwargs.get("shift_labels")
+        if shift_labels is not None:
+            # Labels already aligned with the logits (tuning/labelled_logits.py keeps only trained positions).
+            logits = logits.float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels.to(logits.device).reshape(-1),
+                                   ignore_index=-100)
+            logits, loss = logits.to(hidden_states.dtype), loss.to(hidden_states.dtype)
+        elif labels is not None:
             # fp32 logits, shifted by one: logits[:, :-1] predict labels[:, 1:].
             logits = logits.float()
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
