@@ -73,6 +73,7 @@ class NerCollate:
         self.max_seq_length = args.max_seq_length
         self.tokenizer = tokenizer
         self.pad_to_longest = False  # True with --group_by_length
+        self.pad_to_multiple_of = 1  # with pad_to_longest: round the batch length up to a multiple of this
         if tokenizer.pad_token_id is None:
             raise UserError("the tokenizer has no pad token; the recipe pads with it (Chinese-Alpaca: [PAD] 49953). "
                             "Use the Chinese-Alpaca tokenizer or add one", field="tokenizer")
@@ -98,7 +99,10 @@ class NerCollate:
         rows = self.rows(batch)
         # The original pads to max_seq_length; --group_by_length pads to the longest row of the batch instead
         # (the same loss: no attention mask is used and padding only ever follows the real tokens).
-        n = max(len(ids) for ids, _ in rows) if self.pad_to_longest else self.max_seq_length
+        n = self.max_seq_length
+        if self.pad_to_longest:
+            multiple = self.pad_to_multiple_of
+            n = min(n, -(-max(len(ids) for ids, _ in rows) // multiple) * multiple)
         all_input_ids, all_labels = [], []
         for input_ids, labels in rows:
             all_input_ids.append(input_ids + [self.tokenizer.pad_token_id] * (n - len(input_ids)))

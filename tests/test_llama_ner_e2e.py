@@ -122,6 +122,20 @@ def test_resume_is_exact(trained, data, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_dropout_masks_drawn_ahead_train_the_same_adapter(trained, data, tmp_path, monkeypatch):
+    """--prefetch_dropout_masks=true (LoRA dropout masks on a helper thread): the uninterrupted run's losses at
+    every step and its adapter, bit for bit."""
+    save_dir, _ = trained
+    ahead = tmp_path / "ahead"
+    run(train_trainer, TRAIN + [f"--train_path={data / 'train.txt'}", f"--save_dir={ahead}/",
+                                "--prefetch_dropout_masks=true"], monkeypatch)
+    full, again = losses(save_dir, "checkpoint-6"), losses(ahead, "checkpoint-6")
+    assert again == full and len(full) == 6
+    a, b = adapter_tensors(save_dir / "adapter_model"), adapter_tensors(ahead / "adapter_model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
 def test_f1_report_and_predict(trained, data, tmp_path, monkeypatch, capsys):
     save_dir, _ = trained
     train_args = save_dir / "adapter_model" / "train_args.json"

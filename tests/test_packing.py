@@ -187,3 +187,34 @@ def test_packed_rows_with_the_lm_head_on_labels_only_give_the_original_loss_and_
     assert grads_u.keys() == grads_p.keys() and grads_u
     for name, grad in grads_u.items():
         assert (grads_p[name] - grad).abs().max().item() <= GRAD_RTOL * grad.abs().max().item() + 1e-12, name
+
+
+def test_llama_ner_batches_padded_to_the_longest_row_or_a_multiple_give_the_original_loss():
+    """llama_ner --group_by_length pads to the batch's longest row, --pad_to_multiple_of rounds that up (never past
+    max_seq_length); the original pads to max_seq_length. Same targets, same loss and gradients."""
+    from llama_ner.dataset import load_data
+
+    model, pad_id, _, _, collate_fn = _llama()
+    collate = collate_fn.__self__
+    lines = load_data(os.path.join(REPO, "data", "llama_ner_msra", "instruct_data", "dev.txt"))[:40]
+    lines = [line for line, (ids, _) in zip(lines, collate.rows(lines)) if len(ids) < 150][:4]
+    longest = max(len(ids) for ids, _ in collate.rows(lines))
+    original = collate_fn(lines)
+    collate.pad_to_longest = True
+    try:
+        exact = collate_fn(lines)
+        collate.pad_to_multiple_of = 16
+        rounded = collate_fn(lines)
+        collate.pad_to_multiple_of = 1000
+        capped = collate_fn(lines)
+    finally:
+        collate.pad_to_longest, collate.pad_to_multiple_of = False, 1
+    assert original["input_ids"].shape[1] == 192 and exact["input_ids"].shape[1] == longest < 192
+    assert rounded["input_ids"].shape[1] == -(-longest // 16) * 16 > longest and capped["input_ids"].shape[1] == 192
+    model.config.use_cache = False
+    loss_o, n_o, grads_o = loss_and_grads(model.train(), original)
+    for batch in (exact, rounded):
+        loss, n, grads = loss_and_grads(model, batch)
+        assert n == n_o and abs(loss - loss_o) <= LOSS_RTOL * abs(loss_o)
+        for name, grad in grads_o.items():
+            assert (grads[name] - grad).abs().max().item() <= GRAD_RTOL * grad.abs().max().item() + 1e-12, name
