@@ -36,7 +36,7 @@ class _MaskPlan:
     """Records the dropout calls of one forward, then draws them ahead for every later forward."""
 
     def __init__(self):
-        self.calls = None        # [(index, leading dims as positions in input_ids.shape, features, dtype, keep)]
+        self.calls = None        # [(leading dims as positions in input_ids.shape, features, dtype, keep)]
         self.recording = None    # the calls of the forward being recorded, or None when it cannot be planned
         self.ids_shape = None
         self.mode = None         # None (outside a forward), "record" or "ahead"
@@ -54,7 +54,7 @@ class _MaskPlan:
         self.mode = "ahead"
         self.masks = queue.Queue()
         jobs = [(tuple(self.ids_shape[i] for i in lead) + (features,), dtype, keep)
-                for _, lead, features, dtype, keep in self.calls]
+                for lead, features, dtype, keep in self.calls]
 
         def draw_all(out=self.masks):
             try:
@@ -85,7 +85,7 @@ class _MaskPlan:
                     break
                 lead.append(where[0])
             else:
-                self.recording.append((index, tuple(lead), x.shape[-1], x.dtype, keep))
+                self.recording.append((tuple(lead), x.shape[-1], x.dtype, keep))
         return _masked(x, _draw(x.shape, x.dtype, keep))
 
     def discard(self) -> None:
@@ -99,7 +99,7 @@ class _MaskPlan:
             self.thread = None
             left = self.masks.qsize()
             self.masks = None
-            if left and self.mode == "ahead":
+            if left:
                 self.mode = None
                 raise RuntimeError(f"dropout masks out of step: the forward used {left} fewer LoRA dropout masks "
                                    "than the first one; turn --prefetch_dropout_masks off")

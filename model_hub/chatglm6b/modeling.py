@@ -360,17 +360,13 @@ class ChatGLMForConditionalGeneration(ChatGLMGenerationMixin, ChatGLMPreTrainedM
         logits = self.lm_head(hidden_states)
         loss = None
         shift_labels = kwargs.get("shift_labels")
-        if shift_labels is not None:
-            # Labels already aligned with the logits (tuning/labelled_logits.py keeps only trained positions).
+        if labels is not None or shift_labels is not None:
+            # fp32 logits; labels are shifted by one (logits[:, :-1] predict labels[:, 1:]), shift_labels are
+            # already aligned with the logits (tuning/labelled_logits.py keeps only the trained positions).
             logits = logits.float()
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels.to(logits.device).reshape(-1),
+            scored, targets = (logits, shift_labels) if shift_labels is not None else (logits[:, :-1], labels[:, 1:])
+            loss = F.cross_entropy(scored.reshape(-1, logits.shape[-1]), targets.to(logits.device).reshape(-1),
                                    ignore_index=-100)
-            logits, loss = logits.to(hidden_states.dtype), loss.to(hidden_states.dtype)
-        elif labels is not None:
-            # fp32 logits, shifted by one: logits[:, :-1] predict labels[:, 1:].
-            logits = logits.float()
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                   labels[:, 1:].to(logits.device).reshape(-1), ignore_index=-100)
             logits, loss = logits.to(hidden_states.dtype), loss.to(hidden_states.dtype)
         result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                         hidden_states=out.hidden_states, attentions=out.attentions)
