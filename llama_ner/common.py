@@ -106,6 +106,15 @@ def collate_for(args, tokenizer):
     return NerCollate(args, tokenizer)
 
 
+def check_speed_flags(args, on_gpu: bool) -> None:
+    """The opt-in speed-up flags, checked before anything is loaded or written."""
+    if args.pad_to_multiple_of < 1:
+        raise UserError(f"expected a whole number >= 1, got {args.pad_to_multiple_of}", field="pad_to_multiple_of")
+    if args.prefetch_dropout_masks and on_gpu:
+        raise UserError("is for CPU training: the GPU draws random numbers in parallel already",
+                        field="prefetch_dropout_masks")
+
+
 def training_inputs(args, tokenizer, model, rows: list[str], rank: int = 0, world: int = 1):
     """(rows, collate function, sampler or None) for the training loop, with the opt-in speed-ups applied
     (--group_by_length, --pad_to_multiple_of, --packing, --lm_head_on_labels_only, --prefetch_dropout_masks; all off:
@@ -114,8 +123,6 @@ def training_inputs(args, tokenizer, model, rows: list[str], rank: int = 0, worl
 
     collate = collate_for(args, tokenizer)
     collate.pad_to_longest = bool(args.group_by_length)
-    if args.pad_to_multiple_of < 1:
-        raise UserError(f"expected a whole number >= 1, got {args.pad_to_multiple_of}", field="pad_to_multiple_of")
     collate.pad_to_multiple_of = args.pad_to_multiple_of
     lengths = collate.lengths(rows) if args.packing or args.group_by_length else []
     if args.lm_head_on_labels_only:
