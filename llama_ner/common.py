@@ -110,9 +110,10 @@ def check_speed_flags(args, on_gpu: bool) -> None:
     """The opt-in speed-up flags, checked before anything is loaded or written."""
     if args.pad_to_multiple_of < 1:
         raise UserError(f"expected a whole number >= 1, got {args.pad_to_multiple_of}", field="pad_to_multiple_of")
-    if args.prefetch_dropout_masks and on_gpu:
-        raise UserError("is for CPU training: the GPU draws random numbers in parallel already",
-                        field="prefetch_dropout_masks")
+    if args.prefetch_dropout_masks:
+        from tuning.dropout_masks import refuse_off_cpu
+
+        refuse_off_cpu("cuda" if on_gpu else "cpu")
 
 
 def training_inputs(args, tokenizer, model, rows: list[str], rank: int = 0, world: int = 1):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llama_ner.common import LORA_DROPOUT, LORA_TARGETS
-from tuning.dropout_masks import PrefetchedDropout, prefetch_dropout_masks
+from tuning.dropout_masks import PrefetchedDropout, prefetch_dropout_masks, refuse_off_cpu
 from tuning.errors import UserError
 from tuning.methods import apply_lora
 
@@ -74,6 +74,10 @@ def test_evaluation_is_untouched(lora_model):
 
 
 def test_refused_where_the_masks_would_differ(lora_model):
+    with pytest.raises(UserError, match="prefetch_dropout_masks: is for CPU training"):
+        refuse_off_cpu("cuda")  # what the recipes check before loading anything, and the model's device here
+    refuse_off_cpu("cpu")
+
     checkpointed = copy.deepcopy(lora_model)
     checkpointed.get_base_model().gradient_checkpointing_enable(
         gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -19,6 +19,7 @@ import torch
 
 from .errors import UserError
 
+FLAG = "prefetch_dropout_masks"
 _RANDOM_CONFIG_KEYS = ("attention_dropout", "hidden_dropout", "attn_dropout", "resid_pdrop", "embd_pdrop",
                        "attn_pdrop", "dropout")
 
@@ -126,32 +127,34 @@ class PrefetchedDropout(torch.nn.Module):
         return f"p={self.p}, masks drawn ahead"
 
 
+def refuse_off_cpu(device_type: str) -> None:
+    """The flag is for CPU training; recipes call this before loading anything."""
+    if device_type != "cpu":
+        raise UserError("is for CPU training: the GPU draws random numbers in parallel already", field=FLAG)
+
+
 def prefetch_dropout_masks(model) -> int:
     """Install on `model` (a peft LoRA model, before any wrapper); returns the number of LoRA dropouts taken over."""
     params = list(model.parameters())
-    if params and params[0].device.type != "cpu":
-        raise UserError("is for CPU training: the GPU draws random numbers in parallel already",
-                        field="--prefetch_dropout_masks")
+    if params:
+        refuse_off_cpu(params[0].device.type)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     checkpointing = getattr(base, "is_activation_checkpointing", None)  # transformers 5's name
     if checkpointing is None:
         checkpointing = getattr(base, "is_gradient_checkpointing", False)
     if checkpointing:
-        raise UserError("cannot be used with gradient checkpointing (its re-forward draws the masks again)",
-                        field="--prefetch_dropout_masks")
+        raise UserError("cannot be used with gradient checkpointing (its re-forward draws the masks again)", field=FLAG)
     config = getattr(base, "config", None)
     for key in _RANDOM_CONFIG_KEYS:
         value = getattr(config, key, 0)
         if isinstance(value, (int, float)) and value > 0:
-            raise UserError(f"the model draws random numbers of its own in the forward ({key}={value})",
-                            field="--prefetch_dropout_masks")
+            raise UserError(f"the model draws random numbers of its own in the forward ({key}={value})", field=FLAG)
     plan, taken = _MaskPlan(), 0
     for name, module in list(model.named_modules()):
         if isinstance(module, torch.nn.Dropout) and module.p > 0:
             parent_name, _, key = name.rpartition(".")
             if not parent_name.endswith("lora_dropout"):
-                raise UserError(f"the model has a dropout of its own with p > 0 ({name})",
-                                field="--prefetch_dropout_masks")
+                raise UserError(f"the model has a dropout of its own with p > 0 ({name})", field=FLAG)
             if module.p >= 1:
                 continue
             model.get_submodule(parent_name)[key] = PrefetchedDropout(module.p, plan, taken)
