@@ -15,11 +15,12 @@ BENCH_ARGS ?=
 help:  ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/' | expand -t 18
 
-setup: $(STAMP)  ## create .venv and install the pinned stack (re-runs when requirements/*.txt change)
+setup: $(STAMP)  ## create .venv, install the pinned stack and this project (editable; re-runs when requirements/*.txt change)
 
-$(STAMP): $(REQS)
+$(STAMP): $(REQS) pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -r requirements/dev.txt
+	$(PY) -m pip install --no-deps --no-build-isolation -e .
 	$(PY) -m pip check
 	$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.split('+')[0] == '2.13.0' else f'torch {v} installed; the stack needs exactly 2.13.0')"
 	touch $(STAMP)

@@ -14,9 +14,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (REPO, bench_name, median, parse_args, peak_rss_mib_of_child, repeat,  # noqa: E402
+from bench.common import (REPO, bench_name, median, parse_args, peak_rss_mib_of_child, repeat,
                           write_result)
 
 SCRIPT = os.path.join(REPO, "chatglm_lora", "tokenize_dataset_rows.py")
@@ -74,7 +73,7 @@ def main():
     args = parse_args(__doc__.split("\n\n")[0])
     from chatglm_lora.tokenize_dataset_rows import fit_rows, read_rows, tokenize_rows, tokenize_rows_fast
     from model_hub.loader import load_tokenizer
-    from tuning.chatglm_text import ChatGLMTextEncoder
+    from model_hub.chatglm6b.text import ChatGLMTextEncoder
 
     with tempfile.TemporaryDirectory(prefix="bench1-") as work:
         jsonl = make_input(work, QUICK_ROWS if args.quick else None)

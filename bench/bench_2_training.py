@@ -24,9 +24,8 @@ import os
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (REPO, bench_name, matmul_peak_gflops, median, parse_args,  # noqa: E402
+from bench.common import (REPO, bench_name, matmul_peak_gflops, median, parse_args,
                           peer_llama_76m, peak_rss_mib_of_child, write_result)
 
 TRAIN_PATH = os.path.join(REPO, "data", "llama_ner_msra", "instruct_data", "dev.txt")
@@ -56,6 +55,7 @@ def child(case: dict, out_path: str) -> None:
 
     torch.set_num_threads(2)
     from llama_ner import train_trainer
+    from tuning.packing import TrainingRows
 
     batches = []
     lora, inputs = train_trainer.apply_lora, train_trainer.training_inputs
@@ -77,7 +77,7 @@ def child(case: dict, out_path: str) -> None:
                 batches.append({"row_lengths": real.sum(1).tolist(), "padded_length": batch["input_ids"].shape[1],
                                 "supervised": int((batch["labels"][:, 1:] != -100).sum())})
             return batch
-        return rows, collate_and_count, sampler
+        return TrainingRows(rows, collate_and_count, sampler)
 
     train_trainer.apply_lora, train_trainer.training_inputs = apply_method, counting_inputs
     with tempfile.TemporaryDirectory() as save_dir:

@@ -19,9 +19,8 @@ import random
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import REPO, bench_name, median, parse_args, write_result  # noqa: E402
+from bench.common import REPO, bench_name, median, parse_args, write_result
 
 ALPACA = os.path.join(REPO, "data", "chatglm_tuning", "alpaca_data.jsonl")
 MSRA = os.path.join(REPO, "data", "llama_ner_msra", "instruct_data", "dev.txt")
@@ -97,10 +96,9 @@ def epoch_batches(source: dict, scheme: str, batch_size: int, seed: int = 42):
     rows, lengths, collator = source["rows"], source["lengths"], source["original"]
     if scheme == "--packing":
         rows = PackedRows(rows, pack_rows(lengths, source["capacity"]))
-        from model_hub.registry import family_of_config
+        from model_hub.registry import packed_layout
 
-        collator = PackingCollator(source["rows_fn"], source["pad"], family_of_config(source["config"]),
-                                   source["config"])
+        collator = PackingCollator(source["rows_fn"], source["pad"], packed_layout(source["config"]))
     if scheme == "--group_by_length":
         order = list(LengthGroupedSampler(lengths, batch_size, seed))
         collator = source["grouped"]
@@ -143,7 +141,7 @@ def timed_chatglm(dataset_dir: str, flags: list[str], steps: int, pad_id: int) -
                 counted.append((int((batch["input_ids"] != pad_id).sum()), batch["input_ids"].numel(),
                                 int((batch["labels"][:, 1:] != -100).sum())))
             return batch
-        return rows, collate_and_count, sampler
+        return tuning.packing.TrainingRows(rows, collate_and_count, sampler)
 
     class CapturingTrainer(trainer_class):
         def __init__(self, *args, **kwargs):

@@ -12,11 +12,9 @@ one pass of the one-at-a-time side takes about a minute).
 """
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import REPO, bench_name, median, parse_args, peer_llama_76m, repeat, write_result  # noqa: E402
+from bench.common import REPO, bench_name, median, parse_args, peer_llama_76m, repeat, write_result
 
 ALPACA = os.path.join(REPO, "data", "stanford_alpaca", "alpaca_data.json")
 BATCH = 8

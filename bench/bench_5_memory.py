@@ -16,9 +16,8 @@ import os
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import REPO, bench_name, parse_args, peak_rss_mib_of_child, write_result  # noqa: E402
+from bench.common import REPO, bench_name, parse_args, peak_rss_mib_of_child, write_result
 
 ADVERTISEGEN = os.path.join(REPO, "data", "glm4_finetune_demo", "AdvertiseGen", "xl.jsonl")
 MODEL_DIR = os.path.join(REPO, "build", "bench", "glm4-177m")

@@ -10,12 +10,9 @@ Each case uses the settings the figure was measured with (/work/shared/spec/SEED
 - ChatGLM-Tuning README command: 8-bit base, fp16, batch 6, max_seq_length 384, gradient checkpointing,
   LoRA r 8 on query_key_value; the README asks for a GPU of at least 16 GB.
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import bench_name, parse_args, write_result  # noqa: E402
+from bench.common import bench_name, parse_args, write_result
 
 MIB = 2**20
 TOLERANCE = 0.15

@@ -16,10 +16,8 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
-from tuning.files import atomic_file  # noqa: E402
+from tuning.files import atomic_file
 
 RESULTS_DIR = os.path.join(REPO, "bench", "results")
 # run_all.py --results_dir (and the smoke test) redirect the results of every child benchmark through this.

@@ -9,10 +9,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import RESULTS_DIR  # noqa: E402
-from tuning.files import atomic_file  # noqa: E402
+from bench.common import RESULTS_DIR
+from tuning.files import atomic_file
 
 
 def fmt(value) -> str:

@@ -16,11 +16,10 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import report  # noqa: E402
-from bench.common import REPO, RESULTS_DIR, RESULTS_ENV, bench_name, machine_info  # noqa: E402
-from tuning.files import atomic_file  # noqa: E402
+from bench import report
+from bench.common import REPO, RESULTS_DIR, RESULTS_ENV, bench_name, machine_info
+from tuning.files import atomic_file
 
 BENCH_DIR = os.path.join(REPO, "bench")
 STDERR_TAIL = 2000  # characters of a failed benchmark's stderr kept in its result

@@ -5,15 +5,12 @@
 """
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
-from tuning.errors import UserError, run_main  # noqa: E402
-from tuning.files import atomic_file, read_json, require_str  # noqa: E402
+from tuning.errors import UserError, run_main
+from tuning.files import atomic_file, read_json, require_str
 
 
 def format_example(example: dict) -> dict:

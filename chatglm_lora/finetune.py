@@ -16,19 +16,17 @@ training); 8-bit base weights work with DDP and ZeRO-1/2, not with ZeRO-3.
 """
 import dataclasses
 import os
-import sys
 from dataclasses import dataclass, field
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-from transformers import HfArgumentParser, TrainingArguments, set_seed  # noqa: E402
+import torch
+from transformers import HfArgumentParser, TrainingArguments, set_seed
 
-from tuning import distributed  # noqa: E402
-from tuning.checkpoints import AtomicTrainer, save_pretrained_atomically  # noqa: E402
-from tuning.errors import UserError, run_main  # noqa: E402
-from tuning.methods import apply_lora, trainable_summary  # noqa: E402
-from tuning.training import LossPlot, NanGuard, check_precision, resolve_resume  # noqa: E402
+from tuning import distributed
+from tuning.checkpoints import AtomicTrainer, save_pretrained_atomically
+from tuning.errors import UserError, run_main
+from tuning.methods import apply_lora, trainable_summary
+from tuning.training import LossPlot, NanGuard, check_precision, resolve_resume
 
 
 @dataclass
@@ -152,6 +150,7 @@ def main():
     distributed.say(len(dataset))
 
     from model_hub.loader import load_model_and_tokenizer
+    from model_hub.registry import get_family, packed_layout
 
     device = distributed.local_device()
     load_in_8bit = finetune_args.load_in_8bit
@@ -169,27 +168,23 @@ def main():
     model.config.use_cache = False
 
     set_seed(training_args.seed)  # the adapter's random init: the same --seed gives the same run
-    model = apply_lora(model, ["query_key_value"], r=finetune_args.lora_rank, alpha=32, dropout=0.1)
+    model = apply_lora(model, r=finetune_args.lora_rank, **get_family("chatglm6b").lora())
     distributed.say(trainable_summary(model))
     if finetune_args.lm_head_on_labels_only:
         from tuning.labelled_logits import compute_logits_only_at_labels
 
         compute_logits_only_at_labels(model)
 
-    from tuning.packing import less_padding, use_train_sampler
+    from tuning.packing import less_padding
 
     collator = DataCollator(tokenizer.pad_token_id)
-    lengths = [len(ids) for ids in dataset["input_ids"]] if finetune_args.packing or finetune_args.group_by_length \
-        else []
-    rows, collator, sampler = less_padding(
-        dataset, lengths, rows_fn=collator.rows, collator=collator, pad_token_id=tokenizer.pad_token_id,
-        model_config=model.config, packing=finetune_args.packing, group_by_length=finetune_args.group_by_length,
-        capacity=max(lengths, default=0), batch_size=training_args.per_device_train_batch_size,
-        seed=training_args.seed)
-    trainer = AtomicTrainer(model=model, args=training_args, train_dataset=rows, data_collator=collator,
-                            callbacks=[NanGuard(model), LossPlot()])
-    if sampler is not None:
-        use_train_sampler(trainer, sampler)
+    training_rows = less_padding(
+        dataset, lambda: [len(ids) for ids in dataset["input_ids"]], rows_fn=collator.rows, collator=collator, pad_token_id=tokenizer.pad_token_id,
+        packed_layout=packed_layout(model.config), packing=finetune_args.packing,
+        group_by_length=finetune_args.group_by_length, capacity=None,
+        batch_size=training_args.per_device_train_batch_size, seed=training_args.seed)
+    trainer = AtomicTrainer(model=model, args=training_args, callbacks=[NanGuard(model), LossPlot()],
+                            **training_rows.trainer_inputs())
     trainer.train(resume_from_checkpoint=resume)
     # Collective: under ZeRO-3 the LoRA shards are gathered on every rank, rank 0 writes.
     distributed.save_trainable(model, lambda trained: save_pretrained_atomically(trained.save_pretrained,

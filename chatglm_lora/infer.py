@@ -7,16 +7,14 @@ through `format_example`, greedy decoding with max_length 150, answer printed ne
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from chatglm_lora.cover_alpaca2jsonl import format_example, read_alpaca  # noqa: E402
-from model_hub.chatglm6b.generation import build_prompt  # noqa: E402
-from tuning.errors import UserError, run_main  # noqa: E402
-from tuning.files import refuse_pickled_code  # noqa: E402
+from chatglm_lora.cover_alpaca2jsonl import format_example, read_alpaca
+from model_hub.chatglm6b.generation import build_prompt
+from tuning.errors import UserError, run_main
+from tuning.files import refuse_pickled_code
 
 
 def clean_answer(text: str) -> str:

@@ -14,15 +14,13 @@ import contextlib
 import gc
 import os
 import re
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from chatglm_lora.cover_alpaca2jsonl import format_example  # noqa: E402
-from tuning.chatglm_text import VOCAB_FILE, ChatGLMTextEncoder  # noqa: E402
-from tuning.datasets_folder import save_table, token_rows_table  # noqa: E402
-from tuning.errors import UserError, parse_bool, run_main  # noqa: E402
-from tuning.files import atomic_dir, read_jsonl, require_output_parent, require_str  # noqa: E402
+from chatglm_lora.cover_alpaca2jsonl import format_example
+from model_hub.chatglm6b.text import VOCAB_FILE, ChatGLMTextEncoder
+from tuning.datasets_folder import save_table, token_rows_table
+from tuning.errors import UserError, parse_bool, run_main
+from tuning.files import atomic_dir, read_jsonl, require_output_parent, require_str
 
 # The March-2023 format of ChatGLM-Tuning's committed data/alpaca_data.jsonl (Input block optional).
 OLD_TEXT = re.compile(r"\A### Instruction:\n(?P<instruction>.*?)(?:\n\n### Input:\n(?P<input>.*?))?"

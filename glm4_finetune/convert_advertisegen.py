@@ -7,15 +7,12 @@ original's train.jsonl / dev.jsonl: one user turn with the content, one assistan
 """
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
-from tuning.errors import run_main  # noqa: E402
-from tuning.files import atomic_file, read_jsonl, require_str  # noqa: E402
+from tuning.errors import run_main
+from tuning.files import atomic_file, read_jsonl, require_str
 
 
 def to_messages(record: dict) -> dict:

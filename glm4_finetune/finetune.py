@@ -17,45 +17,30 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from typing import Annotated  # noqa: E402
+from typing import Annotated
 
-import typer  # noqa: E402
+import typer
 
-from glm4_finetune.config import load_config  # noqa: E402
-from glm4_finetune.data import process_batch, process_batch_eval  # noqa: E402,F401  (the original's API)
-from glm4_finetune.validate import read_conversations  # noqa: E402
-from tuning import distributed  # noqa: E402
-from tuning.distributed import say  # noqa: E402
-from tuning.errors import UserError, run_main  # noqa: E402
-from tuning.training import list_checkpoints  # noqa: E402
+from glm4_finetune.config import load_config
+from glm4_finetune.data import process_batch, process_batch_eval  # noqa: F401  (the original's API)
+from glm4_finetune.validate import read_conversations
+from model_hub.registry import get_family, get_spec
+from tuning import distributed
+from tuning.distributed import say
+from tuning.errors import UserError, run_main
+from tuning.training import resolve_resume
 
 MODEL_NAME = "glm-4-9b-chat"  # model_hub/registry.py: stop ids, pad id, LoRA targets
-GLM_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"}
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
 def resolve_auto_resume(value: str, output_dir: str) -> str | None:
-    """The checkpoint to resume from, or None to start fresh (the original silently skipped training on a typo)."""
-    text = (value or "").strip()
-    if text.lower() in ("", "no"):
-        return None
-    found = list_checkpoints(output_dir)
-    if text.lower() == "yes":
-        if not found:
-            say(f"no checkpoint-N in {output_dir}: training from scratch")
-            return None
-        return found[-1][1]
-    if text.isdigit() and int(text) > 0:
-        path = os.path.join(output_dir, f"checkpoint-{int(text)}")
-        if any(p == path for _, p in found):
-            return path
-        have = ", ".join(str(step) for step, _ in found) or "none"
-        raise UserError(f"checkpoint-{int(text)} is not a complete checkpoint (saved steps: {have})",
-                        path=output_dir, field="AUTO_RESUME_FROM_CHECKPOINT")
-    raise UserError(f"expected yes, no, or a checkpoint step N > 0, got {value!r}", field="AUTO_RESUME_FROM_CHECKPOINT")
+    """The original's yes / no / N (no checkpoint saved yet with `yes`: a fresh start, as the original); a typo is an
+    error (the original silently skipped training)."""
+    return resolve_resume(value, output_dir, field="AUTO_RESUME_FROM_CHECKPOINT", paths=False,
+                          fresh_when_none_saved=True)
 
 
 def check_method_fits(cfg, model_config) -> None:
@@ -76,10 +61,12 @@ def check_method_fits(cfg, model_config) -> None:
         if peft.num_layers not in (None, model_config.num_hidden_layers):
             raise cfg.error("peft_config.num_layers", f"expected {model_config.num_hidden_layers} or nothing")
     elif peft is not None and isinstance(peft.target_modules, (list, set)):
-        unknown = sorted(set(peft.target_modules) - GLM_LINEAR)
+        family = get_family(get_spec(MODEL_NAME).family)
+        unknown = sorted(set(peft.target_modules) - set(family.linear_modules))
         if unknown:
             raise cfg.error("peft_config.target_modules", f"{unknown[0]!r} is not a layer of the native GLM-4 model; "
-                            f"use {sorted(GLM_LINEAR)} (the original query_key_value = q_proj, k_proj, v_proj)")
+                            f"use {sorted(family.linear_modules)} (the original query_key_value = "
+                            f"{', '.join(family.lora_targets)})")
     if not gc_set:  # the original enabled it when resuming only; we keep training identical either way
         args.gradient_checkpointing = peft is None or peft.peft_type != "PREFIX_TUNING"
     if args.remove_unused_columns:
@@ -112,7 +99,6 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
     from transformers import AutoConfig
 
     from model_hub.loader import load_model_and_tokenizer, resolve_model_path
-    from model_hub.registry import get_spec
 
     model_path = resolve_model_path(model_dir)
     check_method_fits(cfg, AutoConfig.from_pretrained(model_path))
@@ -138,7 +124,7 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
         from peft import get_peft_model
         from transformers import set_seed
 
-        from tuning.prefix_positions import number_text_from_zero
+        from model_hub.glm4.prefix_positions import number_text_from_zero
 
         set_seed(args.seed)  # the adapter's random init, reproducible
         try:
@@ -157,24 +143,21 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
     (model.get_base_model() if cfg.peft_config is not None else model).generation_config = generation
 
     from glm4_finetune.trainer import train_rows
-    from tuning.packing import less_padding, use_train_sampler
+    from model_hub.registry import packed_layout
+    from tuning.packing import less_padding
     from tuning.text_metrics import generation_metrics
     from tuning.training import DataNotesAtEnd, LossPlot, NanGuard
 
-    lengths = [len(ids) for ids in splits["train"]["input_ids"]] if packing or group_by_length else []
-    rows, collator, sampler = less_padding(
-        splits["train"], lengths, rows_fn=train_rows, collator=DataCollator(tokenizer, padding="longest",
-                                                                            return_tensors="pt"),
-        pad_token_id=tokenizer.pad_token_id, model_config=model.config, packing=packing,
+    training_rows = less_padding(
+        splits["train"], lambda: [len(ids) for ids in splits["train"]["input_ids"]], rows_fn=train_rows,
+        collator=DataCollator(tokenizer, padding="longest", return_tensors="pt"),
+        pad_token_id=tokenizer.pad_token_id, packed_layout=packed_layout(model.config), packing=packing,
         group_by_length=group_by_length, capacity=cfg.max_input_length + cfg.max_output_length + 1,
         batch_size=args.per_device_train_batch_size, seed=args.seed)
     trainer = GenerationTrainer(
-        model=model, args=args, data_collator=collator, train_dataset=rows, eval_dataset=splits.get("validation"),
-        processing_class=tokenizer, compute_metrics=lambda p: generation_metrics(tokenizer, p.predictions,
-                                                                                 p.label_ids),
-        callbacks=[NanGuard(model), LossPlot(), DataNotesAtEnd()])
-    if sampler is not None:
-        use_train_sampler(trainer, sampler)
+        model=model, args=args, eval_dataset=splits.get("validation"), processing_class=tokenizer,
+        compute_metrics=lambda p: generation_metrics(tokenizer, p.predictions, p.label_ids),
+        callbacks=[NanGuard(model), LossPlot(), DataNotesAtEnd()], **training_rows.trainer_inputs())
 
     # 5. Train, save the final weights (the original kept only checkpoint-N), score the test split.
     trainer.train(resume_from_checkpoint=resume)

@@ -10,16 +10,14 @@ In --interactive mode a reply that ends in <|observation|> is a tool call: it is
 result, and the model continues. `clear` forgets the history; an empty line, `exit` or `quit` ends.
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from typing import Annotated  # noqa: E402
+from typing import Annotated
 
-import typer  # noqa: E402
+import typer
 
-from tuning.errors import UserError, run_main  # noqa: E402
-from tuning.files import read_json, refuse_pickled_code  # noqa: E402
+from tuning.errors import UserError, run_main
+from tuning.files import read_json, refuse_pickled_code
 
 OBSERVATION = 151338
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
@@ -35,7 +33,7 @@ def load_for_inference(model_dir: str, base_model: str | None = None, dtype: str
         return model.eval(), tokenizer
     from peft import PeftModelForCausalLM
 
-    from tuning.prefix_positions import number_text_from_zero
+    from model_hub.glm4.prefix_positions import number_text_from_zero
 
     base = base_model or read_json(adapter_config).get("base_model_name_or_path")
     if not base:

@@ -16,12 +16,10 @@ differs from training.
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tuning.errors import UserError, run_main  # noqa: E402
-from tuning.files import atomic_file, read_text, refuse_pickled_code, require_output_parent  # noqa: E402
+from tuning.errors import UserError, run_main
+from tuning.files import atomic_file, read_text, refuse_pickled_code, require_output_parent
 
 ORIGINAL_TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                      "the request.\n\n### Instruction:\n\n{instruction}\n\n### Response:\n\n")

@@ -10,9 +10,6 @@ from tuning.files import atomic_file, read_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-# The original's LoRA: r from the config, alpha 32, dropout 0.1, these seven modules (its order).
-LORA_TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
-LORA_ALPHA, LORA_DROPOUT = 32, 0.1
 # deepspeed.json's optimizer (the Trainer path sets the same betas / eps / weight decay on its AdamW).
 RECIPE_ADAM = {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 5e-4}
 
@@ -117,15 +114,15 @@ def check_speed_flags(args, on_gpu: bool) -> None:
 
 
 def training_inputs(args, tokenizer, model, rows: list[str], rank: int = 0, world: int = 1):
-    """(rows, collate function, sampler or None) for the training loop, with the opt-in speed-ups applied
-    (--group_by_length, --pad_to_multiple_of, --packing, --lm_head_on_labels_only, --prefetch_dropout_masks; all off:
-    the original's rows and collate_fn)."""
+    """tuning.packing.TrainingRows (rows, collate function, sampler or None) for the training loop, with the opt-in
+    speed-ups applied (--group_by_length, --pad_to_multiple_of, --packing, --lm_head_on_labels_only,
+    --prefetch_dropout_masks; all off: the original's rows and collate_fn)."""
+    from model_hub.registry import packed_layout
     from tuning.packing import less_padding
 
     collate = collate_for(args, tokenizer)
     collate.pad_to_longest = bool(args.group_by_length)
     collate.pad_to_multiple_of = args.pad_to_multiple_of
-    lengths = collate.lengths(rows) if args.packing or args.group_by_length else []
     if args.lm_head_on_labels_only:
         from tuning.labelled_logits import compute_logits_only_at_labels
 
@@ -134,8 +131,9 @@ def training_inputs(args, tokenizer, model, rows: list[str], rank: int = 0, worl
         from tuning.dropout_masks import prefetch_dropout_masks
 
         prefetch_dropout_masks(model)
-    return less_padding(rows, lengths, rows_fn=collate.rows, collator=collate.collate_fn,
-                        pad_token_id=tokenizer.pad_token_id, model_config=model.config, packing=args.packing,
+    return less_padding(rows, lambda: collate.lengths(rows), rows_fn=collate.rows, collator=collate.collate_fn,
+                        pad_token_id=tokenizer.pad_token_id, packed_layout=packed_layout(model.config),
+                        packing=args.packing,
                         group_by_length=args.group_by_length, capacity=args.max_seq_length,
                         batch_size=args.train_batch_size, seed=args.seed, rank=rank, world=world)
 

@@ -7,16 +7,13 @@ next-token argmax over the answer positions, which sees the gold answer) and 真
 生成 >>> (free greedy generation, what the model really answers) and the entity scores of those three answers.
 """
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llama_ner.common import collate_for, show_args  # noqa: E402
-from llama_ner.evaluation import ENTITY_TYPES, generate_answers, load_model, parse_eval_args, teacher_forced  # noqa: E402
-from llama_ner.process import INSTRUCT  # noqa: E402
-from tuning.errors import run_main  # noqa: E402
-from tuning.ner_metrics import format_table, ner_scores  # noqa: E402
+from llama_ner.common import collate_for, show_args
+from llama_ner.evaluation import ENTITY_TYPES, generate_answers, load_model, parse_eval_args, teacher_forced
+from llama_ner.process import INSTRUCT
+from tuning.errors import run_main
+from tuning.ner_metrics import format_table, ner_scores
 
 TEXTS = [
     {"instruct": INSTRUCT, "query": "文本：我们是受到郑振铎先生、阿英先生著作的启示，从个人条件出发，瞄准现代出版史研究的空白，"

@@ -18,12 +18,10 @@ train-mode output on msra_1000.txt (1,000 rows), not the dev-mode one (344 rows)
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tuning.errors import UserError, run_main  # noqa: E402
-from tuning.files import atomic_file, read_jsonl  # noqa: E402
+from tuning.errors import UserError, run_main
+from tuning.files import atomic_file, read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TYPE_NAMES = {"PER": "人名", "ORG": "机构名", "LOC": "地名"}

@@ -14,15 +14,13 @@ NB the vendored dev.txt is msra_1000.txt = the first 1,000 train sentences (dev 
 held out.
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llama_ner.common import collate_for, show_args  # noqa: E402
-from llama_ner.dataset import load_data  # noqa: E402
-from llama_ner.evaluation import (generate_answers, load_model, parse_eval_args, pick_rows,  # noqa: E402
+from llama_ner.common import collate_for, show_args
+from llama_ner.dataset import load_data
+from llama_ner.evaluation import (generate_answers, load_model, parse_eval_args, pick_rows,
                                   score_split, teacher_forced, write_report)
-from tuning.errors import run_main  # noqa: E402
+from tuning.errors import run_main
 
 EVAL_CONFIG = {
     "test_path": "build/llama_ner/instruct_data/test.txt",  # MSRA test split (process.py); "" to skip

@@ -16,28 +16,26 @@ On a CPU: fp32 (or --bf16=true), no optimizer offload, torch's Adam. The first D
 JIT-compiles a comm op (~60 s, cached in ~/.cache/torch_extensions).
 """
 import os
-import re
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
 
-from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS,  # noqa: E402
+from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP,
                               check_speed_flags, deepspeed_config, find_deepspeed_json, load_training_rows,
                               save_adapter, show_args, training_inputs, write_train_args)
-from llama_ner.config_utils import ConfigParser  # noqa: E402
-from llama_ner.dataset import load_data  # noqa: E402
-from tuning import distributed  # noqa: E402
-from tuning.errors import TrainingStopped, UserError, run_main  # noqa: E402
-from tuning.methods import apply_lora, trainable_summary  # noqa: E402
-from tuning.training import print_data_notes  # noqa: E402
+from llama_ner.config_utils import ConfigParser
+from llama_ner.dataset import load_data
+from model_hub.registry import get_family
+from tuning import distributed
+from tuning.errors import TrainingStopped, UserError, run_main
+from tuning.methods import apply_lora, trainable_summary
+from tuning.training import (DEEPSPEED_CHECKPOINTS, list_checkpoints, print_data_notes,
+                             resolve_resume)
 
 CONFIG = {**BASE_CONFIG, "save_dir": "./checkpoint/msra/train_deepspeed/adapter_model/",
           "deepspeed_jaon_path": "deepspeed.json", **EXTRA_CONFIG}
-TAG = re.compile(r"^global_step(\d+)$")
 
 
 def checkpoint_root(args) -> str:
@@ -45,26 +43,13 @@ def checkpoint_root(args) -> str:
 
 
 def saved_steps(root: str) -> list[int]:
-    names = os.listdir(root) if os.path.isdir(root) else []
-    return sorted(int(m.group(1)) for m in map(TAG.match, names) if m)
+    return [step for step, _ in list_checkpoints(root, DEEPSPEED_CHECKPOINTS)]
 
 
 def resume_point(value, root: str) -> tuple[str, str] | None:
     """--resume_from_checkpoint → (folder, tag) for engine.load_checkpoint, or None to start fresh."""
-    if value in (None, "", False, "no", "false"):
-        return None
-    text = str(value)
-    if text.lower() in ("last", "latest", "yes", "true"):
-        steps = saved_steps(root)
-        if not steps:
-            raise UserError("no DeepSpeed checkpoint to resume from", path=root, field="resume_from_checkpoint")
-        return root, f"global_step{steps[-1]}"
-    path = os.path.join(root, f"global_step{text}") if text.isdigit() else text.rstrip("/")
-    if not os.path.isdir(path) or not TAG.match(os.path.basename(path)):
-        raise UserError("not a DeepSpeed checkpoint folder global_stepN; expected a path, a step number or "
-                        f"'last' (saved steps: {saved_steps(root) or 'none'})", path=path,
-                        field="resume_from_checkpoint")
-    return os.path.dirname(path), os.path.basename(path)
+    path = resolve_resume(value, root, names=DEEPSPEED_CHECKPOINTS)
+    return None if path is None else (os.path.dirname(path), os.path.basename(path))
 
 
 def save_checkpoint(engine, args, step: int) -> None:
@@ -148,7 +133,7 @@ def main():
     model, tokenizer = load_model_and_tokenizer(args.model_dir, dtype="fp16" if on_gpu else "fp32",
                                                 device=distributed.local_device())
     model.config.use_cache = False
-    model = apply_lora(model, LORA_TARGETS, r=args.lora_r, alpha=LORA_ALPHA, dropout=LORA_DROPOUT)
+    model = apply_lora(model, r=args.lora_r, **get_family("llama").lora())
     distributed.say(trainable_summary(model))
 
     import deepspeed

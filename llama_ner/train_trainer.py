@@ -14,24 +14,22 @@ checkpoints save_dir/checkpoint-N (adapter + optimizer + scheduler + RNG: --resu
 exactly), and the adapter to save_dir/adapter_model at every save and at the end. CPU: fp32, or --bf16=true.
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-from transformers import TrainerCallback, TrainingArguments, set_seed  # noqa: E402
+import torch
+from transformers import TrainerCallback, TrainingArguments, set_seed
 
-from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS,  # noqa: E402
+from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP,
                               adapter_dir, check_speed_flags, deepspeed_config, find_deepspeed_json, learning_rate,
                               load_training_rows, save_adapter, show_args, training_inputs, write_train_args)
-from llama_ner.config_utils import ConfigParser  # noqa: E402
-from llama_ner.dataset import load_data  # noqa: E402
-from tuning.checkpoints import AtomicTrainer  # noqa: E402
-from tuning import distributed  # noqa: E402
-from tuning.errors import run_main  # noqa: E402
-from tuning.methods import apply_lora, trainable_summary  # noqa: E402
-from tuning.packing import use_train_sampler  # noqa: E402
-from tuning.training import DataNotesAtEnd, LossPlot, NanGuard, check_precision, resolve_resume  # noqa: E402
+from llama_ner.config_utils import ConfigParser
+from llama_ner.dataset import load_data
+from model_hub.registry import get_family
+from tuning.checkpoints import AtomicTrainer
+from tuning import distributed
+from tuning.errors import run_main
+from tuning.methods import apply_lora, trainable_summary
+from tuning.training import DataNotesAtEnd, LossPlot, NanGuard, check_precision, resolve_resume
 
 CONFIG = {**BASE_CONFIG, "deepspeed_jaon_path": "deepspeed.json", **EXTRA_CONFIG}
 
@@ -74,10 +72,10 @@ def main():
     model, tokenizer = load_model_and_tokenizer(args.model_dir, dtype="fp32", device=distributed.local_device())
     model.config.use_cache = False
     set_seed(args.seed)  # the adapter's random init: the same seed gives the same run
-    model = apply_lora(model, LORA_TARGETS, r=args.lora_r, alpha=LORA_ALPHA, dropout=LORA_DROPOUT)
+    model = apply_lora(model, r=args.lora_r, **get_family("llama").lora())
     distributed.say(trainable_summary(model))
 
-    rows, collate_fn, sampler = training_inputs(args, tokenizer, model, train_data)
+    training_rows = training_inputs(args, tokenizer, model, train_data)
     fp16 = on_gpu and not args.bf16 and bool(ds_config.get("fp16", {}).get("enabled"))  # as the original on a GPU
     training_args = TrainingArguments(**distributed.trainer_arguments(dict(
         output_dir=args.save_dir, learning_rate=learning_rate(args, ds_config), adam_beta1=0.9, adam_beta2=0.95,
@@ -88,11 +86,9 @@ def main():
         seed=args.seed, remove_unused_columns=False, report_to=["tensorboard"],
         deepspeed=ds_config if use_deepspeed else None,
     )))
-    trainer = AtomicTrainer(model=model, args=training_args, train_dataset=rows, data_collator=collate_fn,
-                            callbacks=[AdapterToSaveDir(adapter_dir(args)), NanGuard(model), LossPlot(),
-                                       DataNotesAtEnd()])
-    if sampler is not None:
-        use_train_sampler(trainer, sampler)
+    trainer = AtomicTrainer(model=model, args=training_args, callbacks=[
+        AdapterToSaveDir(adapter_dir(args)), NanGuard(model), LossPlot(), DataNotesAtEnd()],
+        **training_rows.trainer_inputs())
     trainer.resume_hint = "--resume_from_checkpoint=last"
     trainer.train(resume_from_checkpoint=resume)
     distributed.say(f"adapter: {adapter_dir(args)}")

@@ -1,18 +1,27 @@
-"""Everything about models: the vendored real tokenizer files, tokenizers that reproduce the originals' ids,
-our ChatGLM-6B implementation (registered with transformers' Auto classes on import), the tiny-model factory,
-weight converters and the one loader every recipe uses.
+"""Everything that knows a model, one package per family (chatglm6b/, glm4/, llama/): tokenizers that reproduce the
+originals' ids, prompt formats, masks, converters; `registry` (the one source of model facts), the loader every
+recipe uses, the tiny-model factory, the memory estimator; the vendored real tokenizer files.
 
-Importing `model_hub` registers the `chatglm` model type and our tokenizer classes, so that
-`AutoConfig/AutoModel/AutoModelForCausalLM/AutoTokenizer.from_pretrained(DIR)` work offline with
-`trust_remote_code` left off.
+Importing `model_hub` registers the `chatglm` model type and our tokenizer classes with transformers' Auto classes,
+so that `AutoConfig/AutoModel/AutoModelForCausalLM/AutoTokenizer.from_pretrained(DIR)` work offline with
+`trust_remote_code` left off. The registration runs as soon as transformers is imported (at once if it already
+is): light modules such as `model_hub.chatglm6b.text` can then be used without paying for torch.
 """
+import importlib
+import importlib.abc
+import importlib.util
 import os
+import sys
 
 HUB_DIR = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER_FILES = os.path.join(HUB_DIR, "tokenizer_files")
 REPO_DIR = os.path.dirname(HUB_DIR)
 # Generated, git-ignored: tiny models and tokenizers too big to commit (GLM-4's tokenizer.json is 20 MB).
 BUILD_DIR = os.environ.get("MODEL_HUB_BUILD_DIR", os.path.join(REPO_DIR, "build"))
+
+# Each module registers its classes with the Auto classes when imported.
+_REGISTERING_MODULES = ("model_hub.chatglm6b.auto", "model_hub.llama.tokenizer")
+_registered = False
 
 
 def tokenizer_files(name: str) -> str:
@@ -24,5 +33,36 @@ def tokenizer_files(name: str) -> str:
     return path
 
 
-# Registration with the Auto classes (each module registers itself on import).
-from . import registration  # noqa: E402,F401
+def register_with_transformers() -> None:
+    """Register our config, model and tokenizer classes with transformers' Auto classes (idempotent)."""
+    global _registered
+    if not _registered:
+        _registered = True
+        for module in _REGISTERING_MODULES:
+            importlib.import_module(module)
+
+
+class _RegisterWhenTransformersLoads(importlib.abc.MetaPathFinder):
+    """Runs `register_with_transformers` right after `import transformers` has finished, whoever imports it."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "transformers":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        load = spec.loader.exec_module
+
+        def exec_then_register(module):
+            load(module)
+            register_with_transformers()
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+if "transformers" in sys.modules:
+    register_with_transformers()
+elif not any(isinstance(f, _RegisterWhenTransformersLoads) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWhenTransformersLoads())

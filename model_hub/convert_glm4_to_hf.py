@@ -14,12 +14,10 @@ import argparse
 import json
 import os
 import re
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tuning.errors import UserError, run_main  # noqa: E402
-from tuning.files import atomic_dir, read_json  # noqa: E402
+from tuning.errors import UserError, run_main
+from tuning.files import atomic_dir, read_json
 
 LAYER = re.compile(r"^transformer\.encoder\.layers\.(\d+)\.(.+)$")
 # Per-layer names that are copied unchanged apart from the prefix.
@@ -174,7 +172,7 @@ class ShardWriter:
 def convert(src: str, out_dir: str, *, max_shard_gb: float = 5.0, with_tokenizer: bool = True) -> str:
     from tqdm import tqdm
 
-    from model_hub.glm4_native import native_config_from_original
+    from model_hub.glm4.native import native_config_from_original
 
     config_path = os.path.join(src, "config.json")
     orig = read_json(config_path)
@@ -208,7 +206,7 @@ def convert(src: str, out_dir: str, *, max_shard_gb: float = 5.0, with_tokenizer
 
             GenerationConfig.from_pretrained(src).save_pretrained(tmp)
         if with_tokenizer:
-            from model_hub.glm4_tokenizer import load_glm4_tokenizer
+            from model_hub.glm4.tokenizer import load_glm4_tokenizer
 
             load_glm4_tokenizer().save_pretrained(tmp)
     return out_dir

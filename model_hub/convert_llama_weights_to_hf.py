@@ -16,17 +16,15 @@ import contextlib
 import glob
 import os
 import shutil
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+from tqdm import tqdm
 
-from model_hub.convert_glm4_to_hf import ShardWriter, read_shard  # noqa: E402
-from tuning.errors import UserError, run_main  # noqa: E402
-from tuning.files import read_json  # noqa: E402
+from model_hub.convert_glm4_to_hf import ShardWriter, read_shard
+from tuning.errors import UserError, run_main
+from tuning.files import read_json
 
 NUM_SHARDS = {"7B": 1, "13B": 2, "30B": 4, "65B": 8}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -181,7 +179,7 @@ def write_tokenizer(input_dir: str, out_dir: str) -> None:
     path = os.path.join(input_dir, "tokenizer.model")
     if not os.path.isfile(path):
         raise UserError("tokenizer.model not found", path=path)
-    from model_hub.llama_tokenizer import LlamaSentencePieceTokenizer
+    from model_hub.llama.tokenizer import LlamaSentencePieceTokenizer
 
     tokenizer = LlamaSentencePieceTokenizer(vocab_file=path)
     tokenizer.save_pretrained(out_dir)

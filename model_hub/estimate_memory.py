@@ -35,12 +35,10 @@ Assumptions (all bytes, per GPU):
 import argparse
 import json
 import os
-import sys
 from dataclasses import asdict, dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tuning.errors import UserError, parse_bool, run_main  # noqa: E402
+from tuning.errors import UserError, parse_bool, run_main
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 METHODS = ("lora", "ptuning_v2", "sft")
@@ -119,14 +117,20 @@ def load_arch(model: str) -> tuple[Arch, str]:
 
 
 def linear_shapes(arch: Arch) -> dict[str, tuple[int, int, int]]:
-    """Per-layer linear layers: name → (in, out, count); names of the original code of each family."""
+    """Per-layer linear layers: name → (in, out, count); names as the registry gives them for our layout."""
+    from .registry import get_family
+
     h, f = arch.hidden, arch.ffn
-    if arch.family == "llama":
-        return {"q_proj": (h, arch.q_width, 1), "k_proj": (h, arch.kv_width, 1), "v_proj": (h, arch.kv_width, 1),
-                "o_proj": (arch.q_width, h, 1), "gate_proj": (h, f, 1), "up_proj": (h, f, 1), "down_proj": (f, h, 1)}
-    mlp_in = 2 * f if arch.gated else f
-    return {"query_key_value": (h, arch.q_width + 2 * arch.kv_width, 1), "dense": (arch.q_width, h, 1),
-            "dense_h_to_4h": (h, mlp_in, 1), "dense_4h_to_h": (f, h, 1)}
+    if arch.family == "chatglm6b":  # fused QKV, GeLU MLP
+        mlp_in = 2 * f if arch.gated else f
+        shapes = [(h, arch.q_width + 2 * arch.kv_width), (arch.q_width, h), (h, mlp_in), (f, h)]
+    elif arch.family == "glm4":  # native GlmForCausalLM: split q/k/v, fused gate_up
+        shapes = [(h, arch.q_width), (h, arch.kv_width), (h, arch.kv_width), (arch.q_width, h), (h, 2 * f), (f, h)]
+    else:  # llama
+        shapes = [(h, arch.q_width), (h, arch.kv_width), (h, arch.kv_width), (arch.q_width, h), (h, f), (h, f),
+                  (f, h)]
+    names = get_family(arch.family).linear_modules
+    return {name: (i, o, 1) for name, (i, o) in zip(names, shapes, strict=True)}
 
 
 def count_parameters(arch: Arch) -> dict:
@@ -216,8 +220,10 @@ def estimate(arch: Arch, method: str, *, dtype: str = "bf16", batch_size: int = 
 
 
 def default_lora_targets(arch: Arch) -> tuple[str, ...]:
-    """The original recipes' targets: query_key_value for both GLMs (PEFT's chatglm default), all 7 for LLaMA."""
-    return ("query_key_value",) if arch.family in ("chatglm6b", "glm4") else tuple(linear_shapes(arch))
+    """The original recipe's targets on our layout (model_hub.registry)."""
+    from .registry import get_family
+
+    return get_family(arch.family).lora_targets
 
 
 def render(result: dict, settings: dict) -> str:

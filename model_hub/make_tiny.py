@@ -29,7 +29,7 @@ def _real_config(spec) -> dict:
 def _build_llama(spec):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .llama_tokenizer import load_llama_tokenizer
+    from .llama.tokenizer import load_llama_tokenizer
 
     real = _real_config(spec)
     keep = ("vocab_size", "rms_norm_eps", "max_position_embeddings", "bos_token_id", "eos_token_id",
@@ -41,8 +41,8 @@ def _build_llama(spec):
 def _build_glm4(spec):
     from transformers import GlmForCausalLM
 
-    from .glm4_native import native_config_from_original
-    from .glm4_tokenizer import load_glm4_tokenizer
+    from .glm4.native import native_config_from_original
+    from .glm4.tokenizer import load_glm4_tokenizer
 
     config = native_config_from_original({**_real_config(spec), **spec.tiny})
     return GlmForCausalLM(config), load_glm4_tokenizer()

@@ -19,18 +19,16 @@ import argparse
 import json
 import math
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+from tqdm import tqdm
 
-from model_hub.convert_glm4_to_hf import read_shard  # noqa: E402
-from model_hub.convert_llama_weights_to_hf import (  # noqa: E402
+from model_hub.convert_glm4_to_hf import read_shard
+from model_hub.convert_llama_weights_to_hf import (
     DTYPES, LAYER_MAP, NUM_SHARDS, TOP_MAP, staged_output, unpermute)
-from tuning.errors import UserError, run_main  # noqa: E402
-from tuning.files import read_json  # noqa: E402
+from tuning.errors import UserError, run_main
+from tuning.files import read_json
 
 SIZE_BY_WIDTH = {4096: "7B", 5120: "13B", 6656: "30B", 8192: "65B"}
 
@@ -67,7 +65,7 @@ def module_key(key: str) -> str:
 
 def load_tokenizer_of(lora_dir: str, fallback):
     if os.path.isfile(os.path.join(lora_dir, "tokenizer.model")):
-        from model_hub.llama_tokenizer import load_llama_tokenizer
+        from model_hub.llama.tokenizer import load_llama_tokenizer
 
         return load_llama_tokenizer(lora_dir)
     print(f"{lora_dir}: no tokenizer.model; keeping the previous tokenizer")

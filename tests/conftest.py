@@ -21,7 +21,7 @@ def golden_dir():
 
 @pytest.fixture(scope="session")
 def glm4_tokenizer():
-    """The real GLM-4-9B-chat tokenizer (built once into build/tokenizers by model_hub.glm4_tokenizer)."""
-    from model_hub.glm4_tokenizer import load_glm4_tokenizer
+    """The real GLM-4-9B-chat tokenizer (built once into build/tokenizers by model_hub.glm4.tokenizer)."""
+    from model_hub.glm4.tokenizer import load_glm4_tokenizer
 
     return load_glm4_tokenizer()

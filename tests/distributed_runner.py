@@ -17,7 +17,6 @@ import signal
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 PROBE_IDS = [[151331, 151333, 151336, 198, 100, 2000, 3000, 151337, 198, 400]]
 
 

@@ -6,7 +6,9 @@ import copy
 import pytest
 import torch
 
-from llama_ner.common import LORA_DROPOUT, LORA_TARGETS
+from model_hub.registry import get_family
+
+LORA_TARGETS, LORA_DROPOUT = get_family("llama").lora_targets, get_family("llama").lora_dropout
 from tuning.dropout_masks import PrefetchedDropout, prefetch_dropout_masks, refuse_off_cpu
 from tuning.errors import UserError
 from tuning.methods import apply_lora

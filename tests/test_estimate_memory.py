@@ -25,7 +25,7 @@ def meta_model(name):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from model_hub.chatglm6b import ChatGLMConfig, ChatGLMForConditionalGeneration
-    from model_hub.glm4_native import native_config_from_original
+    from model_hub.glm4.native import native_config_from_original
 
     with torch.device("meta"):
         if name == "chatglm-6b":
@@ -49,7 +49,9 @@ def test_parameter_count_equals_the_meta_device_model(name, expected):
 
 def test_trainable_parameters_of_the_original_recipes():
     glm4, _ = em.load_arch("glm-4-9b-chat")
-    assert em.estimate(glm4, "lora")["trainable"] == 2_785_280            # r 8 on query_key_value
+    # r 8 on q/k/v_proj, what our recipe trains (README Deviations: 5,406,720; the original's fused
+    # query_key_value had 2,785,280, which the estimator used to count).
+    assert em.estimate(glm4, "lora")["trainable"] == 5_406_720
     assert em.estimate(glm4, "ptuning_v2", prefix_length=512)["trainable"] == 10_485_760
     chatglm, _ = em.load_arch("chatglm-6b")
     assert em.estimate(chatglm, "lora")["trainable"] == 3_670_016

@@ -166,7 +166,7 @@ def test_resume_argument(tmp_path):
     (tmp_path / "checkpoint-9").mkdir()  # killed mid-save: no trainer_state.json
     assert resolve_auto_resume("YES", out) == os.path.join(out, "checkpoint-6")
     assert resolve_auto_resume("3", out) == os.path.join(out, "checkpoint-3")
-    with pytest.raises(UserError, match=r"checkpoint-9 is not a complete checkpoint \(saved steps: 3, 6\)"):
+    with pytest.raises(UserError, match=r"checkpoint-9: AUTO_RESUME_FROM_CHECKPOINT: not a complete .*\(saved steps: 3, 6\)"):
         resolve_auto_resume("9", out)
     for bad in ("0", "maybe", "-1"):
         with pytest.raises(UserError, match="AUTO_RESUME_FROM_CHECKPOINT: expected yes, no, or a checkpoint step"):

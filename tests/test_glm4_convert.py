@@ -1,6 +1,6 @@
 """model_hub.convert_glm4_to_hf: the original glm-4-9b-chat layout → native GlmForCausalLM, checked against the
 original code's logits, losses and greedy tokens (tests/golden/glm4_model), and P-tuning v2 with text positions
-from 0 (tuning.prefix_positions) against the original's peft prefix tuning."""
+from 0 (model_hub.glm4.prefix_positions) against the original's peft prefix tuning."""
 import json
 import os
 import sys
@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from model_hub.convert_glm4_to_hf import convert, main
 from tuning.errors import UserError, run_main
-from tuning.prefix_positions import number_text_from_zero
+from model_hub.glm4.prefix_positions import number_text_from_zero
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,9 @@ def ner_batch():
 
 def fresh_model(lora: bool):
     from model_hub.loader import load_model_and_tokenizer
-    from llama_ner.common import LORA_TARGETS
+    from model_hub.registry import get_family
+
+    LORA_TARGETS = get_family("llama").lora_targets
 
     model, _ = load_model_and_tokenizer("tiny:chinese-alpaca-7b", dtype="fp32")
     model.config.use_cache = False

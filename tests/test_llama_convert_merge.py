@@ -17,7 +17,7 @@ import model_hub
 from model_hub import convert_llama_weights_to_hf as convert_script
 from model_hub import merge_llama_with_chinese_lora as merge_script
 from model_hub.convert_llama_weights_to_hf import write_model
-from model_hub.llama_tokenizer import load_llama_tokenizer
+from model_hub.llama.tokenizer import load_llama_tokenizer
 from model_hub.merge_llama_with_chinese_lora import merge
 from tuning.errors import UserError, run_main
 

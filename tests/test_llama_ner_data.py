@@ -11,7 +11,7 @@ import pytest
 from llama_ner.config_utils import ConfigParser, judge_type
 from llama_ner.dataset import NerCollate, drop_cut_rows, length_report, load_data
 from llama_ner.process import process_msra
-from model_hub.llama_tokenizer import load_llama_tokenizer
+from model_hub.llama.tokenizer import load_llama_tokenizer
 from tuning.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from model_hub.registry import packed_layout
 from tuning.packing import (LengthGroupedSampler, PackedRows, PackingCollator, length_grouped_batches, pack_batch,
                             pack_rows, padding_fraction)
 
@@ -81,7 +82,7 @@ def test_packed_loss_and_gradients_equal_the_original_batch(family):
     bins = pack_rows(lengths, max(lengths) * 2)
     assert len(bins) < len(lengths)  # some rows really share a training row
     packed = PackedRows(family.rows, bins)
-    collate = PackingCollator(family.rows_fn, family.pad_id, family.name, family.model.config)
+    collate = PackingCollator(family.rows_fn, family.pad_id, packed_layout(family.model.config))
     packed_batch = collate([packed[i] for i in range(len(packed))])
     assert packed_batch["input_ids"].shape[0] == len(bins)
 
@@ -106,7 +107,7 @@ def test_no_token_sees_another_packed_sequence(family):
 
     def logits(groups):
         with torch.no_grad():
-            return family.model(**pack_batch([groups], family.pad_id, family.name, config), use_cache=False).logits[0]
+            return family.model(**pack_batch([groups], family.pad_id, packed_layout(config)), use_cache=False).logits[0]
 
     base = logits(sequences)
     bounds, start = [], 0
@@ -175,7 +176,7 @@ def test_packed_rows_with_the_lm_head_on_labels_only_give_the_original_loss_and_
     model.eval()
     lengths = [len(ids) for ids, _ in family.rows_fn(family.rows)]
     packed = PackedRows(family.rows, pack_rows(lengths, max(lengths) * 2))
-    collate = PackingCollator(family.rows_fn, family.pad_id, family.name, model.config)
+    collate = PackingCollator(family.rows_fn, family.pad_id, packed_layout(model.config))
     packed_batch = collate([packed[i] for i in range(len(packed))])
 
     loss_u, n_u, grads_u = loss_and_grads(model, family.original(family.rows))

@@ -12,7 +12,7 @@ import pytest
 from chatglm_lora.cover_alpaca2jsonl import format_example
 from chatglm_lora import tokenize_dataset_rows
 from chatglm_lora.tokenize_dataset_rows import fit_rows, tokenize_rows, tokenize_rows_fast
-from tuning.chatglm_text import ChatGLMTextEncoder
+from model_hub.chatglm6b.text import ChatGLMTextEncoder
 from tuning.datasets_folder import SHARD
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import model_hub
-from model_hub import glm4_tokenizer as glm4
+from model_hub.glm4 import tokenizer as glm4
 from transformers import AutoTokenizer
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import model_hub
-from model_hub.llama_tokenizer import LlamaSentencePieceTokenizer, load_llama_tokenizer
+from model_hub.llama.tokenizer import LlamaSentencePieceTokenizer, load_llama_tokenizer
 from transformers import AutoTokenizer
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "llama")

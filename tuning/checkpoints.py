@@ -191,10 +191,20 @@ def deepspeed_loads_weights_only() -> None:
 class AtomicCheckpoints:
     """Mix into a transformers Trainer class (before it): checkpoints are staged and renamed (module docstring).
 
-    `resume_hint` is how the recipe's user resumes, shown when a save fails."""
+    `resume_hint` is how the recipe's user resumes, shown when a save fails. `train_sampler` (from
+    tuning.packing.less_padding, --group_by_length) replaces the Trainer's random sampler."""
 
     resume_hint = "--resume_from_checkpoint last"
     _staging_root = None
+
+    def __init__(self, *args, train_sampler=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.train_sampler = train_sampler
+
+    def _get_train_sampler(self, *args, **kwargs):  # the Trainer's documented override point
+        if self.train_sampler is not None:
+            return self.train_sampler
+        return super()._get_train_sampler(*args, **kwargs)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """As Trainer.train; a checkpoint file that holds pickled code is refused in one line (DeepSpeed's

@@ -12,7 +12,7 @@ def trainable_summary(model) -> str:
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
 
 
-def apply_lora(model, target_modules, r: int = 8, alpha: int = 32, dropout: float = 0.1,
+def apply_lora(model, target_modules, r: int, alpha: int, dropout: float,
                modules_to_save=None) -> PeftModel:
     """Wrap `model` with a causal-LM LoRA adapter; the base is frozen."""
     config = LoraConfig(task_type=TaskType.CAUSAL_LM, inference_mode=False, r=r, lora_alpha=alpha,

@@ -7,11 +7,10 @@
 - Packing (`pack_rows` + `PackedRows` + `PackingCollator`): rows are packed once (best fit, longest first) into
   training rows of at most `capacity` tokens. Nothing leaks across a boundary: each packed sequence has its own
   positions, restarting at 0, and block-diagonal attention.
-  * transformers' models (LLaMA, GLM-4) get `position_ids` and no attention_mask: transformers 5 derives the
-    block-diagonal causal mask from positions that restart (masking_utils.find_packed_sequence_indices), for SDPA,
-    eager and flash attention alike. This needs `use_cache=False` while training (a cache turns that off).
-  * our ChatGLM-6B gets its own bool mask [B, 1, L, L] (True = masked) and 2-D positions [B, 2, L], each sequence's
-    built exactly as unpacked (model_hub.chatglm6b.masks): bidirectional prompt, causal answer.
+  * transformers' own models get `position_ids` and no attention_mask (`RestartingPositions`): transformers 5
+    derives the block-diagonal causal mask from positions that restart.
+  * a model with its own masks and positions brings a layout that builds each sequence's exactly as unpacked
+    (model_hub.registry.packed_layout finds it for a config).
   The first label of every packed sequence is -100: unpacked it is never a target (labels are shifted by one
   inside the model), packed it would be predicted from the sequence before it. Padding (to the longest packed row
   of the batch) has label -100 and forms its own block.
@@ -78,12 +77,6 @@ class LengthGroupedSampler(Sampler):
         return len(self.lengths)
 
 
-def use_train_sampler(trainer, sampler) -> None:
-    """Make a transformers Trainer draw its training rows from `sampler` (its documented override point is the
-    `_get_train_sampler` method; the recipes keep the stock Trainer classes)."""
-    trainer._get_train_sampler = lambda *args, **kwargs: sampler
-
-
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     """Bins of row indices whose lengths add up to at most `capacity` (best fit, longest first); each bin keeps
     its rows in index order. Deterministic; the training sampler shuffles the bins."""
@@ -125,18 +118,36 @@ def packing_report(row_lengths: list[int], bins: list[list[int]], capacity: int)
             f"({100 * tokens / max(1, len(bins) * capacity):.1f}% filled)")
 
 
+class RestartingPositions:
+    """The packed layout of models that build their own masks: 1-D positions restarting at 0 per sequence.
+
+    transformers 5 derives the block-diagonal causal mask from positions that restart
+    (masking_utils.find_packed_sequence_indices), for SDPA, eager and flash attention alike; this needs
+    `use_cache=False` while training. Padding continues as a sequence of its own. A model with its own mask and
+    positions brings its own layout (the same three methods; model_hub.registry.packed_layout finds it).
+    """
+
+    def empty(self, rows: int, length: int) -> dict:
+        return {"position_ids": torch.zeros((rows, length), dtype=torch.long)}
+
+    def place(self, batch: dict, row: int, start: int, ids: torch.Tensor) -> None:
+        batch["position_ids"][row, start:start + len(ids)] = torch.arange(len(ids))
+
+    def pad(self, batch: dict, row: int, start: int) -> None:
+        batch["position_ids"][row, start:] = torch.arange(batch["position_ids"].shape[1] - start)
+
+
 class PackingCollator:
     """Batches of packed rows -> model inputs with per-sequence positions and block-diagonal attention.
 
     `rows_fn(features)` turns a list of dataset rows into [(input_ids, labels)] without padding (the recipe's own
-    tokenisation and labels); `family` is "chatglm6b" (own mask and 2-D positions, needs `config`) or anything
-    transformers builds masks for ("llama", "glm4"): position_ids only.
+    tokenisation and labels); `layout` builds the positions (and mask, where the model needs one) of every packed
+    sequence: `RestartingPositions()` unless the model brings its own.
     """
 
-    def __init__(self, rows_fn, pad_token_id: int, family: str, config=None, unpacked=None):
-        if family == "chatglm6b" and config is None:
-            raise ValueError("ChatGLM-6B packing needs the model config (special ids, 2-D positions)")
-        self.rows_fn, self.pad_token_id, self.family, self.config = rows_fn, pad_token_id, family, config
+    def __init__(self, rows_fn, pad_token_id: int, layout=None, unpacked=None):
+        self.rows_fn, self.pad_token_id = rows_fn, pad_token_id
+        self.layout = layout if layout is not None else RestartingPositions()
         self.unpacked = unpacked  # the recipe's collator, for plain rows (evaluation batches)
 
     def __call__(self, packs: list[list]) -> dict:
@@ -147,23 +158,16 @@ class PackingCollator:
         for pack in packs:
             groups.append(rows[start:start + len(pack)])
             start += len(pack)
-        return pack_batch(groups, self.pad_token_id, self.family, self.config)
+        return pack_batch(groups, self.pad_token_id, self.layout)
 
 
-def pack_batch(groups: list[list[tuple[list[int], list[int]]]], pad_token_id: int, family: str,
-               config=None) -> dict:
+def pack_batch(groups: list[list[tuple[list[int], list[int]]]], pad_token_id: int, layout=None) -> dict:
     """One packed training row per group of (input_ids, labels) sequences, right-padded to the longest."""
+    layout = layout if layout is not None else RestartingPositions()
     longest = max(sum(len(ids) for ids, _ in group) for group in groups)
     input_ids = torch.full((len(groups), longest), pad_token_id, dtype=torch.long)
     labels = torch.full((len(groups), longest), IGNORE_INDEX, dtype=torch.long)
-    chatglm = family == "chatglm6b"
-    if chatglm:
-        from model_hub.chatglm6b.masks import build_attention_mask, build_position_ids
-
-        position_ids = torch.zeros((len(groups), 2, longest), dtype=torch.long)
-        masked = torch.ones((len(groups), 1, longest, longest), dtype=torch.bool)
-    else:
-        position_ids = torch.zeros((len(groups), longest), dtype=torch.long)
+    batch = {"input_ids": input_ids, "labels": labels, **layout.empty(len(groups), longest)}
     for r, group in enumerate(groups):
         start = 0
         for ids, row_labels in group:
@@ -174,21 +178,10 @@ def pack_batch(groups: list[list[tuple[list[int], list[int]]]], pad_token_id: in
             input_ids[r, start:end] = seq
             labels[r, start:end] = torch.tensor(row_labels, dtype=torch.long)
             labels[r, start] = IGNORE_INDEX
-            if chatglm:
-                position_ids[r, :, start:end] = build_position_ids(seq[None], config)[0]
-                masked[r, 0, start:end, start:end] = build_attention_mask(seq[None], config.bos_token_id)[0, 0]
-            else:
-                position_ids[r, start:end] = torch.arange(len(ids))
+            layout.place(batch, r, start, seq)
             start = end
         if start < longest:  # padding: its own block, never seen by the sequences before it
-            pad = longest - start
-            if chatglm:
-                masked[r, 0, start:, start:] = ~torch.eye(pad, dtype=torch.bool)
-            else:
-                position_ids[r, start:] = torch.arange(pad)
-    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-    if chatglm:
-        batch["attention_mask"] = masked
+            layout.pad(batch, r, start)
     return batch
 
 
@@ -201,22 +194,43 @@ def padding_fraction(batches_of_lengths: list[list[int]], padded_lengths: list[i
     return 1 - real / total if total else 0.0
 
 
-def less_padding(rows, lengths: list[int], *, rows_fn, collator, pad_token_id: int, model_config, packing: bool,
-                 group_by_length: bool, capacity: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-    """The recipes' `--packing` / `--group_by_length`: (training rows, collator, sampler or None).
+class TrainingRows:
+    """What `less_padding` hands a training loop: the rows, their collator and, with --group_by_length, the sampler.
+
+    `trainer_inputs()` are the keyword arguments of a tuning.checkpoints Trainer (which installs the sampler);
+    a raw loop reads the three fields."""
+
+    def __init__(self, rows, collator, sampler=None):
+        self.rows, self.collator, self.sampler = rows, collator, sampler
+
+    def __iter__(self):  # rows, collator, sampler = less_padding(...)
+        return iter((self.rows, self.collator, self.sampler))
+
+    def trainer_inputs(self) -> dict:
+        return {"train_dataset": self.rows, "data_collator": self.collator, "train_sampler": self.sampler}
+
+
+def less_padding(rows, lengths, *, rows_fn, collator, pad_token_id: int, packed_layout=None, packing: bool,
+                 group_by_length: bool, capacity: int | None, batch_size: int, seed: int, rank: int = 0,
+                 world: int = 1) -> TrainingRows:
+    """The recipes' `--packing` / `--group_by_length`.
 
     Both off: the rows and the recipe's own collator, untouched. `packing`: PackedRows + PackingCollator over
-    bins of at most `capacity` tokens. `group_by_length`: a LengthGroupedSampler over the (packed) rows.
+    bins of at most `capacity` tokens, laid out by `packed_layout` (RestartingPositions unless the model brings
+    its own; `capacity` None: the longest row). `group_by_length`: a LengthGroupedSampler over the (packed) rows.
+    `lengths`: the token count of each row, or a function giving them (called only when one of the two is on).
     """
+    if not (packing or group_by_length):
+        return TrainingRows(rows, collator)
+    lengths = lengths() if callable(lengths) else lengths
     sampler = None
     if packing:
-        from model_hub.registry import family_of_config
-
+        capacity = max(lengths, default=0) if capacity is None else capacity
         bins = pack_rows(lengths, capacity)
         say(packing_report(lengths, bins, capacity))
         rows = PackedRows(rows, bins)
         lengths = rows.lengths(lengths)
-        collator = PackingCollator(rows_fn, pad_token_id, family_of_config(model_config), model_config, collator)
+        collator = PackingCollator(rows_fn, pad_token_id, packed_layout, collator)
     if group_by_length:
         sampler = LengthGroupedSampler(lengths, batch_size, seed, rank, world)
-    return rows, collator, sampler
+    return TrainingRows(rows, collator, sampler)

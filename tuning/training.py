@@ -3,53 +3,86 @@ CPU precision rules. Plain callbacks and functions: the recipes keep using trans
 import math
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 from transformers import TrainerCallback
 
+from .distributed import say
 from .errors import TrainingStopped, UserError
 
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every complete `checkpoint-N` in `output_dir`, oldest first.
+@dataclass(frozen=True)
+class CheckpointNames:
+    """How a training loop names its checkpoint folders and knows one is complete."""
+    prefix: str          # the folder name before the step number
+    marker: str | None   # a file the writer puts in last; None: the folder is published whole (renamed into place)
+    kind: str            # for messages
 
-    A checkpoint counts only once its trainer_state.json exists: the Trainer writes it last, so a save that was
-    killed midway is never picked for resuming.
-    """
+    def step_of(self, name: str) -> int | None:
+        match = re.fullmatch(re.escape(self.prefix) + r"(\d+)", name)
+        return int(match.group(1)) if match else None
+
+    def complete(self, path: str) -> bool:
+        return os.path.isdir(path) and (self.marker is None or os.path.isfile(os.path.join(path, self.marker)))
+
+
+# The Trainer writes trainer_state.json last, so a save that was killed midway is never picked for resuming.
+TRAINER_CHECKPOINTS = CheckpointNames("checkpoint-", "trainer_state.json", "Trainer checkpoint")
+# The raw DeepSpeed loop stages .saving-global_stepN and renames it when every rank's part is on disk.
+DEEPSPEED_CHECKPOINTS = CheckpointNames("global_step", None, "DeepSpeed checkpoint")
+NO_WORDS = ("", "no", "false", "none")
+LAST_WORDS = ("last", "latest", "yes", "true")
+
+
+def list_checkpoints(output_dir: str, names: CheckpointNames = TRAINER_CHECKPOINTS) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint in `output_dir`, oldest first."""
     if not os.path.isdir(output_dir):
         return []
     found = []
     for name in os.listdir(output_dir):
-        match = CHECKPOINT.match(name)
-        path = os.path.join(output_dir, name)
-        if match and os.path.isfile(os.path.join(path, "trainer_state.json")):
-            found.append((int(match.group(1)), path))
+        step, path = names.step_of(name), os.path.join(output_dir, name)
+        if step is not None and names.complete(path):
+            found.append((step, path))
     return sorted(found)
 
 
-def resolve_resume(value, output_dir: str) -> str | None:
-    """`--resume_from_checkpoint` → a checkpoint folder, or None to start fresh.
+def resolve_resume(value, output_dir: str, *, names: CheckpointNames = TRAINER_CHECKPOINTS,
+                   field: str = "resume_from_checkpoint", paths: bool = True,
+                   fresh_when_none_saved: bool = False) -> str | None:
+    """The one resume grammar of every entry point: `value` → a checkpoint folder, or None to start fresh.
 
-    Accepts a path, `last`/`latest`/`yes`/`true` (the newest complete checkpoint in output_dir), or a step N
-    (output_dir/checkpoint-N). Anything else, or a checkpoint that is not there, is a clear error.
+    no / false / empty: fresh. last / latest / yes / true: the newest complete checkpoint in output_dir (none saved:
+    an error, or a fresh start with `fresh_when_none_saved`, as GLM-4's `yes`). A step N > 0: output_dir/<prefix>N.
+    A path (when `paths`): that folder. A step or path that is missing or incomplete is one line that lists the
+    saved steps.
     """
-    if value in (None, "", False, "no", "false", "False"):
+    text = "" if value is None or value is False else str(value).strip()
+    if text.lower() in NO_WORDS:
         return None
-    text = str(value)
-    if text.lower() in ("last", "latest", "yes", "true"):
-        found = list_checkpoints(output_dir)
-        if not found:
-            raise UserError("no complete checkpoint-N to resume from", path=output_dir, field="resume_from_checkpoint")
-        return found[-1][1]
-    if text.isdigit():
-        path = os.path.join(output_dir, f"checkpoint-{text}")
+    found = list_checkpoints(output_dir, names)
+    saved = f"saved steps: {', '.join(str(step) for step, _ in found) or 'none'}"
+    if text.lower() in LAST_WORDS:
+        if found:
+            return found[-1][1]
+        if fresh_when_none_saved:
+            say(f"no {names.prefix}N in {output_dir}: training from scratch")
+            return None
+        raise UserError(f"no complete {names.prefix}N to resume from", path=output_dir, field=field)
+    if text.isdigit() and int(text) > 0:
+        path = os.path.join(output_dir, f"{names.prefix}{int(text)}")
+    elif paths and not text.lstrip("+-").isdigit():
+        path = text.rstrip("/") or text
     else:
-        path = text
-    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
-        raise UserError("not a complete Trainer checkpoint (no trainer_state.json); expected a path, a step "
-                        "number or 'last'", path=path, field="resume_from_checkpoint")
+        also = ", or a checkpoint folder" if paths else ""
+        raise UserError(f"expected yes, no, or a checkpoint step N > 0{also}, got {value!r}", field=field)
+    if not os.path.isdir(path):
+        raise UserError(f"does not exist ({saved})", path=path, field=field)
+    named = names.marker is not None or names.step_of(os.path.basename(path)) is not None
+    if not named or not names.complete(path):
+        missing = f" (no {names.marker}: its save did not finish)" if names.marker else ""
+        raise UserError(f"not a complete {names.kind} {names.prefix}N{missing} ({saved})", path=path, field=field)
     return path
 
 

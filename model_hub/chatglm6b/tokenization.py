@@ -12,7 +12,7 @@ import sentencepiece as spm
 from transformers import AddedToken, PreTrainedTokenizer
 from transformers.utils import PaddingStrategy, logging
 
-from tuning.chatglm_text import NEWLINE_PIECE, TAB_PIECE, VOCAB_FILE, layout, prepare
+from .text import NEWLINE_PIECE, TAB_PIECE, VOCAB_FILE, layout, prepare
 
 logger = logging.get_logger(__name__)
 

@@ -4,14 +4,15 @@ The text layout (newlines, tabs and blank runs as pieces) is the one ChatGLMToke
 (model_hub/chatglm6b/tokenization.py calls `layout` and `prepare` from here). `ChatGLMTextEncoder` gives, for a whole
 list of texts in one multi-threaded SentencePiece call, the ids `tokenizer(text, add_special_tokens=False)` gives
 one text at a time; texts that contain a special-token string (which the transformers tokenizer splits out
-first) are reported back so the caller can send them through the full tokenizer. Importing model_hub pulls in
-torch (~5 s), which is why this lives in the light library.
+first) are reported back so the caller can send them through the full tokenizer. This module imports neither
+torch nor transformers (model_hub registers its classes only once transformers is imported), so the
+tokenization fast path starts in a fraction of a second.
 """
 import os
 import re
 
-from .errors import UserError
-from .files import read_json
+from tuning.errors import UserError
+from tuning.files import read_json
 
 NEWLINE_PIECE = "<n>"
 TAB_PIECE = "<|tab|>"

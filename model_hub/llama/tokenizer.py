@@ -24,7 +24,7 @@ from transformers import AutoTokenizer, LlamaConfig
 from transformers.tokenization_utils_base import AddedToken
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
-from . import tokenizer_files
+from .. import tokenizer_files
 
 LLAMA_NAMES = ("llama-7b", "chinese-llama-7b", "chinese-alpaca-7b")
 

@@ -9,7 +9,7 @@ no model_hub import needed).
 
 The converted tokenizer.json is ~20 MB, so it is never committed: `load_glm4_tokenizer()` builds it once into
 `BUILD_DIR/tokenizers/glm-4-9b-chat` (git-ignored) and rebuilds when the folder is missing or was built from
-other inputs. `python -m model_hub.glm4_tokenizer OUT_DIR` writes the same folder anywhere.
+other inputs. `python -m model_hub.glm4.tokenizer OUT_DIR` writes the same folder anywhere.
 """
 import hashlib
 import json
@@ -22,7 +22,7 @@ import tokenizers
 import transformers
 from tokenizers import processors
 
-from . import BUILD_DIR, tokenizer_files
+from .. import BUILD_DIR, tokenizer_files
 
 NAME = "glm-4-9b-chat"
 CACHE_DIR = os.path.join(BUILD_DIR, "tokenizers", NAME)
@@ -149,7 +149,7 @@ def load_glm4_tokenizer():
 def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or args[0].startswith("-"):
-        print("usage: python -m model_hub.glm4_tokenizer OUT_DIR", file=sys.stderr)
+        print("usage: python -m model_hub.glm4.tokenizer OUT_DIR", file=sys.stderr)
         return 2
     out_dir = args[0]
     if os.path.isdir(out_dir) and os.listdir(out_dir):
