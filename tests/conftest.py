@@ -11,7 +11,8 @@ import torch  # noqa: E402
 
 torch.set_num_threads(2)
 
-GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN = os.path.join(REPO, "tests", "golden")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Opt-in, CPU only: draw the LoRA dropout masks of a training step on a helper thread while the model computes.
 
 PyTorch draws CPU random numbers one element at a time on one core (`bernoulli_` is a serial kernel). With LoRA
-dropout on seven projections per layer that is a quarter of a small LLaMA's training step on 2 cores, while the
+dropout on seven projections per layer that is a quarter of a small decoder's LoRA training step on 2 cores, while the
 other core waits. Here, as soon as a training forward starts, a helper thread makes the step's masks - the same
 `bernoulli_` calls on the same shapes and dtypes, in the same order, from the same generator - and every LoRA
 dropout takes its mask when it gets there. The masks, the losses and the generator's state after the step are

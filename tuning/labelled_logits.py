@@ -2,11 +2,11 @@
 
 A causal LM's loss only reads the logits of positions i with labels[i + 1] != -100; every other row of
 `lm_head(hidden)` is computed and thrown away. With a 49,954-word vocabulary on hidden 512 the LM head is half of
-a small LLaMA's FLOPs, and in an instruction row (long prompt, short answer) only a few percent of the positions
+a small decoder's FLOPs, and in an instruction row (long prompt, short answer) only a few percent of the positions
 are trained, so skipping the rest saves close to half the work. Loss and gradients are the same as the full
 computation (tests/test_labelled_logits.py); only `outputs.logits` changes shape: [1, n_labels, vocab].
 
-Works for transformers' causal LMs whose loss is `ForCausalLMLoss` (LLaMA, GLM-4) and for model_hub's ChatGLM-6B
+Works for transformers' causal LMs whose loss is `ForCausalLMLoss` and for models whose forward takes shift_labels
 (`accepts_shift_labels`): a forward pre-hook on the model the training loop calls (PeftModel, DDP or DeepSpeed call
 it through __call__) passes the already shifted labels of the kept positions as `shift_labels`, and a pre-hook on
 the LM head keeps only those positions. Calls without labels (evaluation, generation) are untouched.

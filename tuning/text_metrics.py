@@ -5,7 +5,7 @@ Texts are cut into words with jieba (accurate mode, HMM on); ROUGE is rouge-chin
 weights, left on its 0–1 scale (as the original). The corpus score is the plain mean over samples.
 
 One change from the original: an empty prediction (or reference) scores 0 on every metric instead of crashing the
-whole evaluation with rouge-chinese's `ValueError: Hypothesis is empty.` (zai-org/ChatGLM3#930, #1312).
+whole evaluation with rouge-chinese's `ValueError: Hypothesis is empty.`.
 """
 import numpy as np
 

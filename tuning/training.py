@@ -54,7 +54,7 @@ def resolve_resume(value, output_dir: str, *, names: CheckpointNames = TRAINER_C
     """The one resume grammar of every entry point: `value` → a checkpoint folder, or None to start fresh.
 
     no / false / empty: fresh. last / latest / yes / true: the newest complete checkpoint in output_dir (none saved:
-    an error, or a fresh start with `fresh_when_none_saved`, as GLM-4's `yes`). A step N > 0: output_dir/<prefix>N.
+    an error, or a fresh start with `fresh_when_none_saved`, as some originals did). A step N > 0: output_dir/<prefix>N.
     A path (when `paths`): that folder. A step or path that is missing or incomplete is one line that lists the
     saved steps.
     """

@@ -1,0 +1,89 @@
+"""The layers stay layers: tuning/ names no model and imports no higher layer, model_hub/ imports no recipe, no
+script edits sys.path (the project is installed), LoRA target names live in the registry only, and the light
+ChatGLM-6B text path stays free of torch while `import model_hub` still registers our classes."""
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+RECIPES = ("chatglm_lora", "llama_ner", "glm4_finetune")
+HIGHER = {"tuning": ("model_hub", "serving", "bench", *RECIPES), "model_hub": ("serving", "bench", *RECIPES)}
+
+
+def python_files(folder: str):
+    for root, _, files in os.walk(os.path.join(REPO, folder)):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(root, name)
+                yield os.path.relpath(path, REPO), ast.parse(open(path, encoding="utf-8").read(), path)
+
+
+def imported_modules(tree) -> set[str]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+    return found
+
+
+@pytest.mark.parametrize("layer", sorted(HIGHER))
+def test_a_layer_imports_only_the_layers_below(layer):
+    wrong = [(path, module) for path, tree in python_files(layer) for module in imported_modules(tree)
+             if module.split(".")[0] in HIGHER[layer]]
+    assert not wrong, wrong
+
+
+def test_no_script_edits_sys_path():
+    edits = []
+    for folder in ("tuning", "model_hub", "serving", "bench", *RECIPES):
+        for path, tree in python_files(folder):
+            for node in ast.walk(tree):
+                if (isinstance(node, ast.Attribute) and node.attr in ("insert", "append")
+                        and isinstance(node.value, ast.Attribute) and node.value.attr == "path"
+                        and isinstance(node.value.value, ast.Name) and node.value.value.id == "sys"):
+                    edits.append((path, node.lineno))
+    assert not edits, edits
+
+
+def test_lora_target_names_are_registry_data_only():
+    from model_hub.registry import FAMILIES
+
+    names = {name for family in FAMILIES.values() for name in family.lora_targets}
+    found = []
+    for folder in ("tuning", "serving", *RECIPES):
+        for path, tree in python_files(folder):
+            found += [(path, node.lineno, node.value) for node in ast.walk(tree)
+                      if isinstance(node, ast.Constant) and node.value in names]
+    assert not found, found
+
+
+def test_tuning_names_no_model_family():
+    words = ("chatglm", "glm4", "glm-4", "llama")
+    found = [(path, node.lineno) for path, tree in python_files("tuning") for node in ast.walk(tree)
+             if isinstance(node, ast.Constant) and isinstance(node.value, str)
+             and any(word in node.value.lower() for word in words)]
+    assert not found, found
+
+
+def test_chatglm_text_path_is_torch_free_and_model_hub_still_registers():
+    probe = ("import sys; import model_hub.chatglm6b.text; assert 'torch' not in sys.modules, 'torch imported'; "
+             "from transformers import AutoConfig; import model_hub; "
+             "config = AutoConfig.from_pretrained(model_hub.tokenizer_files('chatglm-6b')); "
+             "print(type(config).__module__)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "model_hub.chatglm6b.configuration"
+
+
+def test_model_hub_registers_when_transformers_came_first():
+    probe = ("import transformers; from transformers import AutoTokenizer; import model_hub; "
+             "print(type(AutoTokenizer.from_pretrained(model_hub.tokenizer_files('chatglm-6b'))).__name__)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ChatGLMTokenizer"
