@@ -43,22 +43,34 @@ def register_with_transformers() -> None:
 
 
 class _RegisterWhenTransformersLoads(importlib.abc.MetaPathFinder):
-    """Runs `register_with_transformers` right after `import transformers` has finished, whoever imports it."""
+    """Runs `register_with_transformers` once `import transformers` has finished, whoever imports it; when a
+    model_hub module's own import is what loads transformers, once that module (the outermost one) is complete, so
+    the registration never meets a half-initialised module of ours."""
+
+    def __init__(self):
+        self.depth, self.pending = 0, False
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != "transformers":
+        if fullname != "transformers" and not fullname.startswith(__name__ + "."):
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None:
+        spec = next((found for finder in sys.meta_path if finder is not self and hasattr(finder, "find_spec")
+                     for found in [finder.find_spec(fullname, path, target)] if found is not None), None)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         load = spec.loader.exec_module
 
-        def exec_then_register(module):
-            load(module)
-            register_with_transformers()
+        def exec_module(module):
+            self.depth += fullname != "transformers"
+            try:
+                load(module)
+            finally:
+                self.depth -= fullname != "transformers"
+            self.pending |= fullname == "transformers"
+            if self.pending and self.depth == 0 and self in sys.meta_path:
+                sys.meta_path.remove(self)
+                register_with_transformers()
 
-        spec.loader.exec_module = exec_then_register
+        spec.loader.exec_module = exec_module
         return spec
 
 

@@ -87,3 +87,14 @@ def test_model_hub_registers_when_transformers_came_first():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ChatGLMTokenizer"
+
+
+@pytest.mark.parametrize("first", ["model_hub.chatglm6b.generation", "model_hub.llama.tokenizer",
+                                   "model_hub.glm4.tokenizer", "model_hub.loader"])
+def test_a_model_hub_module_that_loads_transformers_first_still_registers(first):
+    """The registration waits until that module is complete (it once met a half-initialised generation module)."""
+    probe = (f"import {first}; from transformers import AutoTokenizer; import model_hub; "
+             "print(type(AutoTokenizer.from_pretrained(model_hub.tokenizer_files('chatglm-6b'))).__name__)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ChatGLMTokenizer"
