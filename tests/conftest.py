@@ -1,5 +1,17 @@
-"""Shared test setup: offline, deterministic, few threads (2 cores, maybe shared with a parallel worker)."""
+"""Shared test setup and helpers: offline, deterministic, few threads (2 cores, maybe shared with a parallel worker).
+
+Helpers every test file uses (import them with `from conftest import REPO, run_script, run_in_process`):
+- `REPO`: the repository root; `run_script(path, *args)`: a script of the repository in a new Python process, from
+  the repository root as a user types it → CompletedProcess (returncode, stdout, stderr);
+- `run_in_process(main, argv)`: a script's `main` (or typer app) through `tuning.errors.run_main` in this process
+  → (exit code, stdout, stderr);
+- the `tiny_model` fixture: the folder of a tiny model (built once, then cached in build/tiny/).
+"""
+import contextlib
+import io
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -13,6 +25,43 @@ torch.set_num_threads(2)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(REPO, "tests", "golden")
+
+
+def run_script(script: str, *args, env: dict | None = None, cwd: str = REPO, timeout: float = 900,
+               check: bool = False) -> subprocess.CompletedProcess:
+    """`python REPO/script args…` from `cwd`; `check` asserts exit code 0 and shows the end of stderr if not."""
+    result = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], capture_output=True,
+                            text=True, cwd=cwd, timeout=timeout, env=None if env is None else {**os.environ, **env})
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def run_in_process(main, argv: list[str], script: str = "script.py") -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `run_main(main)` with sys.argv = [script, *argv], in this process."""
+    from tuning.errors import run_main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv
+    sys.argv = [script, *map(str, argv)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                run_main(main)
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = saved
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """tiny_model(NAME) → the folder of the tiny twin of a registered model (built once, cached in build/tiny/)."""
+    from model_hub.make_tiny import tiny_dir
+
+    return tiny_dir
 
 
 @pytest.fixture(scope="session")
