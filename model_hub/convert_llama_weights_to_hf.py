@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from model_hub.convert_glm4_to_hf import ShardWriter, read_shard  # noqa: E402
+from model_hub.shards import ShardWriter, read_shard  # noqa: E402
 from tuning.errors import UserError, run_main  # noqa: E402
 from tuning.files import read_json  # noqa: E402
 
