@@ -79,6 +79,65 @@ def convert_tensor(name: str, tensor, layout: Layout) -> list:
     raise UserError("unexpected tensor; not part of a glm-4-9b-chat checkpoint", field=name)
 
 
+NATIVE_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+NATIVE_QKV = re.compile(r"^self_attn\.([qkv])_proj\.(weight|bias)$")
+ROTARY_BUFFER = "transformer.rotary_pos_emb.inv_freq"
+
+
+class ToOriginal:
+    """Native GlmForCausalLM tensors → THUDM's original names: the exact inverse of `convert_tensor`.
+
+    q/k/v_proj are concatenated back into query_key_value once all three of a layer have arrived (they may sit in
+    different shards); `finish` adds the rotary buffer the original checkpoint carries (1/10000^(2i/(kv_channels/2)),
+    without rope_ratio, as THUDM's code computes it) in the checkpoint's dtype.
+    """
+
+    def __init__(self, layout: Layout):
+        self.layout, self.pending, self.dtype = layout, {}, None
+        self.top = {native: original for original, native in TOP_COPY.items()}
+        self.layer = {native: original for original, native in LAYER_COPY.items()}
+
+    def add(self, name: str, tensor) -> list:
+        import torch
+
+        if tensor.is_floating_point():
+            self.dtype = tensor.dtype
+        if name in self.top:
+            return [(self.top[name], tensor)]
+        match = NATIVE_LAYER.match(name)
+        if not match:
+            raise UserError("unexpected tensor; not part of a native GLM-4 (GlmForCausalLM) checkpoint", field=name)
+        layer, rest = match.groups()
+        prefix = f"transformer.encoder.layers.{layer}."
+        if rest in self.layer:
+            return [(prefix + self.layer[rest], tensor)]
+        qkv = NATIVE_QKV.match(rest)
+        if not qkv:
+            raise UserError("unexpected tensor; not part of a native GLM-4 (GlmForCausalLM) checkpoint", field=name)
+        part, kind = qkv.groups()
+        pieces = self.pending.setdefault((layer, kind), {})
+        pieces[part] = tensor
+        if len(pieces) < 3:
+            return []
+        del self.pending[(layer, kind)]
+        fused = torch.cat([pieces[p] for p in "qkv"], dim=0)
+        if fused.shape[0] != sum(self.layout.qkv_rows()):
+            raise UserError(f"q/k/v_proj have {fused.shape[0]} rows together; config.json gives "
+                            f"{sum(self.layout.qkv_rows())}", field=f"model.layers.{layer}.self_attn")
+        return [(f"{prefix}self_attention.query_key_value.{kind}", fused)]
+
+    def finish(self) -> list:
+        import torch
+
+        if self.pending:
+            (layer, kind), pieces = next(iter(self.pending.items()))
+            raise UserError(f"checkpoint is incomplete: layer {layer} has only {'/'.join(sorted(pieces))}_proj.{kind}",
+                            field=f"model.layers.{layer}.self_attn")
+        dim = self.layout.head_dim // 2  # the original rotates half of each head
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        return [(ROTARY_BUFFER, inv_freq.to(self.dtype or torch.float32))]
+
+
 def expected_names(layout: Layout) -> set[str]:
     names = set(TOP_COPY.values())
     for i in range(layout.layers):
