@@ -266,3 +266,24 @@ def test_errors_are_one_line_and_write_nothing(exported, other_llama, golden_dir
     assert "--overwrite" in err and os.listdir(out) == ["keep.txt"]
     export_module.main([llama_adapter, out, "--overwrite"])
     assert "keep.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
+
+
+def test_glm4_native_config_carries_the_original_keys_transformers_ignores(exported):
+    """Issue 24: llama.cpp's converter reads layernorm_epsilon / rope_ratio / seq_length …; transformers reads the
+    native fields. Both must describe the same model, and transformers must load the config as before."""
+    from transformers import AutoConfig
+
+    from model_hub.glm4_native import LLAMA_CPP_KEYS
+
+    base, _, out = exported["glm4"]
+    written = json.load(open(os.path.join(out, "config.json"), encoding="utf-8"))
+    assert written["layernorm_epsilon"] == written["rms_norm_eps"]
+    assert written["rope_ratio"] * 10000 == written["rope_parameters"]["rope_theta"]
+    assert written["seq_length"] == written["max_position_embeddings"]
+    assert written["padded_vocab_size"] == written["vocab_size"] and written["num_layers"] == written["num_hidden_layers"]
+    assert written["kv_channels"] == written["head_dim"] and written["ffn_hidden_size"] == written["intermediate_size"]
+    ours, plain = AutoConfig.from_pretrained(out).to_dict(), AutoConfig.from_pretrained(base).to_dict()
+    for key in (*LLAMA_CPP_KEYS, "transformers_version", "_name_or_path"):
+        ours.pop(key, None)
+        plain.pop(key, None)
+    assert ours == plain
