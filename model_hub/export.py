@@ -48,19 +48,22 @@ class Plan:
 
     def __init__(self, src: str, base: str | None, layout: str, original_dir: str | None):
         self.src, self.adapter, self.adapter_base = src, None, None
+        self.prefix, self.prefix_config = {}, {}  # a ChatGLM-6B P-tuning v2 checkpoint: prefix encoder tensors
         if not os.path.isdir(src):
             raise UserError("folder not found", path=src)
         if os.path.isfile(os.path.join(src, "adapter_config.json")):
             self._read_adapter(src, base)
         elif os.path.isfile(os.path.join(src, "config.json")) and has_weights(src):
-            if base:
+            self.weights_dir = src
+            if prefix_encoder_only(src):
+                self._read_prefix_checkpoint(src, base)
+            elif base:
                 raise UserError("SRC is a full model (config.json + weights); --base is only for adapters",
                                 field="base")
-            self.weights_dir = src
         else:
             raise UserError("not an adapter folder (adapter_config.json) nor a model folder (config.json + "
                             "weights)", path=src)
-        self.config = read_json(os.path.join(self.weights_dir, "config.json"))
+        self.config = {**read_json(os.path.join(self.weights_dir, "config.json")), **self.prefix_config}
         model_type = self.config.get("model_type") if isinstance(self.config, dict) else None
         if model_type not in FAMILIES:
             raise UserError(f"model_type {model_type!r} is not one this project exports ({', '.join(FAMILIES)})",
@@ -80,6 +83,8 @@ class Plan:
         self.shapes = tensor_shapes(self.shards)
         if self.adapter:
             self._check_adapter_fits()
+        if self.prefix:
+            self._check_prefix_fits()
         self.tokenizer_dir = src if os.path.isfile(os.path.join(src, "tokenizer_config.json")) else self.weights_dir
 
     def _read_adapter(self, src: str, base: str | None):
@@ -103,6 +108,19 @@ class Plan:
         self.weights_dir = resolve_model_path(chosen)
         self.adapter = Adapter.load(src)
 
+    def _read_prefix_checkpoint(self, src: str, base: str | None):
+        """THUDM's ChatGLM-6B P-tuning v2 output: config.json with pre_seq_len + only the prefix encoder's weights.
+        The model keeps its prefix encoder inside, so base weights + prefix encoder is a standalone model."""
+        from .loader import resolve_model_path
+
+        config = read_json(os.path.join(src, "config.json"))
+        if not base:
+            raise UserError("a P-tuning v2 checkpoint holds only the prefix encoder; pass --base DIR (the ChatGLM-6B "
+                            "it was trained on)", path=src, field="base")
+        self.weights_dir = resolve_model_path(base)
+        self.prefix = {name: tensor for shard in find_shards(src) for name, tensor in iter_shard(shard)}
+        self.prefix_config = {k: config[k] for k in ("pre_seq_len", "prefix_projection") if k in config}
+
     def _check_adapter_fits(self):
         base = f"the base {self.weights_dir} ({self.config.get('model_type')})"
         missing = sorted(self.adapter.names() - self.shapes.keys())
@@ -115,6 +133,32 @@ class Plan:
             self.adapter.check_shape(name, shape, shard)
         if self.adapter.is_zero():
             print(f"warning: {self.src}: every lora_B is zero (an untrained adapter): the export equals the base")
+
+
+    def _check_prefix_fits(self):
+        import torch
+
+        from .chatglm6b import ChatGLMConfig
+        from .chatglm6b.modeling import PrefixEncoder
+
+        if self.family != "chatglm6b":
+            raise UserError(f"a prefix-encoder checkpoint needs a ChatGLM-6B base; {self.weights_dir} is "
+                            f"{self.family}", path=self.src, field="base")
+        config = {k: v for k, v in self.config.items() if k not in ("model_type", "transformers_version")}
+        with torch.device("meta"):
+            expected = PrefixEncoder(ChatGLMConfig(**config)).state_dict()
+        got = {name.removeprefix("transformer.prefix_encoder."): t for name, t in self.prefix.items()}
+        for name, tensor in expected.items():
+            if name not in got or got[name].shape != tensor.shape:
+                shape = tuple(got[name].shape) if name in got else "missing"
+                raise UserError(f"prefix encoder tensor {name} is {shape}; the base {self.weights_dir} needs "
+                                f"{tuple(tensor.shape)} (pre_seq_len, num_layers, hidden_size)", path=self.src)
+
+
+def prefix_encoder_only(folder: str) -> bool:
+    """A checkpoint whose weights are only a ChatGLM-6B prefix encoder (THUDM's ptuning/main.py saves that)."""
+    names = tensor_shapes(find_shards(folder))
+    return bool(names) and all(n.startswith("transformer.prefix_encoder.") for n in names)
 
 
 def check_out(out: str, plan: Plan, overwrite: bool) -> None:
@@ -141,8 +185,8 @@ def write_weights(plan: Plan, tmp: str, dtype: str | None, max_bytes: int) -> No
             for out_name, out_tensor in inverse.add(name, tensor) if inverse else [(name, tensor)]:
                 writer.add(out_name, out_tensor)
             del tensor
-    for out_name, out_tensor in inverse.finish() if inverse else []:
-        writer.add(out_name, out_tensor)
+    for out_name, out_tensor in inverse.finish() if inverse else plan.prefix.items():
+        writer.add(out_name, out_tensor.to(target) if target is not None else out_tensor)
     writer.finish()
 
 
@@ -217,9 +261,11 @@ def write_json(path: str, value: dict) -> None:
 def write_readme(plan: Plan, tmp: str, dtype: str | None, command: str) -> None:
     kind = {"llama": "LlamaForCausalLM", "chatglm6b": "ChatGLM-6B (THUDM's layout)",
             "glm4": "THUDM glm-4-9b-chat layout" if plan.layout == "original" else "GlmForCausalLM"}[plan.family]
+    merged = "LoRA, merged" if plan.adapter else "P-tuning v2 prefix encoder, kept inside the model"
     lines = ["# Exported model", "",
-             f"- base: `{plan.weights_dir}`" if plan.adapter else f"- model: `{plan.src}` (full fine-tuning output)",
-             f"- adapter: `{plan.src}` (LoRA, merged)" if plan.adapter else "- adapter: none",
+             f"- base: `{plan.weights_dir}`" if plan.src != plan.weights_dir else
+             f"- model: `{plan.src}` (full fine-tuning output)",
+             f"- adapter: `{plan.src}` ({merged})" if plan.src != plan.weights_dir else "- adapter: none",
              f"- dtype: {dtype or 'as stored in the source'}", f"- layout: {kind}",
              f"- made by: `{command}`", "",
              "Load with `AutoModelForCausalLM.from_pretrained(folder)` and `AutoTokenizer.from_pretrained(folder)`"

@@ -287,3 +287,28 @@ def test_glm4_native_config_carries_the_original_keys_transformers_ignores(expor
         ours.pop(key, None)
         plain.pop(key, None)
     assert ours == plain
+
+
+def test_chatglm6b_ptuning_checkpoint_exports_with_its_prefix_encoder(tmp_path, monkeypatch, capsys):
+    """THUDM's ptuning/main.py saves config.json (pre_seq_len) + only the prefix encoder; ChatGLM-6B keeps the
+    encoder inside the model, so base + encoder is a standalone model."""
+    from model_hub.chatglm6b import ChatGLMForConditionalGeneration
+
+    base = tiny_dir("chatglm-6b")
+    torch.manual_seed(3)
+    model = ChatGLMForConditionalGeneration.from_pretrained(base, dtype=torch.float32, pre_seq_len=4).eval()
+    src = tmp_path / "ptuning"
+    model.config.save_pretrained(src)
+    prefix = {k: v for k, v in model.state_dict().items() if "prefix_encoder" in k}
+    assert prefix and all(v.abs().sum() > 0 for v in prefix.values())
+    torch.save(prefix, src / "pytorch_model.bin")  # the original's format
+    err = cli([str(src), str(tmp_path / "out")], monkeypatch, capsys)
+    assert "prefix encoder" in err and "--base" in err
+    out = export(str(src), str(tmp_path / "out"), base=base)
+    exported_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert exported_model.config.pre_seq_len == 4
+    ids = prompt_ids(out)
+    with torch.no_grad():
+        assert torch.equal(exported_model(input_ids=ids).logits, model(input_ids=ids).logits)
+        plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)(input_ids=ids).logits
+    assert (plain - model(input_ids=ids).logits).abs().max() > 1e-3  # the prefix matters
