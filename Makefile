@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup test test-fast data tiny-models bench clean-build help
+.PHONY: setup test test-fast data tiny-models bench clean-build help export
 
 help:  ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/' | expand -t 18
@@ -39,6 +39,11 @@ test-fast: $(STAMP) data  ## everything but the slow end-to-end and distributed 
 
 bench: $(STAMP) data  ## every bench/bench_*.py side by side → bench/results/*.json + bench/REPORT.md (BENCH_ARGS=--quick for a dry run)
 	$(PY) bench/run_all.py $(BENCH_ARGS)
+
+EXPORT_ARGS ?=
+export: $(STAMP)  ## merge an adapter (or re-shard a full model) into a standalone model: SRC=… OUT=… [EXPORT_ARGS="--dtype bf16 …"]
+	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make export SRC=adapter-or-model-folder OUT=new-folder [EXPORT_ARGS=...]" >&2; exit 2; }
+	$(PY) -m model_hub.export "$(SRC)" "$(OUT)" $(EXPORT_ARGS)
 
 clean-build:  ## remove generated tiny models, tokenizers and run outputs
 	rm -rf build runs output

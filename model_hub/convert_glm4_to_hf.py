@@ -11,11 +11,11 @@ model). OUT_DIR is written completely or not at all. The mapping is the one veri
 tests/golden/glm4_model/README.md ("Conversion to transformers' native GlmForCausalLM").
 """
 import argparse
-import json
 import os
 import re
 
 
+from model_hub.shards import ShardWriter, find_shards, read_shard
 from tuning.errors import UserError, run_main
 from tuning.files import atomic_dir, read_json
 
@@ -77,6 +77,65 @@ def convert_tensor(name: str, tensor, layout: Layout) -> list:
     raise UserError("unexpected tensor; not part of a glm-4-9b-chat checkpoint", field=name)
 
 
+NATIVE_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+NATIVE_QKV = re.compile(r"^self_attn\.([qkv])_proj\.(weight|bias)$")
+ROTARY_BUFFER = "transformer.rotary_pos_emb.inv_freq"
+
+
+class ToOriginal:
+    """Native GlmForCausalLM tensors → THUDM's original names: the exact inverse of `convert_tensor`.
+
+    q/k/v_proj are concatenated back into query_key_value once all three of a layer have arrived (they may sit in
+    different shards); `finish` adds the rotary buffer the original checkpoint carries (1/10000^(2i/(kv_channels/2)),
+    without rope_ratio, as THUDM's code computes it) in the checkpoint's dtype.
+    """
+
+    def __init__(self, layout: Layout):
+        self.layout, self.pending, self.dtype = layout, {}, None
+        self.top = {native: original for original, native in TOP_COPY.items()}
+        self.layer = {native: original for original, native in LAYER_COPY.items()}
+
+    def add(self, name: str, tensor) -> list:
+        import torch
+
+        if tensor.is_floating_point():
+            self.dtype = tensor.dtype
+        if name in self.top:
+            return [(self.top[name], tensor)]
+        match = NATIVE_LAYER.match(name)
+        if not match:
+            raise UserError("unexpected tensor; not part of a native GLM-4 (GlmForCausalLM) checkpoint", field=name)
+        layer, rest = match.groups()
+        prefix = f"transformer.encoder.layers.{layer}."
+        if rest in self.layer:
+            return [(prefix + self.layer[rest], tensor)]
+        qkv = NATIVE_QKV.match(rest)
+        if not qkv:
+            raise UserError("unexpected tensor; not part of a native GLM-4 (GlmForCausalLM) checkpoint", field=name)
+        part, kind = qkv.groups()
+        pieces = self.pending.setdefault((layer, kind), {})
+        pieces[part] = tensor
+        if len(pieces) < 3:
+            return []
+        del self.pending[(layer, kind)]
+        fused = torch.cat([pieces[p] for p in "qkv"], dim=0)
+        if fused.shape[0] != sum(self.layout.qkv_rows()):
+            raise UserError(f"q/k/v_proj have {fused.shape[0]} rows together; config.json gives "
+                            f"{sum(self.layout.qkv_rows())}", field=f"model.layers.{layer}.self_attn")
+        return [(f"{prefix}self_attention.query_key_value.{kind}", fused)]
+
+    def finish(self) -> list:
+        import torch
+
+        if self.pending:
+            (layer, kind), pieces = next(iter(self.pending.items()))
+            raise UserError(f"checkpoint is incomplete: layer {layer} has only {'/'.join(sorted(pieces))}_proj.{kind}",
+                            field=f"model.layers.{layer}.self_attn")
+        dim = self.layout.head_dim // 2  # the original rotates half of each head
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        return [(ROTARY_BUFFER, inv_freq.to(self.dtype or torch.float32))]
+
+
 def expected_names(layout: Layout) -> set[str]:
     names = set(TOP_COPY.values())
     for i in range(layout.layers):
@@ -85,88 +144,6 @@ def expected_names(layout: Layout) -> set[str]:
         if layout.bias:
             names |= {f"model.layers.{i}.self_attn.{p}_proj.bias" for p in "qkv"}
     return names
-
-
-def find_shards(src: str) -> list[str]:
-    """The weight files of an original checkpoint folder, in a stable order."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index_path = os.path.join(src, index_name)
-        if os.path.isfile(index_path):
-            index = read_json(index_path)
-            if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
-                raise UserError("expected an object with a weight_map", path=index_path, field="weight_map")
-            shards = sorted(set(index["weight_map"].values()))
-            for shard in shards:
-                if not os.path.isfile(os.path.join(src, shard)):
-                    raise UserError(f"shard listed in {index_name} is missing", path=os.path.join(src, shard))
-            return [os.path.join(src, s) for s in shards]
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if os.path.isfile(os.path.join(src, single)):
-            return [os.path.join(src, single)]
-    raise UserError("no weights found (expected model.safetensors, model.safetensors.index.json, "
-                    "pytorch_model.bin or pytorch_model.bin.index.json)", path=src)
-
-
-def read_shard(path: str) -> dict:
-    import torch
-
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    import pickle
-
-    from tuning.files import pickle_refusal
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as exc:  # a pickle with code or objects in it
-        raise pickle_refusal(exc, path) from None
-    except Exception as exc:  # a corrupt or truncated file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot be read with torch.load(weights_only=True): {reason}", path=path) from None
-    if not isinstance(state, dict):
-        raise UserError("expected a state dict", path=path)
-    return state
-
-
-class ShardWriter:
-    """Writes native tensors into safetensors shards of at most `max_bytes`, then the index."""
-
-    def __init__(self, out_dir: str, max_bytes: int):
-        self.out_dir, self.max_bytes = out_dir, max_bytes
-        self.pending, self.pending_bytes, self.files, self.weight_map, self.total = {}, 0, [], {}, 0
-
-    def add(self, name: str, tensor):
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self.flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
-        self.total += size
-
-    def flush(self):
-        from safetensors.torch import save_file
-
-        name = f"part-{len(self.files):05d}.safetensors"
-        save_file(self.pending, os.path.join(self.out_dir, name), metadata={"format": "pt"})
-        self.files.append((name, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def finish(self):
-        if self.pending:
-            self.flush()
-        n = len(self.files)
-        if n == 1:
-            os.replace(os.path.join(self.out_dir, self.files[0][0]), os.path.join(self.out_dir, "model.safetensors"))
-            return
-        for i, (tmp_name, names) in enumerate(self.files, start=1):
-            final = f"model-{i:05d}-of-{n:05d}.safetensors"
-            os.replace(os.path.join(self.out_dir, tmp_name), os.path.join(self.out_dir, final))
-            self.weight_map.update({k: final for k in names})
-        with open(os.path.join(self.out_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))},
-                      f, indent=2)
 
 
 def convert(src: str, out_dir: str, *, max_shard_gb: float = 5.0, with_tokenizer: bool = True) -> str:

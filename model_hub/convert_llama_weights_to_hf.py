@@ -22,7 +22,7 @@ import tempfile
 import torch
 from tqdm import tqdm
 
-from model_hub.convert_glm4_to_hf import ShardWriter, read_shard
+from model_hub.shards import ShardWriter, read_shard
 from tuning.errors import UserError, run_main
 from tuning.files import read_json
 

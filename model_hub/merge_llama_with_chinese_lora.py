@@ -17,50 +17,18 @@ them: 7B 1 shard, 13B 2, 30B 4, 65B 8) + params.json + tokenizer; convert_llama_
 """
 import argparse
 import json
-import math
 import os
 
 
 import torch
 from tqdm import tqdm
 
-from model_hub.convert_glm4_to_hf import read_shard
 from model_hub.convert_llama_weights_to_hf import (
     DTYPES, LAYER_MAP, NUM_SHARDS, TOP_MAP, staged_output, unpermute)
+from model_hub.lora_merge import Adapter, read_adapter  # noqa: F401  (read_adapter: part of this script's API)
 from tuning.errors import UserError, run_main
-from tuning.files import read_json
 
 SIZE_BY_WIDTH = {4096: "7B", 5120: "13B", 6656: "30B", 8192: "65B"}
-
-
-def read_adapter(lora_dir: str) -> tuple[dict, dict]:
-    """(adapter config, adapter tensors) of a LoRA folder."""
-    if not os.path.isdir(lora_dir):
-        raise UserError("LoRA folder not found", path=lora_dir)
-    config_path = os.path.join(lora_dir, "adapter_config.json")
-    if not os.path.isfile(config_path):
-        raise UserError("adapter_config.json not found; not a LoRA folder", path=lora_dir)
-    config = read_json(config_path)
-    if not isinstance(config, dict) or str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise UserError("expected a LoRA adapter config (peft_type LORA)", path=config_path, field="peft_type")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
-            raise UserError("missing or not a positive number", path=config_path, field=key)
-    if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("use_dora"):
-        raise UserError("rank_pattern / alpha_pattern / DoRA adapters are not supported by this merge",
-                        path=config_path)
-    for name in ("adapter_model.safetensors", "adapter_model.bin"):
-        path = os.path.join(lora_dir, name)
-        if os.path.isfile(path):
-            return config, read_shard(path)
-    raise UserError("no adapter_model.safetensors or adapter_model.bin", path=lora_dir)
-
-
-def module_key(key: str) -> str:
-    """A saved adapter key → the base model's parameter name (peft 0.3 … 0.21 spellings)."""
-    if key.startswith("base_model.model."):
-        key = key[len("base_model.model."):]
-    return key.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
 
 
 def load_tokenizer_of(lora_dir: str, fallback):
@@ -84,53 +52,18 @@ def resize_embeddings(model, size: int) -> None:
 
 @torch.no_grad()
 def merge_one(model, config: dict, tensors: dict, lora_dir: str) -> int:
-    """Add one adapter into `model` in place; returns how many base tensors changed."""
+    """Add one adapter into `model` in place (model_hub.lora_merge); returns how many base tensors changed."""
     params = dict(model.named_parameters())
-    r, alpha = config["r"], config["lora_alpha"]
-    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
-    pairs, full = {}, {}
-    for key, tensor in tensors.items():
-        if ".original_module." in key:
-            continue  # peft's copy of the untouched base layer (saved alongside resized embeddings)
-        name = module_key(key)
-        for part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
-            marker = f".{part}."
-            if marker in name or name.endswith(f".{part}"):
-                module = name.split(marker)[0] if marker in name else name[: -len(part) - 1]
-                pairs.setdefault(module, {})[part] = tensor
-                break
-        else:
-            if ".modules_to_save." in key or name not in full:  # the trained copy wins over a plain duplicate
-                full[name] = tensor
+    adapter = Adapter(config, tensors, lora_dir)
+    missing = sorted(adapter.names() - params.keys())
+    if missing:
+        raise UserError("adapter changes a tensor the base model does not have", path=lora_dir, field=missing[0])
     changed = 0
-    for module, parts in tqdm(sorted(pairs.items()), desc=f"merging {os.path.basename(lora_dir)}", unit="module"):
-        target = params.get(module + ".weight")
-        if target is None:
-            raise UserError("adapter targets a module the base model does not have", path=lora_dir, field=module)
-        if "lora_A" in parts and "lora_B" in parts:
-            delta = parts["lora_B"].float() @ parts["lora_A"].float()
-            if fan_in_fan_out:
-                delta = delta.T
-        elif "lora_embedding_A" in parts and "lora_embedding_B" in parts:
-            delta = (parts["lora_embedding_B"].float() @ parts["lora_embedding_A"].float()).T
-        else:
-            raise UserError(f"incomplete LoRA pair (has {', '.join(sorted(parts))})", path=lora_dir, field=module)
-        if delta.shape != target.shape:
-            raise UserError(f"LoRA update has shape {tuple(delta.shape)}, the base weight {tuple(target.shape)}",
-                            path=lora_dir, field=module)
-        before = target.data.clone()
-        target.data = (target.data.float() + delta * scale).to(target.dtype)
-        changed += not torch.equal(before, target.data)
-    for name, tensor in full.items():
-        target = params.get(name)
-        if target is None:
-            raise UserError("adapter carries a full tensor the base model does not have", path=lora_dir, field=name)
-        if tensor.shape != target.shape:
-            raise UserError(f"has shape {tuple(tensor.shape)}, the base {tuple(target.shape)} (vocabulary size "
-                            "differs from the LoRA's tokenizer?)", path=lora_dir, field=name)
-        changed += not torch.equal(target.data, tensor.to(target.dtype))
-        target.data = tensor.to(target.dtype).clone()
+    for name in tqdm(sorted(adapter.names()), desc=f"merging {os.path.basename(lora_dir)}", unit="tensor"):
+        target = params[name]
+        merged = adapter.merged(name, target.data)
+        changed += not torch.equal(target.data, merged)
+        target.data = merged
     return changed
 
 

@@ -71,7 +71,7 @@ def test_inference_refuses_a_crafted_adapter_model_bin(tmp_path, marker, monkeyp
 
 
 def test_convert_and_merge_readers_refuse_crafted_shards(tmp_path, marker):
-    from model_hub.convert_glm4_to_hf import read_shard  # used by convert_llama_weights_to_hf too
+    from model_hub.shards import read_shard
     from model_hub.merge_llama_with_chinese_lora import read_adapter
 
     for name in ("consolidated.00.pth", "pytorch_model.bin"):

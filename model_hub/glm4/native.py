@@ -50,3 +50,67 @@ def native_config_from_original(orig: dict, **overrides) -> GlmConfig:
     )
     fields.update(overrides)
     return GlmConfig(**fields)
+
+
+# Original config keys that are renamed native fields: {original key: function of the native config dict}.
+def _rope(native: dict) -> dict:
+    return native.get("rope_parameters") or {"rope_theta": native.get("rope_theta", 10000.0),
+                                             "partial_rotary_factor": native.get("partial_rotary_factor", 0.5)}
+
+
+ORIGINAL_FROM_NATIVE = {
+    "padded_vocab_size": lambda n: n["vocab_size"],
+    "hidden_size": lambda n: n["hidden_size"],
+    "ffn_hidden_size": lambda n: n["intermediate_size"],
+    "num_layers": lambda n: n["num_hidden_layers"],
+    "num_hidden_layers": lambda n: n["num_hidden_layers"],
+    "num_attention_heads": lambda n: n["num_attention_heads"],
+    "multi_query_group_num": lambda n: n["num_key_value_heads"],
+    "kv_channels": lambda n: n.get("head_dim") or n["hidden_size"] // n["num_attention_heads"],
+    "layernorm_epsilon": lambda n: n["rms_norm_eps"],
+    "add_qkv_bias": lambda n: n.get("attention_bias", True),
+    "rope_ratio": lambda n: _rope(n)["rope_theta"] / 10000.0,
+    "seq_length": lambda n: n["max_position_embeddings"],
+    "tie_word_embeddings": lambda n: n.get("tie_word_embeddings", False),
+    "attention_dropout": lambda n: n.get("attention_dropout", 0.0),
+    "eos_token_id": lambda n: n.get("eos_token_id"),
+    "pad_token_id": lambda n: n.get("pad_token_id"),
+}
+# The ones llama.cpp's convert_hf_to_gguf.py reads for GlmForCausalLM before (or instead of) the native names:
+# without them it writes rms eps 1e-5, rope base 10,000 and context length = hidden size (README: llama.cpp).
+LLAMA_CPP_KEYS = ("padded_vocab_size", "ffn_hidden_size", "num_layers", "multi_query_group_num", "kv_channels",
+                  "layernorm_epsilon", "rope_ratio", "seq_length")
+
+
+def original_values(native: dict) -> dict:
+    """The original config's architecture keys, from a native GlmForCausalLM config.json (as a dict)."""
+    if native.get("model_type") != "glm":
+        raise ValueError(f"model_type {native.get('model_type')!r}: not a native GLM-4 (glm) config")
+    if _rope(native).get("partial_rotary_factor", 0.5) != 0.5 or native.get("hidden_act", "silu") != "silu":
+        raise ValueError("partial_rotary_factor must be 0.5 and hidden_act silu for THUDM's original GLM-4 code")
+    values = {key: fn(native) for key, fn in ORIGINAL_FROM_NATIVE.items()}
+    values["multi_query_attention"] = True
+    if values["rope_ratio"] == int(values["rope_ratio"]):
+        values["rope_ratio"] = int(values["rope_ratio"])  # 500, as THUDM's config.json writes it
+    return values
+
+
+def with_llama_cpp_keys(native: dict) -> dict:
+    """The native config plus the original key names llama.cpp's converter reads, with the same values: both
+    transformers (which ignores them) and convert_hf_to_gguf.py then read the same model."""
+    values = original_values(native)
+    return {**native, **{key: values[key] for key in LLAMA_CPP_KEYS}}
+
+
+def original_config(native: dict, template: dict, dtype: str | None) -> dict:
+    """THUDM's config.json for the model `native` describes: the keys of `template` (the original config.json of
+    the same model), architecture values from `native`; a value that disagrees means another model (ValueError)."""
+    values = original_values(native)
+    config = {k: v for k, v in template.items() if k != "_name_or_path"}
+    for key, value in values.items():
+        if key in config and config[key] != value:
+            raise ValueError(f"{key} is {config[key]!r} in the original config.json, {value!r} in the exported model")
+        config[key] = value
+    if dtype:
+        config["torch_dtype"] = dtype
+    return config

@@ -1,0 +1,134 @@
+"""llama.cpp's own converter (convert_hf_to_gguf.py + gguf-py as vendored in the llama-cpp-python==0.3.36 sdist, run
+with this venv, nothing compiled) reads our tiny LLaMA and native GLM-4 exports right: the GGUF's rope base, RMS eps,
+context length, head counts, rope dimensions and vocabulary size equal the model's config. A native GLM-4 folder
+without the original keys (what transformers or other tools write) converts silently wrong — the reason the export
+adds them."""
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from model_hub.glm4.native import LLAMA_CPP_KEYS
+from model_hub.make_tiny import tiny_dir
+
+VERSION = "0.3.36"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+CACHE = os.path.join(os.path.expanduser("~"), ".cache", "model_hub", f"llama-cpp-python-{VERSION}")
+VENDORED = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/"
+NEEDED = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+
+
+def sdist_url() -> str:
+    """The sdist's address from PyPI's simple index (PEP 503), checked against the pinned sha256."""
+    index = "https://pypi.org/simple/llama-cpp-python/"
+    with urllib.request.urlopen(index, timeout=60) as reply:
+        page = reply.read().decode()
+    found = re.search(rf'href="([^"]*/llama_cpp_python-{VERSION}\.tar\.gz)#sha256=([0-9a-f]+)"', page)
+    assert found, f"no llama_cpp_python-{VERSION}.tar.gz in {index}"
+    assert found.group(2) == SDIST_SHA256, "PyPI's sdist is not the one this test was written against"
+    return urllib.parse.urljoin(index, found.group(1))
+
+
+def llama_cpp() -> str:
+    """The vendored llama.cpp converter folder, downloaded and extracted once into ~/.cache/model_hub."""
+    folder = os.path.join(CACHE, "llama.cpp")
+    if os.path.isfile(os.path.join(folder, "convert_hf_to_gguf.py")):
+        return folder
+    os.makedirs(CACHE, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".extract-", dir=CACHE)
+    try:
+        archive = os.path.join(staging, "sdist.tar.gz")
+        with urllib.request.urlopen(sdist_url(), timeout=300) as reply, open(archive, "wb") as f:
+            shutil.copyfileobj(reply, f)
+        with open(archive, "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == SDIST_SHA256
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(VENDORED)
+                       and m.name[len(VENDORED):].startswith(NEEDED)]
+            tar.extractall(staging, members=members, filter="data")
+        os.replace(os.path.join(staging, VENDORED), folder)
+    except FileExistsError:
+        pass  # another test process extracted the same files first
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def convert_to_gguf(model_dir: str, out: str, *extra: str) -> dict:
+    """Run llama.cpp's converter on `model_dir` (without this project on the path); the GGUF's key/values."""
+    converter = llama_cpp()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, os.path.join(converter, "convert_hf_to_gguf.py"), model_dir,
+                           "--outtype", "f32", "--outfile", out, *extra], cwd=os.path.dirname(out), env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    read = ("import json, sys; from gguf import GGUFReader; r = GGUFReader(sys.argv[1]); print(json.dumps("
+            "{k: (len(f.data) if k.startswith('tokenizer.ggml.') and len(f.data) > 1 else f.contents()) "
+            "for k, f in r.fields.items() if not k.startswith('tokenizer.chat_template')}))")
+    done = subprocess.run([sys.executable, "-c", read, out], env={**env, "PYTHONPATH": os.path.join(converter,
+                                                                                                    "gguf-py")},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def mismatches(metadata: dict, config: dict) -> dict:
+    """{key: (GGUF value, config value)} where the GGUF disagrees with the native config.json (llama.cpp's default
+    where it wrote no key)."""
+    arch = metadata["general.architecture"]
+    rope = config.get("rope_parameters") or {}
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    want = {
+        "rope.freq_base": rope.get("rope_theta", 10000.0),
+        "attention.layer_norm_rms_epsilon": config["rms_norm_eps"],
+        "context_length": config["max_position_embeddings"],
+        "attention.head_count": config["num_attention_heads"],
+        "attention.head_count_kv": config["num_key_value_heads"],
+        "rope.dimension_count": int(head_dim * rope.get("partial_rotary_factor", 1.0)),
+        "block_count": config["num_hidden_layers"],
+    }
+    got = {key: metadata.get(f"{arch}.{key}", 10000.0 if key == "rope.freq_base" else None) for key in want}
+    got["vocab_size"], want["vocab_size"] = metadata["tokenizer.ggml.tokens"], config["vocab_size"]
+    return {key: (got[key], value) for key, value in want.items()
+            if got[key] is None or abs(got[key] - value) > 1e-6 * abs(value)}  # eps is stored as float32
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """Tiny LLaMA and GLM-4 exports (full models re-exported: the same config and tokenizer path as a merge)."""
+    from model_hub.export import export
+
+    root = tmp_path_factory.mktemp("gguf")
+    return {family: export(tiny_dir(name), str(root / family)) for family, name in
+            (("llama", "chinese-alpaca-7b"), ("glm4", "glm-4-9b-chat"))}
+
+
+@pytest.mark.parametrize("family", ["llama", "glm4"])
+def test_llama_cpp_converter_reads_the_export_right(exports, family, tmp_path):
+    folder = exports[family]
+    metadata = convert_to_gguf(folder, str(tmp_path / f"{family}.gguf"))
+    assert metadata["general.architecture"] == {"llama": "llama", "glm4": "chatglm"}[family]
+    config = json.load(open(os.path.join(folder, "config.json"), encoding="utf-8"))
+    assert mismatches(metadata, config) == {}
+
+
+@pytest.mark.slow
+def test_native_glm4_without_the_original_keys_converts_wrong(tmp_path):
+    """The tiny GLM-4 as transformers saves it (no original keys): the same check fails, as the issue measured."""
+    folder = tiny_dir("glm-4-9b-chat")
+    config = json.load(open(os.path.join(folder, "config.json"), encoding="utf-8"))
+    assert not set(LLAMA_CPP_KEYS) & set(config)
+    wrong = mismatches(convert_to_gguf(folder, str(tmp_path / "plain.gguf"), "--vocab-only"), config)
+    assert wrong.keys() == {"rope.freq_base", "attention.layer_norm_rms_epsilon", "context_length"}
+    assert wrong["rope.freq_base"] == (10000.0, 5_000_000.0)
+    assert wrong["attention.layer_norm_rms_epsilon"][0] == pytest.approx(1e-5)
+    assert wrong["context_length"] == (config["hidden_size"], 131072)
