@@ -33,10 +33,10 @@ from tuning.errors import UserError, run_main
 from tuning.files import atomic_dir, read_json
 
 from .lora_merge import Adapter, read_adapter_config
+from .registry import FAMILIES
 from .shards import ShardWriter, find_shards, has_weights, iter_shard, parse_size, tensor_shapes
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-FAMILIES = {"llama": "llama", "glm": "glm4", "chatglm": "chatglm6b"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "ice_text.model",
                    "vocab.json", "merges.txt", "*.py", "LICENSE*", "MODEL_LICENSE*", "NOTICE*", "USE_POLICY.md")
@@ -65,10 +65,11 @@ class Plan:
                             "weights)", path=src)
         self.config = {**read_json(os.path.join(self.weights_dir, "config.json")), **self.prefix_config}
         model_type = self.config.get("model_type") if isinstance(self.config, dict) else None
-        if model_type not in FAMILIES:
-            raise UserError(f"model_type {model_type!r} is not one this project exports ({', '.join(FAMILIES)})",
+        by_type = {family.model_type: family.name for family in FAMILIES.values()}
+        if model_type not in by_type:
+            raise UserError(f"model_type {model_type!r} is not one this project exports ({', '.join(by_type)})",
                             path=os.path.join(self.weights_dir, "config.json"), field="model_type")
-        self.family = FAMILIES[model_type]
+        self.family = by_type[model_type]
         self.layout, self.original_dir = layout, original_dir
         if layout == "original" and self.family != "glm4":
             raise UserError(f"--layout original is for GLM-4; this is {self.family} (already in its original layout)",
@@ -172,7 +173,7 @@ def check_out(out: str, plan: Plan, overwrite: bool) -> None:
 def write_weights(plan: Plan, tmp: str, dtype: str | None, max_bytes: int) -> None:
     import torch
 
-    from .convert_glm4_to_hf import Layout, ToOriginal
+    from .glm4.convert import Layout, ToOriginal
     from .glm4.native import original_values
 
     target = getattr(torch, dtype) if dtype else None
