@@ -45,9 +45,9 @@ def load_for_inference(model_dir: str, base_model: str | None = None, dtype: str
         model = PeftModelForCausalLM.from_pretrained(model, model_dir)
     number_text_from_zero(model)  # P-tuning v2: the text positions it was trained with (no-op for LoRA)
     if os.path.isfile(os.path.join(model_dir, "tokenizer_config.json")):  # ours save it with the adapter
-        from transformers import AutoTokenizer
+        from model_hub.loader import tokenizer_from_folder
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = tokenizer_from_folder(model_dir)
     return model.eval(), tokenizer
 
 

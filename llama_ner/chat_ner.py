@@ -100,14 +100,12 @@ def _has_tokenizer(path: str) -> bool:
 def load(args):
     import torch
     from peft import PeftModel
-    from transformers import AutoTokenizer
-
     import model_hub  # noqa: F401  (registers the LLaMA tokenizer with the original's ids)
-    from model_hub.loader import load_model_and_tokenizer, load_tokenizer
+    from model_hub.loader import load_model_and_tokenizer, load_tokenizer, tokenizer_from_folder
 
     on_gpu = torch.cuda.is_available()
     tokenizer = load_tokenizer(args.tokenizer_path) if _is_model(args.tokenizer_path) else \
-        AutoTokenizer.from_pretrained(args.tokenizer_path)
+        tokenizer_from_folder(args.tokenizer_path)
     model, _ = load_model_and_tokenizer(args.base_model, dtype="fp16" if on_gpu else "fp32")
     vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) != vocab:

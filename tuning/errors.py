@@ -55,9 +55,13 @@ def run_main(main, argv: list[str] | None = None):
     """Run a script's `main()`; a UserError becomes `error: ...` on stderr and exit code 2.
 
     `--debug` anywhere on the command line (removed before `main` sees it) shows the traceback instead;
-    so does the environment variable TUNING_DEBUG=1.
+    so does the environment variable TUNING_DEBUG=1. `--trust_remote_code` (also removed) lets the model loaders
+    run a model folder's own code (tuning.consent).
     """
+    from .consent import take_flags
+
     args = sys.argv if argv is None else argv
+    take_flags(args)
     debug = "--debug" in args or os.environ.get("TUNING_DEBUG") == "1"
     if "--debug" in args:
         args[:] = [a for a in args if a != "--debug"]
