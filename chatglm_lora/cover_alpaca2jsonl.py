@@ -14,6 +14,7 @@ from tqdm import tqdm  # noqa: E402
 
 from tuning.errors import UserError, run_main  # noqa: E402
 from tuning.files import atomic_file, read_json, require_str  # noqa: E402
+from tuning.outputs import check_output_file  # noqa: E402
 
 
 def format_example(example: dict) -> dict:
@@ -49,6 +50,7 @@ def main():
     args = parser.parse_args()
 
     examples = read_alpaca(args.data_path)
+    check_output_file(args.save_path, [args.data_path])
     empty_targets = 0
     with atomic_file(args.save_path) as f:
         for example in tqdm(examples, desc="formatting.."):

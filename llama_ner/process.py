@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tuning.errors import UserError, run_main  # noqa: E402
 from tuning.files import atomic_file, read_jsonl  # noqa: E402
+from tuning.outputs import check_output_file  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TYPE_NAMES = {"PER": "人名", "ORG": "机构名", "LOC": "地名"}
@@ -77,6 +78,7 @@ def process_msra(in_file: str, out_file: str, mode: str = "train") -> int:
     """The original's function: convert `in_file` and write `out_file`; returns the number of rows written."""
     if mode not in ("train", "dev"):
         raise UserError(f"expected train or dev, got {mode!r}", field="mode")
+    check_output_file(out_file, [in_file])
     has_entity, no_entity, skipped = convert(in_file)
     print(f"{in_file}: 有实体的句子 {len(has_entity)}，没有实体的句子 {len(no_entity)}")
     rows = has_entity + no_entity if mode == "train" else has_entity

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tuning.errors import UserError, run_main  # noqa: E402
 from tuning.files import atomic_dir, read_json  # noqa: E402
+from tuning.outputs import refuse_inputs  # noqa: E402
 
 LAYER = re.compile(r"^transformer\.encoder\.layers\.(\d+)\.(.+)$")
 # Per-layer names that are copied unchanged apart from the prefix.
@@ -171,7 +172,8 @@ class ShardWriter:
                       f, indent=2)
 
 
-def convert(src: str, out_dir: str, *, max_shard_gb: float = 5.0, with_tokenizer: bool = True) -> str:
+def convert(src: str, out_dir: str, *, max_shard_gb: float = 5.0, with_tokenizer: bool = True,
+            force: bool = False) -> str:
     from tqdm import tqdm
 
     from model_hub.glm4_native import native_config_from_original
@@ -187,7 +189,7 @@ def convert(src: str, out_dir: str, *, max_shard_gb: float = 5.0, with_tokenizer
     except (ValueError, KeyError) as exc:
         raise UserError(f"cannot map to GlmConfig: {exc}", path=config_path) from None
     shards = find_shards(src)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "model", inputs=[src], overwrite=force, flag="--force") as tmp:
         writer, seen = ShardWriter(tmp, int(max_shard_gb * 2**30)), set()
         for shard in tqdm(shards, desc="converting shards", unit="shard"):
             for name, tensor in read_shard(shard).items():
@@ -225,9 +227,10 @@ def main():
         raise UserError("folder not found", path=args.original_dir)
     if os.path.abspath(args.original_dir) == os.path.abspath(args.out_dir):
         raise UserError("OUT_DIR must differ from ORIGINAL_DIR", path=args.out_dir)
+    refuse_inputs(args.out_dir, [args.original_dir])
     if os.path.exists(args.out_dir) and os.listdir(args.out_dir) and not args.force:
         raise UserError("already exists and is not empty (use --force to replace it)", path=args.out_dir)
-    convert(args.original_dir, args.out_dir, max_shard_gb=args.max_shard_gb)
+    convert(args.original_dir, args.out_dir, max_shard_gb=args.max_shard_gb, force=args.force)
     print(f"converted {args.original_dir} -> {args.out_dir} (GlmForCausalLM, safetensors)")
 
 

@@ -129,9 +129,14 @@ def atomic_file(path: str, mode: str = "w", encoding: str | None = "utf-8"):
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str):
-    """Yield a temporary sibling folder; it replaces `path` only if the block succeeds."""
+def atomic_dir(path: str, kind: str, *, inputs=(), overwrite: bool = False, flag: str = "--overwrite"):
+    """Yield a temporary sibling folder; it replaces `path` only if the block succeeds, and only when `path` is
+    new, empty or an earlier output of `kind` (tuning.outputs.check_output_folder; `overwrite` = the user's
+    explicit `flag` allows a foreign folder). `inputs`: the run's input files, never inside `path`."""
+    from .outputs import check_output_folder
+
     require_output_parent(path, "folder")
+    check_output_folder(path, kind, inputs=inputs, overwrite=overwrite, flag=flag)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.normpath(path))}.",
                            dir=os.path.dirname(os.path.abspath(path)))
     try:
