@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from transformers import HfArgumentParser, TrainingArguments, set_seed  # noqa: E402
 
 from tuning import distributed  # noqa: E402
-from tuning.checkpoints import AtomicTrainer, save_pretrained_atomically  # noqa: E402
+from tuning.checkpoints import AtomicTrainer, claim_run_folder, save_pretrained_atomically  # noqa: E402
 from tuning.errors import UserError, run_main  # noqa: E402
 from tuning.methods import apply_lora, trainable_summary  # noqa: E402
 from tuning.training import LossPlot, NanGuard, check_precision, resolve_resume  # noqa: E402
@@ -151,7 +151,10 @@ def main():
     dataset = load_rows(finetune_args.dataset_path)  # validate data before loading the model
     distributed.say(len(dataset))
 
-    from model_hub.loader import load_model_and_tokenizer
+    from model_hub.loader import load_model_and_tokenizer, resolve_model_path
+
+    resolve_model_path(finetune_args.chatglm_path)  # a wrong path is one line before anything is written
+    claim_run_folder(training_args.output_dir, resume)  # locked; its checkpoints are this run's to rotate
 
     device = distributed.local_device()
     load_in_8bit = finetune_args.load_in_8bit

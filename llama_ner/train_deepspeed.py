@@ -32,6 +32,7 @@ from llama_ner.config_utils import ConfigParser  # noqa: E402
 from llama_ner.dataset import load_data  # noqa: E402
 from tuning import distributed  # noqa: E402
 from tuning.errors import TrainingStopped, UserError, run_main  # noqa: E402
+from tuning.run_folder import claim_checkpoints, lock_output_dir  # noqa: E402
 from tuning.methods import apply_lora, trainable_summary  # noqa: E402
 from tuning.training import print_data_notes  # noqa: E402
 
@@ -67,7 +68,7 @@ def resume_point(value, root: str) -> tuple[str, str] | None:
     return os.path.dirname(path), os.path.basename(path)
 
 
-def save_checkpoint(engine, args, step: int) -> None:
+def save_checkpoint(engine, args, step: int, claim) -> None:
     """Collective: DeepSpeed's checkpoint of the trainable weights and optimizer, plus each rank's RNG, written
     into save_dir/checkpoints/.saving-global_stepN and renamed to global_stepN once every rank's part is on disk
     (a kill midway never leaves a global_stepN that resume would pick); then the oldest beyond save_total_limit
@@ -89,10 +90,12 @@ def save_checkpoint(engine, args, step: int) -> None:
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
         torch.save(rng, os.path.join(staging, tag, f"rng_state_{distributed.rank()}.pth"))
 
-    def finish():
+    def finish():  # only this run's checkpoints are replaced or rotated (tuning.run_folder)
+        claim.check_replace(os.path.join(root, tag))
+        claim.mark(os.path.join(staging, tag))
         publish(os.path.join(staging, tag), os.path.join(root, tag))
-        rotate_folders(root, [os.path.join(root, f"global_step{s}") for s in saved_steps(root)],
-                       args.save_total_limit)
+        rotate_folders(root, [os.path.join(root, f"global_step{s}") for s in saved_steps(root)
+                              if f"global_step{s}" in claim.owned], args.save_total_limit)
         with atomic_file(os.path.join(root, "latest")) as f:
             f.write(tag)
 
@@ -141,6 +144,14 @@ def main():
 
     tokenizer = load_tokenizer(args.model_dir)
     train_data = load_training_rows(args, tokenizer)
+    def claim_own_checkpoints():
+        return claim_checkpoints(checkpoint_root(args), os.path.join(*resume) if resume else None, TAG,
+                                 os.path.isdir, "--resume_from_checkpoint=last")
+
+    claim_own_checkpoints()  # refused: nothing written yet
+    if distributed.is_main():
+        lock_output_dir(args.save_dir)
+    claim = claim_own_checkpoints()  # again, under the lock
     if distributed.is_main():
         write_train_args(args, args.save_dir)
 
@@ -205,7 +216,7 @@ def main():
                 tqdm.write("loss:{}, global_step:{}/{}".format(loss.item(), global_step, total_step))
             if global_step % args.save_steps == 0 or global_step == total_step:
                 save_adapter(engine.module, args.save_dir)  # collective (ZeRO-3 gathers the LoRA shards)
-                save_checkpoint(engine, args, global_step)
+                save_checkpoint(engine, args, global_step, claim)
                 saved_step = global_step
             if global_step >= total_step:
                 break

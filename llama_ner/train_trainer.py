@@ -26,7 +26,7 @@ from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, LORA_ALPHA, LORA_
                               load_training_rows, save_adapter, show_args, training_inputs, write_train_args)
 from llama_ner.config_utils import ConfigParser  # noqa: E402
 from llama_ner.dataset import load_data  # noqa: E402
-from tuning.checkpoints import AtomicTrainer  # noqa: E402
+from tuning.checkpoints import AtomicTrainer, claim_run_folder  # noqa: E402
 from tuning import distributed  # noqa: E402
 from tuning.errors import run_main  # noqa: E402
 from tuning.methods import apply_lora, trainable_summary  # noqa: E402
@@ -67,6 +67,7 @@ def main():
     tokenizer = load_tokenizer(args.model_dir)
     train_data = load_training_rows(args, tokenizer)
     distributed.say(f"train rows: {len(train_data)}")
+    claim_run_folder(args.save_dir, resume, "--resume_from_checkpoint=last")  # locked; checkpoints checked
     if distributed.is_main():
         write_train_args(args, adapter_dir(args))
 

@@ -16,6 +16,8 @@ What this does instead (`AtomicCheckpoints`, mixed into the recipes' Trainer cla
    .deleting-… before removing it; a second barrier keeps the other ranks from racing ahead.
 A save that fails (disk full, file-size limit, ...) removes its staging folder, keeps every older checkpoint,
 and stops training with one line naming the last good checkpoint and how to resume (exit code 1).
+Before training the run locks its output folder and claims its checkpoints (tuning.run_folder): only the
+checkpoints this run wrote or resumed from are ever replaced or rotated away.
 """
 import os
 import shutil
@@ -24,7 +26,8 @@ from transformers import Trainer
 
 from .errors import TrainingStopped
 from .files import refuse_pickled_code
-from .training import list_checkpoints
+from .run_folder import claim_checkpoints, lock_output_dir
+from .training import CHECKPOINT, list_checkpoints
 
 STAGING, DELETING, REPLACED = ".saving-", ".deleting-", ".replaced-"
 
@@ -73,9 +76,25 @@ def publish(staged: str, final: str) -> None:
     fsync_dir(parent)
 
 
-def rotate(run_dir: str, limit: int | None, keep: set[str]) -> None:
-    """Keep the `limit` most recently written complete checkpoints (and those in `keep`)."""
-    found = [path for _, path in list_checkpoints(run_dir)]
+def is_trainer_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "trainer_state.json"))
+
+
+def claim_run_folder(output_dir: str, resume: str | None, hint: str = "--resume_from_checkpoint last"):
+    """Before anything is written: lock `output_dir` (main process) and check that every checkpoint-N in it is
+    this run's to replace or rotate (tuning.run_folder). Called early by the recipes and again by the Trainer."""
+    from .distributed import is_main
+
+    claim_checkpoints(output_dir, resume, CHECKPOINT, is_trainer_checkpoint, hint)  # refused: nothing written
+    if is_main():
+        lock_output_dir(output_dir)
+    return claim_checkpoints(output_dir, resume, CHECKPOINT, is_trainer_checkpoint, hint)  # again, under the lock
+
+
+def rotate(run_dir: str, limit: int | None, keep: set[str], owned: set[str]) -> None:
+    """Keep the `limit` most recently written complete checkpoints of this run (`owned` names; and those in
+    `keep`); another run's checkpoints are never removed."""
+    found = [path for _, path in list_checkpoints(run_dir) if os.path.basename(path) in owned]
     found.sort(key=lambda p: (os.path.getmtime(os.path.join(p, "trainer_state.json")), p))
     rotate_folders(run_dir, found, limit, keep)
 
@@ -195,10 +214,15 @@ class AtomicCheckpoints:
 
     resume_hint = "--resume_from_checkpoint last"
     _staging_root = None
+    _claim = None
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """As Trainer.train; a checkpoint file that holds pickled code is refused in one line (DeepSpeed's
         own checkpoint files included)."""
+        if resume_from_checkpoint is True:
+            found = list_checkpoints(self.args.output_dir)
+            resume_from_checkpoint = found[-1][1] if found else None
+        self._claim = claim_run_folder(self.args.output_dir, resume_from_checkpoint or None, self.resume_hint)
         if resume_from_checkpoint and getattr(self, "is_deepspeed_enabled", False):
             deepspeed_loads_weights_only()
         with refuse_pickled_code(str(resume_from_checkpoint or self.args.output_dir)):
@@ -229,9 +253,12 @@ class AtomicCheckpoints:
                 self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(
                     self.state.best_model_checkpoint))
                 self.state.save_to_json(os.path.join(staging, name, "trainer_state.json"))
+            claim = self._claim or claim_run_folder(run_dir, None, self.resume_hint)
+            claim.check_replace(final)
+            claim.mark(os.path.join(staging, name))
             publish(os.path.join(staging, name), final)
             keep = {final} | ({self.state.best_model_checkpoint} if self.state.best_model_checkpoint else set())
-            rotate(run_dir, self.args.save_total_limit, keep)
+            rotate(run_dir, self.args.save_total_limit, keep, claim.owned)
 
         error = save_collectively(write, staging, finish, saver, self.args.device)
         if error is not None:

@@ -96,3 +96,7 @@ def run_main(main, argv: list[str] | None = None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        from .run_folder import release_locks
+
+        release_locks()  # the output folders this command locked (tuning.run_folder)
