@@ -80,6 +80,9 @@ class DataCollator:
 def load_rows(path: str):
     from datasets import load_from_disk
 
+    from tuning.publish import recover_replaced
+
+    recover_replaced(path)  # a replacement of this folder killed midway: the old folder is put back
     if not os.path.isdir(path):
         raise UserError("dataset folder not found; make it with tokenize_dataset_rows.py", path=path)
     try:

@@ -17,6 +17,7 @@ from chatglm_lora.cover_alpaca2jsonl import format_example, read_alpaca  # noqa:
 from model_hub.chatglm6b.generation import build_prompt  # noqa: E402
 from tuning.errors import UserError, run_main  # noqa: E402
 from tuning.files import refuse_pickled_code  # noqa: E402
+from tuning.publish import read_adapter_folder  # noqa: E402
 
 
 def clean_answer(text: str) -> str:
@@ -99,6 +100,7 @@ def main():
     if not os.path.isfile(os.path.join(args.lora_path, "adapter_config.json")):
         raise UserError("not a PEFT adapter folder (no adapter_config.json); give finetune.py's output_dir "
                         "or one of its checkpoint-N folders", path=args.lora_path)
+    read_adapter_folder(args.lora_path)  # whole (an interrupted save finished), weights there: no Hub lookup
     examples = None if args.interactive else read_alpaca(args.data_path)[:args.num]
     if args.batch_size < 1 or args.num < 1:
         raise UserError("must be at least 1", field="batch_size" if args.batch_size < 1 else "num")

@@ -150,6 +150,10 @@ def main():
                         path=args.tokenizer_path, field="tokenizer_path")
     if args.lora_model and not os.path.isfile(os.path.join(args.lora_model, "adapter_config.json")):
         raise UserError("not a LoRA folder (adapter_config.json missing)", path=args.lora_model)
+    if args.lora_model:
+        from tuning.publish import read_adapter_folder
+
+        read_adapter_folder(args.lora_model)  # whole (an interrupted save finished), weights there: no Hub lookup
     examples = read_examples(args.data_file) if args.data_file else [(e, None, e) for e in DEFAULT_EXAMPLES]
     if not args.interactive:
         require_output_parent(args.predictions_file)

@@ -14,6 +14,7 @@ import torch
 from tuning.consent import remote_code_allowed, remote_code_refusal
 from tuning.errors import UserError
 from tuning.files import read_json, refuse_pickled_code
+from tuning.publish import recover_replaced
 
 from .make_tiny import tiny_dir
 from .registry import MODELS
@@ -29,6 +30,7 @@ def resolve_model_path(name_or_path: str) -> str:
         if name not in MODELS:
             raise UserError(f"unknown tiny model {name!r}; known: {', '.join(MODELS)}", field="model")
         return tiny_dir(name)
+    recover_replaced(name_or_path)  # a converter's replacement of this folder killed midway: put back
     if not os.path.isdir(name_or_path):
         raise UserError("model folder not found (give a folder with config.json, or tiny:NAME, NAME one of "
                         f"{', '.join(MODELS)})", path=name_or_path)

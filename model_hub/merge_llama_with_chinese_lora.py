@@ -31,6 +31,7 @@ from model_hub.convert_llama_weights_to_hf import (  # noqa: E402
     DTYPES, LAYER_MAP, NUM_SHARDS, TOP_MAP, staged_output, unpermute)
 from tuning.errors import UserError, run_main  # noqa: E402
 from tuning.files import read_json  # noqa: E402
+from tuning.publish import finish_publish  # noqa: E402
 
 SIZE_BY_WIDTH = {4096: "7B", 5120: "13B", 6656: "30B", 8192: "65B"}
 
@@ -42,6 +43,7 @@ def read_adapter(lora_dir: str) -> tuple[dict, dict]:
     config_path = os.path.join(lora_dir, "adapter_config.json")
     if not os.path.isfile(config_path):
         raise UserError("adapter_config.json not found; not a LoRA folder", path=lora_dir)
+    finish_publish(lora_dir)  # a save interrupted while its files moved in
     config = read_json(config_path)
     if not isinstance(config, dict) or str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise UserError("expected a LoRA adapter config (peft_type LORA)", path=config_path, field="peft_type")

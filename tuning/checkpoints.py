@@ -26,6 +26,7 @@ from transformers import Trainer
 
 from .errors import TrainingStopped
 from .files import refuse_pickled_code
+from .publish import finish_publish, publish_pending, replace_files, swap_in
 from .run_folder import claim_checkpoints, lock_output_dir
 from .training import CHECKPOINT, list_checkpoints
 
@@ -62,18 +63,10 @@ def remove_leftovers(run_dir: str) -> None:
 
 
 def publish(staged: str, final: str) -> None:
-    """Rename the finished folder `staged` to `final`, replacing an older folder of that name."""
+    """Rename the finished folder `staged` to `final` in one step, replacing an older folder of that name."""
     fsync_tree(staged)
-    parent, name = os.path.split(final)
-    if os.path.exists(final):
-        old = os.path.join(parent, REPLACED + name)
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(staged, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staged, final)
-    fsync_dir(parent)
+    swap_in(staged, final)
+    fsync_dir(os.path.dirname(final))
 
 
 def is_trainer_checkpoint(path: str) -> bool:
@@ -88,6 +81,7 @@ def claim_run_folder(output_dir: str, resume: str | None, hint: str = "--resume_
     claim_checkpoints(output_dir, resume, CHECKPOINT, is_trainer_checkpoint, hint)  # refused: nothing written
     if is_main():
         lock_output_dir(output_dir)
+        finish_publish(output_dir)  # a final save interrupted while its files moved in
     return claim_checkpoints(output_dir, resume, CHECKPOINT, is_trainer_checkpoint, hint)  # again, under the lock
 
 
@@ -117,29 +111,19 @@ def rotate_folders(run_dir: str, oldest_first: list[str], limit: int | None, kee
         excess -= 1
 
 
-def replace_files(staged: str, folder: str) -> None:
-    """Move every file/folder of the finished folder `staged` into `folder`, each replacing its namesake whole
-    (the folder may hold other files, e.g. checkpoints or train_args.json); the callers remove `staged`."""
-    fsync_tree(staged)
-    for name in os.listdir(staged):
-        target = os.path.join(folder, name)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(staged, name), target)
-    fsync_dir(folder)
-
-
 def save_pretrained_atomically(save, folder: str) -> None:
     """`save(tmp)` writes a model/adapter into a temporary folder; its files then replace those in `folder` one
     by one (each file whole or not at all). One process only; collective saves use `save_collectively`."""
     os.makedirs(folder, exist_ok=True)
+    finish_publish(folder)  # an earlier save interrupted midway is completed first
     tmp = os.path.join(folder, STAGING + "final")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         save(tmp)
         replace_files(tmp, folder)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not publish_pending(folder):  # interrupted while moving in: kept for finish_publish
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_collectively(write, staging: str, finish, is_saver: bool, device=None) -> BaseException | None:
@@ -273,6 +257,7 @@ class AtomicCheckpoints:
         staging = os.path.join(folder, STAGING + "final")
         if self.args.should_save:
             os.makedirs(folder, exist_ok=True)
+            finish_publish(folder)
         error = save_collectively(lambda: super(AtomicCheckpoints, self).save_model(staging, _internal_call=True),
                                   staging, lambda: replace_files(staging, folder), self.args.should_save,
                                   self.args.device)

@@ -134,20 +134,16 @@ def atomic_dir(path: str, kind: str, *, inputs=(), overwrite: bool = False, flag
     new, empty or an earlier output of `kind` (tuning.outputs.check_output_folder; `overwrite` = the user's
     explicit `flag` allows a foreign folder). `inputs`: the run's input files, never inside `path`."""
     from .outputs import check_output_folder
+    from .publish import recover_replaced, swap_in
 
     require_output_parent(path, "folder")
+    recover_replaced(path)
     check_output_folder(path, kind, inputs=inputs, overwrite=overwrite, flag=flag)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.normpath(path))}.",
                            dir=os.path.dirname(os.path.abspath(path)))
     try:
         yield tmp
-        if os.path.isdir(path):
-            old = tmp + ".old"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        swap_in(tmp, path)  # one step: `path` is the old folder or the new one, never missing
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         error = write_error(exc, path)
