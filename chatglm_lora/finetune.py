@@ -156,8 +156,8 @@ def main():
 
     from model_hub.loader import load_model_and_tokenizer, resolve_model_path
 
-    resolve_model_path(finetune_args.chatglm_path)  # a wrong path is one line before anything is written
-    claim_run_folder(training_args.output_dir, resume)  # locked; its checkpoints are this run's to rotate
+    model_path = resolve_model_path(finetune_args.chatglm_path)  # a wrong path: one line before anything is written
+    claim_run_folder(training_args.output_dir, resume, model_dir=model_path)  # locked; not inside the model
 
     device = distributed.local_device()
     load_in_8bit = finetune_args.load_in_8bit

@@ -116,7 +116,7 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
     check_method_fits(cfg, load_model_config(model_path))
     from tuning.checkpoints import claim_run_folder
 
-    claim_run_folder(args.output_dir, resume, "AUTO_RESUME_FROM_CHECKPOINT yes")  # locked; checkpoints checked
+    claim_run_folder(args.output_dir, resume, "AUTO_RESUME_FROM_CHECKPOINT yes", model_path)  # locked; checked
 
     # 2. Tokenizer and model (left padding, as the original; no KV cache while training).
     model, tokenizer = load_model_and_tokenizer(model_path, dtype=weights_dtype(args), use_cache=False,

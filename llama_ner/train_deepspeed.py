@@ -32,6 +32,7 @@ from llama_ner.config_utils import ConfigParser  # noqa: E402
 from llama_ner.dataset import load_data  # noqa: E402
 from tuning import distributed  # noqa: E402
 from tuning.errors import TrainingStopped, UserError, run_main  # noqa: E402
+from tuning.outputs import refuse_output_in_model  # noqa: E402
 from tuning.run_folder import claim_checkpoints, lock_output_dir  # noqa: E402
 from tuning.methods import apply_lora, trainable_summary  # noqa: E402
 from tuning.training import print_data_notes  # noqa: E402
@@ -140,7 +141,7 @@ def main():
     resume = resume_point(args.resume_from_checkpoint, checkpoint_root(args))
     load_data(args.train_path, (args.instruct_column, args.query_column, args.response_column))  # fail fast
 
-    from model_hub.loader import load_model_and_tokenizer, load_tokenizer
+    from model_hub.loader import load_model_and_tokenizer, load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(args.model_dir)
     train_data = load_training_rows(args, tokenizer)
@@ -148,6 +149,7 @@ def main():
         return claim_checkpoints(checkpoint_root(args), os.path.join(*resume) if resume else None, TAG,
                                  os.path.isdir, "--resume_from_checkpoint=last")
 
+    refuse_output_in_model(args.save_dir, resolve_model_path(args.model_dir))
     claim_own_checkpoints()  # refused: nothing written yet
     if distributed.is_main():
         lock_output_dir(args.save_dir)

@@ -62,12 +62,12 @@ def main():
     ds_config = deepspeed_config(ds_path, args, on_gpu)  # lr and fp16 come from it even without DeepSpeed
     load_data(args.train_path, (args.instruct_column, args.query_column, args.response_column))  # fail fast
 
-    from model_hub.loader import load_model_and_tokenizer, load_tokenizer
+    from model_hub.loader import load_model_and_tokenizer, load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(args.model_dir)
     train_data = load_training_rows(args, tokenizer)
     distributed.say(f"train rows: {len(train_data)}")
-    claim_run_folder(args.save_dir, resume, "--resume_from_checkpoint=last")  # locked; checkpoints checked
+    claim_run_folder(args.save_dir, resume, "--resume_from_checkpoint=last", resolve_model_path(args.model_dir))
     if distributed.is_main():
         write_train_args(args, adapter_dir(args))
 

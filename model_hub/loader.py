@@ -116,6 +116,27 @@ def load_model_config(name_or_path: str, trust_remote_code: bool | None = None):
         return AutoConfig.from_pretrained(path, trust_remote_code=_trust(trust_remote_code))
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@contextlib.contextmanager
+def adapter_inside_ignored(path: str):
+    """transformers applies any PEFT adapter it finds inside a model folder (left there by a run whose output
+    folder was the model folder): silently another model. It is not applied; the user is told, and loads it by
+    passing the folder as the adapter. (transformers 5.23 looks for it in these two places.)"""
+    if not os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+        yield
+        return
+    from unittest import mock
+
+    print(f"note: {path} also holds a PEFT adapter ({ADAPTER_CONFIG}); it is NOT applied to the base model. To use "
+          "it, give this folder as the adapter (e.g. --lora_path / --lora_model / inference.py MODEL_DIR), and move "
+          "it out of the model folder")
+    with mock.patch("transformers.models.auto.auto_factory.find_adapter_config_file", return_value=None), \
+            mock.patch("transformers.integrations.peft.find_adapter_config_file", return_value=None):
+        yield
+
+
 def load_model_and_tokenizer(name_or_path: str, *, dtype=None, device: str | None = None,
                              trust_remote_code: bool | None = None, load_in_8bit: bool = False, **model_kwargs):
     """Load (model, tokenizer) for training or inference; the model is on `device` in the chosen dtype.
@@ -130,7 +151,7 @@ def load_model_and_tokenizer(name_or_path: str, *, dtype=None, device: str | Non
     if load_in_8bit:
         model_kwargs["quantization_config"] = _bnb_8bit_config(dev)
         model_kwargs.setdefault("device_map", "auto")
-    with refuse_pickled_code(path), remote_code_refused(path):
+    with refuse_pickled_code(path), remote_code_refused(path), adapter_inside_ignored(path):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
                                                      **model_kwargs)
     if not load_in_8bit:

@@ -73,10 +73,15 @@ def is_trainer_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "trainer_state.json"))
 
 
-def claim_run_folder(output_dir: str, resume: str | None, hint: str = "--resume_from_checkpoint last"):
-    """Before anything is written: lock `output_dir` (main process) and check that every checkpoint-N in it is
-    this run's to replace or rotate (tuning.run_folder). Called early by the recipes and again by the Trainer."""
+def claim_run_folder(output_dir: str, resume: str | None, hint: str = "--resume_from_checkpoint last",
+                     model_dir: str | None = None):
+    """Before anything is written: refuse an output folder inside the base `model_dir`, lock `output_dir` (main
+    process) and check that every checkpoint-N in it is this run's to replace or rotate (tuning.run_folder).
+    Called early by the recipes and again by the Trainer."""
     from .distributed import is_main
+    from .outputs import refuse_output_in_model
+
+    refuse_output_in_model(output_dir, model_dir)
 
     claim_checkpoints(output_dir, resume, CHECKPOINT, is_trainer_checkpoint, hint)  # refused: nothing written
     if is_main():

@@ -91,3 +91,11 @@ def check_files_folder(path: str, kind: str, *, inputs=(), overwrite: bool = Fal
         raise UserError(f"holds {shown} but is not an earlier {KIND_NAMES[kind]} (other files are there too); "
                         f"writing here would delete or replace them: give a new or empty folder, or pass {flag}",
                         path=path)
+
+
+def refuse_output_in_model(output_dir: str, model_dir: str | None) -> None:
+    """A run's output folder must not be (or be inside) the base model folder: its adapter would be taken for
+    part of the base model by later loads, and a second fine-tune would build on it."""
+    if model_dir and os.path.isdir(model_dir) and is_inside(output_dir, model_dir):
+        raise UserError(f"is inside the base model folder {model_dir}; the run's adapter and checkpoints would mix "
+                        "with the model's files: give another output folder", path=output_dir)
