@@ -100,10 +100,10 @@ def main():
     if not os.path.isfile(os.path.join(args.lora_path, "adapter_config.json")):
         raise UserError("not a PEFT adapter folder (no adapter_config.json); give finetune.py's output_dir "
                         "or one of its checkpoint-N folders", path=args.lora_path)
-    read_adapter_folder(args.lora_path)  # whole (an interrupted save finished), weights there: no Hub lookup
     examples = None if args.interactive else read_alpaca(args.data_path)[:args.num]
     if args.batch_size < 1 or args.num < 1:
         raise UserError("must be at least 1", field="batch_size" if args.batch_size < 1 else "num")
+    read_adapter_folder(args.lora_path)  # whole (an interrupted save finished), weights there: no Hub lookup
 
     from peft import PeftModel
 

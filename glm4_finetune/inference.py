@@ -39,7 +39,8 @@ def load_for_inference(model_dir: str, base_model: str | None = None, dtype: str
 
     from tuning.publish import read_adapter_folder
 
-    base = base_model or read_adapter_folder(model_dir).get("base_model_name_or_path")
+    config = read_adapter_folder(model_dir)  # whole (an interrupted save finished), weights there: no Hub lookup
+    base = base_model or config.get("base_model_name_or_path")
     if not base:
         raise UserError("base_model_name_or_path is empty; pass --base-model", path=adapter_config)
     model, tokenizer = load_model_and_tokenizer(base, dtype=dtype)

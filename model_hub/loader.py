@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from tuning.consent import remote_code_allowed, remote_code_refusal
+from tuning.consent import remote_code_allowed, remote_code_refusal, stay_offline
 from tuning.errors import UserError
 from tuning.files import read_json, refuse_pickled_code
 from tuning.publish import recover_replaced
@@ -88,6 +88,7 @@ def remote_code_refused(path: str, what: str = "model folder"):
 
 
 def _trust(trust_remote_code: bool | None) -> bool:
+    stay_offline()  # every load: no network unless the user set HF_HUB_OFFLINE=0
     return remote_code_allowed() if trust_remote_code is None else trust_remote_code
 
 

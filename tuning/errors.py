@@ -58,10 +58,11 @@ def run_main(main, argv: list[str] | None = None):
     so does the environment variable TUNING_DEBUG=1. `--trust_remote_code` (also removed) lets the model loaders
     run a model folder's own code (tuning.consent).
     """
-    from .consent import take_flags
+    from .consent import stay_offline, take_flags
 
     args = sys.argv if argv is None else argv
     take_flags(args)
+    stay_offline()  # no network unless the user set HF_HUB_OFFLINE=0
     debug = "--debug" in args or os.environ.get("TUNING_DEBUG") == "1"
     if "--debug" in args:
         args[:] = [a for a in args if a != "--debug"]

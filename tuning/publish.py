@@ -140,8 +140,10 @@ WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 def read_adapter_folder(folder: str) -> dict:
     """adapter_config.json of a PEFT adapter folder, once the folder is known to hold a whole adapter."""
+    from .consent import stay_offline
     from .files import read_json
 
+    stay_offline()  # peft would otherwise look a missing path up on the Hub
     if os.path.isdir(folder):
         finish_publish(folder)
     config_path = os.path.join(folder, "adapter_config.json")
