@@ -181,6 +181,8 @@ def main():
     rows = read_rows(args.jsonl_path)  # validate the whole file before loading anything heavy
     empty = [line for line, _, target in rows if not target.strip()]
     rows = [row for row in rows if row[2].strip()]
+    if not rows:  # (not a length problem: raising --max_seq_length would not help)
+        raise UserError("every row's target is empty: nothing to train on", path=args.jsonl_path, field="target")
     contexts, targets = [r[1] for r in rows], [r[2] for r in rows]
 
     if args.one_row_at_a_time:

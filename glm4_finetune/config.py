@@ -98,12 +98,12 @@ def _resolve_deepspeed(value: str, config_path: str) -> str:
 
 def _check_deepspeed(ds_path: str, peft: dict | None, fail) -> None:
     """Combinations that cannot work on this stack, refused before any process group or weight exists."""
-    from tuning.distributed import read_deepspeed_config
+    from tuning.distributed import read_deepspeed_config, zero_stage
 
     if not os.path.isfile(ds_path):
         fail("training_args.deepspeed", f"DeepSpeed config not found: {ds_path}")
     ds = read_deepspeed_config(ds_path)
-    if int(ds.get("zero_optimization", {}).get("stage", 0)) != 3 or not isinstance(peft, dict):
+    if zero_stage(ds_path) != 3 or not isinstance(peft, dict):
         return
     if peft.get("peft_type") == "PREFIX_TUNING":
         fail("training_args.deepspeed", "ZeRO-3 with P-tuning v2 (prefix tuning) hangs at the first save; use "

@@ -21,7 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tuning.errors import UserError, run_main  # noqa: E402
-from tuning.files import atomic_file, read_text, refuse_pickled_code, require_output_parent  # noqa: E402
+from tuning.files import TOO_DEEP, atomic_file, read_text, refuse_pickled_code, require_output_parent  # noqa: E402
 
 ORIGINAL_TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                      "the request.\n\n### Instruction:\n\n{instruction}\n\n### Response:\n\n")
@@ -60,6 +60,8 @@ def read_examples(path: str) -> list[tuple[str, str | None, str]]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"invalid JSON: {exc.msg} (column {exc.colno})", path=path, line=line_no) from None
+            except RecursionError:
+                raise UserError(TOO_DEEP, path=path, line=line_no) from None
             if not isinstance(row, dict) or not isinstance(row.get("instruct"), str) or not row["instruct"]:
                 got = type(row.get("instruct") if isinstance(row, dict) else row).__name__
                 raise UserError(f"expected a non-empty string, got {got}", path=path, line=line_no, field="instruct")

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS,  # noqa: E402
-                              check_speed_flags, deepspeed_config, find_deepspeed_json, load_training_rows,
+                              check_speed_flags, check_values, deepspeed_config, find_deepspeed_json, load_training_rows,
                               save_adapter, show_args, training_inputs, write_train_args)
 from llama_ner.config_utils import ConfigParser  # noqa: E402
 from llama_ner.dataset import load_data  # noqa: E402
@@ -134,6 +134,7 @@ def main():
     if args.bf16 and on_gpu:
         raise UserError("bf16 is the CPU option here; on a GPU the original's fp16 from deepspeed.json is used",
                         field="bf16")
+    check_values(args)
     check_speed_flags(args, on_gpu)
     conf = deepspeed_config(find_deepspeed_json(args.deepspeed_jaon_path), args, on_gpu)
     conf["steps_per_print"] = args.log_steps

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from transformers import TrainerCallback, TrainingArguments, set_seed  # noqa: E402
 
 from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS,  # noqa: E402
-                              adapter_dir, check_speed_flags, deepspeed_config, find_deepspeed_json, learning_rate,
+                              adapter_dir, check_speed_flags, check_values, deepspeed_config, find_deepspeed_json, learning_rate,
                               load_training_rows, save_adapter, show_args, training_inputs, write_train_args)
 from llama_ner.config_utils import ConfigParser  # noqa: E402
 from llama_ner.dataset import load_data  # noqa: E402
@@ -56,6 +56,7 @@ def main():
     on_gpu = torch.cuda.is_available()
     use_deepspeed = args.local_rank != -1
     check_precision(fp16=False, bf16=args.bf16, use_cpu=not on_gpu)
+    check_values(args)
     check_speed_flags(args, on_gpu)
     resume = resolve_resume(args.resume_from_checkpoint, args.save_dir)
     ds_path = find_deepspeed_json(args.deepspeed_jaon_path)

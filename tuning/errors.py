@@ -95,6 +95,7 @@ def run_main(main, argv: list[str] | None = None):
         print(f"error: {OUT_OF_MEMORY} ({str(exc).strip().splitlines()[0][:160]})", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
+        _end_progress_bars()  # "interrupted" on its own line, not glued to a bar
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     finally:

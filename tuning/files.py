@@ -33,6 +33,9 @@ def read_text(path: str) -> str:
     return text
 
 
+TOO_DEEP = "invalid JSON: nested too deeply (hundreds of levels of [ or {); expected a flat record or config"
+
+
 def read_json(path: str):
     """A JSON document (alpaca-style list, config, ...)."""
     text = read_text(path)
@@ -40,6 +43,8 @@ def read_json(path: str):
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"invalid JSON: {exc.msg} (column {exc.colno})", path=path, line=exc.lineno) from None
+    except RecursionError:
+        raise UserError(TOO_DEEP, path=path) from None
 
 
 def parse_json_object(line: str, path: str, line_no: int) -> dict:
@@ -48,6 +53,8 @@ def parse_json_object(line: str, path: str, line_no: int) -> dict:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         raise UserError(f"invalid JSON: {exc.msg} (column {exc.colno})", path=path, line=line_no) from None
+    except RecursionError:
+        raise UserError(TOO_DEEP, path=path, line=line_no) from None
     if not isinstance(obj, dict):
         raise UserError(f"expected a JSON object per line, got {type(obj).__name__}", path=path, line=line_no)
     return obj
