@@ -32,8 +32,7 @@ BEST = "--packing --lm_head_on_labels_only"  # the fastest opt-in flags for chat
 def chatglm_source(n_rows: int) -> dict:
     from chatglm_lora.finetune import DataCollator
     from chatglm_lora.tokenize_dataset_rows import fit_rows, read_rows, tokenize_rows
-    from model_hub.loader import load_tokenizer, resolve_model_path
-    from transformers import AutoConfig
+    from model_hub.loader import load_model_config, load_tokenizer
 
     tokenizer = load_tokenizer("tiny:chatglm-6b")
     rows = [r for r in read_rows(ALPACA)[:n_rows] if r[2].strip()]
@@ -43,7 +42,7 @@ def chatglm_source(n_rows: int) -> dict:
     lengths = [len(f["input_ids"]) for f in features]
     return {"recipe": "chatglm_lora", "data": f"alpaca, first {n_rows:,} rows", "rows": features,
             "lengths": lengths, "rows_fn": collator.rows, "original": collator, "grouped": collator,
-            "pad": tokenizer.pad_token_id, "config": AutoConfig.from_pretrained(resolve_model_path("tiny:chatglm-6b")),
+            "pad": tokenizer.pad_token_id, "config": load_model_config("tiny:chatglm-6b"),
             "capacity": max(lengths), "batches": [6]}
 
 
@@ -52,8 +51,7 @@ def llama_source() -> dict:
     from types import SimpleNamespace
 
     from llama_ner.dataset import NerCollate, load_data
-    from model_hub.loader import load_tokenizer, resolve_model_path
-    from transformers import AutoConfig
+    from model_hub.loader import load_model_config, load_tokenizer
 
     tokenizer = load_tokenizer("tiny:chinese-alpaca-7b")
     args = SimpleNamespace(instruct_column="instruct", query_column="query", response_column="answer",
@@ -65,15 +63,14 @@ def llama_source() -> dict:
     return {"recipe": "llama_ner", "data": "MSRA instruct dev.txt, 1,000 rows", "rows": lines,
             "lengths": collate.lengths(lines), "rows_fn": collate.rows, "original": collate.collate_fn,
             "grouped": grouped.collate_fn, "pad": tokenizer.pad_token_id,
-            "config": AutoConfig.from_pretrained(resolve_model_path("tiny:chinese-alpaca-7b")), "capacity": 192,
+            "config": load_model_config("tiny:chinese-alpaca-7b"), "capacity": 192,
             "batches": [12, 8]}
 
 
 def glm4_source() -> dict:
     from glm4_finetune.data import process_batch
     from glm4_finetune.trainer import DataCollator, train_rows
-    from model_hub.loader import load_tokenizer, resolve_model_path
-    from transformers import AutoConfig
+    from model_hub.loader import load_model_config, load_tokenizer
 
     tokenizer = load_tokenizer("tiny:glm-4-9b-chat")
     tokenizer.padding_side = "left"
@@ -85,7 +82,7 @@ def glm4_source() -> dict:
     return {"recipe": "glm4_finetune", "data": "AdvertiseGen xl.jsonl, 3,000 rows", "rows": features,
             "lengths": [len(f["input_ids"]) for f in features], "rows_fn": train_rows, "original": collator,
             "grouped": collator, "pad": tokenizer.pad_token_id,
-            "config": AutoConfig.from_pretrained(resolve_model_path("tiny:glm-4-9b-chat")), "capacity": 1025,
+            "config": load_model_config("tiny:glm-4-9b-chat"), "capacity": 1025,
             "batches": [1, 8]}
 
 

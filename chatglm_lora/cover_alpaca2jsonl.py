@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from tuning.errors import UserError, run_main
 from tuning.files import atomic_file, read_json, require_str
+from tuning.outputs import check_output_file
 
 
 def format_example(example: dict) -> dict:
@@ -46,6 +47,7 @@ def main():
     args = parser.parse_args()
 
     examples = read_alpaca(args.data_path)
+    check_output_file(args.save_path, [args.data_path])
     empty_targets = 0
     with atomic_file(args.save_path) as f:
         for example in tqdm(examples, desc="formatting.."):

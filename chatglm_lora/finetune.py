@@ -23,7 +23,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from tuning import distributed
-from tuning.checkpoints import AtomicTrainer, save_pretrained_atomically
+from tuning.checkpoints import AtomicTrainer, claim_run_folder, save_pretrained_atomically
 from tuning.errors import UserError, run_main
 from tuning.methods import apply_lora, trainable_summary
 from tuning.training import LossPlot, NanGuard, check_precision, resolve_resume
@@ -78,6 +78,9 @@ class DataCollator:
 def load_rows(path: str):
     from datasets import load_from_disk
 
+    from tuning.publish import recover_replaced
+
+    recover_replaced(path)  # a replacement of this folder killed midway: the old folder is put back
     if not os.path.isdir(path):
         raise UserError("dataset folder not found; make it with tokenize_dataset_rows.py", path=path)
     try:
@@ -149,8 +152,11 @@ def main():
     dataset = load_rows(finetune_args.dataset_path)  # validate data before loading the model
     distributed.say(len(dataset))
 
-    from model_hub.loader import load_model_and_tokenizer
+    from model_hub.loader import load_model_and_tokenizer, resolve_model_path
     from model_hub.registry import get_family, packed_layout
+
+    model_path = resolve_model_path(finetune_args.chatglm_path)  # a wrong path: one line before anything is written
+    claim_run_folder(training_args.output_dir, resume, model_dir=model_path)  # locked; not inside the model
 
     device = distributed.local_device()
     load_in_8bit = finetune_args.load_in_8bit

@@ -15,6 +15,7 @@ from chatglm_lora.cover_alpaca2jsonl import format_example, read_alpaca
 from model_hub.chatglm6b.generation import build_prompt
 from tuning.errors import UserError, run_main
 from tuning.files import refuse_pickled_code
+from tuning.publish import read_adapter_folder
 
 
 def clean_answer(text: str) -> str:
@@ -100,6 +101,7 @@ def main():
     examples = None if args.interactive else read_alpaca(args.data_path)[:args.num]
     if args.batch_size < 1 or args.num < 1:
         raise UserError("must be at least 1", field="batch_size" if args.batch_size < 1 else "num")
+    read_adapter_folder(args.lora_path)  # whole (an interrupted save finished), weights there: no Hub lookup
 
     from peft import PeftModel
 

@@ -21,6 +21,7 @@ from model_hub.chatglm6b.text import VOCAB_FILE, ChatGLMTextEncoder
 from tuning.datasets_folder import save_table, token_rows_table
 from tuning.errors import UserError, parse_bool, run_main
 from tuning.files import atomic_dir, read_jsonl, require_output_parent, require_str
+from tuning.outputs import check_output_folder
 
 # The March-2023 format of ChatGLM-Tuning's committed data/alpaca_data.jsonl (Input block optional).
 OLD_TEXT = re.compile(r"\A### Instruction:\n(?P<instruction>.*?)(?:\n\n### Input:\n(?P<input>.*?))?"
@@ -160,6 +161,9 @@ def main():
                              "false (default): the fast path, one multi-threaded SentencePiece call for all texts "
                              "and the rows written with pyarrow: identical rows and saved folder "
                              "(tests/test_tokenize_fast.py), about 10x faster")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --save_path even when it is a non-empty folder that is not an earlier output "
+                             "of this command (its files are deleted); an earlier output is replaced without it")
     args = parser.parse_args()
 
     if args.version == "v2":
@@ -170,9 +174,13 @@ def main():
     if args.num_proc < 1:
         raise UserError(f"must be at least 1, got {args.num_proc}", field="num_proc")
     require_output_parent(args.save_path, "folder")
+    check_output_folder(args.save_path, "datasets", inputs=[args.jsonl_path, args.chatglm_path],
+                        overwrite=args.overwrite)
     rows = read_rows(args.jsonl_path)  # validate the whole file before loading anything heavy
     empty = [line for line, _, target in rows if not target.strip()]
     rows = [row for row in rows if row[2].strip()]
+    if not rows:  # (not a length problem: raising --max_seq_length would not help)
+        raise UserError("every row's target is empty: nothing to train on", path=args.jsonl_path, field="target")
     contexts, targets = [r[1] for r in rows], [r[2] for r in rows]
 
     if args.one_row_at_a_time:
@@ -187,14 +195,16 @@ def main():
     else:
         encoder = ChatGLMTextEncoder(tokenizer_folder(args.chatglm_path))
         tokenized = tokenize_rows_fast(encoder, contexts, targets, args.max_seq_length, args.num_proc)
+    inputs = [args.jsonl_path, args.chatglm_path]
     kept, counts = fit_rows(tokenized, args.max_seq_length, args.skip_overlength)
     if not kept:
         raise UserError("no rows left after length filtering; raise --max_seq_length", path=args.jsonl_path)
     if args.one_row_at_a_time:
-        with atomic_dir(args.save_path) as tmp:
+        with atomic_dir(args.save_path, "datasets", inputs=inputs, overwrite=args.overwrite) as tmp:
             Dataset.from_list(kept).save_to_disk(tmp)
     else:
-        save_table(token_rows_table([r["input_ids"] for r in kept], [r["seq_len"] for r in kept]), args.save_path)
+        save_table(token_rows_table([r["input_ids"] for r in kept], [r["seq_len"] for r in kept]), args.save_path,
+                   inputs, args.overwrite)
 
     print(f"saved {len(kept)} rows to {args.save_path} (max_seq_length {args.max_seq_length})")
     if empty:

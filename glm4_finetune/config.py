@@ -30,7 +30,15 @@ RENAMED = {"evaluation_strategy": "eval_strategy", "no_cuda": "use_cpu",
 
 
 class _Loader(yaml.SafeLoader):
-    """yaml.SafeLoader (data only) that also reads 1e-4 / 5E+3 as floats (YAML 1.2, like ruamel)."""
+    """yaml.SafeLoader (data only) that also reads 1e-4 / 5E+3 as floats (YAML 1.2, like ruamel), and refuses
+    aliases (*name): nine lines of nested aliases expand to billions of values (an "alias bomb"), and a config
+    never needs them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a config; write the "
+                                              "value out", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
 
 
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
@@ -90,12 +98,12 @@ def _resolve_deepspeed(value: str, config_path: str) -> str:
 
 def _check_deepspeed(ds_path: str, peft: dict | None, fail) -> None:
     """Combinations that cannot work on this stack, refused before any process group or weight exists."""
-    from tuning.distributed import read_deepspeed_config
+    from tuning.distributed import read_deepspeed_config, zero_stage
 
     if not os.path.isfile(ds_path):
         fail("training_args.deepspeed", f"DeepSpeed config not found: {ds_path}")
     ds = read_deepspeed_config(ds_path)
-    if int(ds.get("zero_optimization", {}).get("stage", 0)) != 3 or not isinstance(peft, dict):
+    if zero_stage(ds_path) != 3 or not isinstance(peft, dict):
         return
     if peft.get("peft_type") == "PREFIX_TUNING":
         fail("training_args.deepspeed", "ZeRO-3 with P-tuning v2 (prefix tuning) hangs at the first save; use "
@@ -109,8 +117,11 @@ def _check_deepspeed(ds_path: str, peft: dict | None, fail) -> None:
 def load_config(path: str) -> FinetuningConfig:
     text = read_text(path)
     try:
+        lines = _key_lines(yaml.compose(text, Loader=_Loader))  # first: an alias is refused before any expansion
         raw = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
-        lines = _key_lines(yaml.compose(text, Loader=_Loader))
+    except RecursionError:
+        raise UserError("invalid YAML: nested too deeply (hundreds of levels); expected a flat config",
+                        path=path) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise UserError(f"invalid YAML: {getattr(exc, 'problem', exc)}", path=path,

@@ -96,12 +96,13 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
         raise UserError("packing does not work with P-tuning v2 (the prefix cache turns off the per-row "
                         "attention); use --group_by_length", field="packing")
 
-    from transformers import AutoConfig
-
-    from model_hub.loader import load_model_and_tokenizer, resolve_model_path
+    from model_hub.loader import load_model_and_tokenizer, load_model_config, resolve_model_path
 
     model_path = resolve_model_path(model_dir)
-    check_method_fits(cfg, AutoConfig.from_pretrained(model_path))
+    check_method_fits(cfg, load_model_config(model_path))
+    from tuning.checkpoints import claim_run_folder
+
+    claim_run_folder(args.output_dir, resume, "AUTO_RESUME_FROM_CHECKPOINT yes", model_path)  # locked; checked
 
     # 2. Tokenizer and model (left padding, as the original; no KV cache while training).
     model, tokenizer = load_model_and_tokenizer(model_path, dtype=weights_dtype(args), use_cache=False,

@@ -35,7 +35,10 @@ def load_for_inference(model_dir: str, base_model: str | None = None, dtype: str
 
     from model_hub.glm4.prefix_positions import number_text_from_zero
 
-    base = base_model or read_json(adapter_config).get("base_model_name_or_path")
+    from tuning.publish import read_adapter_folder
+
+    config = read_adapter_folder(model_dir)  # whole (an interrupted save finished), weights there: no Hub lookup
+    base = base_model or config.get("base_model_name_or_path")
     if not base:
         raise UserError("base_model_name_or_path is empty; pass --base-model", path=adapter_config)
     model, tokenizer = load_model_and_tokenizer(base, dtype=dtype)
@@ -43,9 +46,9 @@ def load_for_inference(model_dir: str, base_model: str | None = None, dtype: str
         model = PeftModelForCausalLM.from_pretrained(model, model_dir)
     number_text_from_zero(model)  # P-tuning v2: the text positions it was trained with (no-op for LoRA)
     if os.path.isfile(os.path.join(model_dir, "tokenizer_config.json")):  # ours save it with the adapter
-        from transformers import AutoTokenizer
+        from model_hub.loader import tokenizer_from_folder
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = tokenizer_from_folder(model_dir)
     return model.eval(), tokenizer
 
 

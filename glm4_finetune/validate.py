@@ -45,21 +45,21 @@ def parse_tool_call(content: str):
     """(name, arguments) of a tool call written as {"name", "arguments"} JSON or as NAME\\n{JSON}; else None."""
     try:
         call = json.loads(content)
-    except ValueError:
+    except (ValueError, RecursionError):
         call = None
     if isinstance(call, dict) and isinstance(call.get("name"), str):
         arguments = call.get("arguments", call.get("parameters"))
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return None
         return (call["name"], arguments) if isinstance(arguments, dict) else None
     name, newline, rest = content.partition("\n")
     if newline and name.strip() and " " not in name.strip():
         try:
             arguments = json.loads(rest)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         return (name.strip(), arguments) if isinstance(arguments, dict) else None
     return None

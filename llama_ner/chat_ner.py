@@ -19,7 +19,7 @@ import os
 
 
 from tuning.errors import UserError, run_main
-from tuning.files import atomic_file, read_text, refuse_pickled_code, require_output_parent
+from tuning.files import TOO_DEEP, atomic_file, read_text, refuse_pickled_code, require_output_parent
 
 ORIGINAL_TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                      "the request.\n\n### Instruction:\n\n{instruction}\n\n### Response:\n\n")
@@ -58,6 +58,8 @@ def read_examples(path: str) -> list[tuple[str, str | None, str]]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"invalid JSON: {exc.msg} (column {exc.colno})", path=path, line=line_no) from None
+            except RecursionError:
+                raise UserError(TOO_DEEP, path=path, line=line_no) from None
             if not isinstance(row, dict) or not isinstance(row.get("instruct"), str) or not row["instruct"]:
                 got = type(row.get("instruct") if isinstance(row, dict) else row).__name__
                 raise UserError(f"expected a non-empty string, got {got}", path=path, line=line_no, field="instruct")
@@ -98,14 +100,12 @@ def _has_tokenizer(path: str) -> bool:
 def load(args):
     import torch
     from peft import PeftModel
-    from transformers import AutoTokenizer
-
     import model_hub  # noqa: F401  (registers the LLaMA tokenizer with the original's ids)
-    from model_hub.loader import load_model_and_tokenizer, load_tokenizer
+    from model_hub.loader import load_model_and_tokenizer, load_tokenizer, tokenizer_from_folder
 
     on_gpu = torch.cuda.is_available()
     tokenizer = load_tokenizer(args.tokenizer_path) if _is_model(args.tokenizer_path) else \
-        AutoTokenizer.from_pretrained(args.tokenizer_path)
+        tokenizer_from_folder(args.tokenizer_path)
     model, _ = load_model_and_tokenizer(args.base_model, dtype="fp16" if on_gpu else "fp32")
     vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) != vocab:
@@ -150,6 +150,10 @@ def main():
                         path=args.tokenizer_path, field="tokenizer_path")
     if args.lora_model and not os.path.isfile(os.path.join(args.lora_model, "adapter_config.json")):
         raise UserError("not a LoRA folder (adapter_config.json missing)", path=args.lora_model)
+    if args.lora_model:
+        from tuning.publish import read_adapter_folder
+
+        read_adapter_folder(args.lora_model)  # whole (an interrupted save finished), weights there: no Hub lookup
     examples = read_examples(args.data_file) if args.data_file else [(e, None, e) for e in DEFAULT_EXAMPLES]
     if not args.interactive:
         require_output_parent(args.predictions_file)

@@ -103,6 +103,25 @@ def collate_for(args, tokenizer):
     return NerCollate(args, tokenizer)
 
 
+POSITIVE_INTEGERS = ("train_batch_size", "lora_r", "gradient_accumulation_steps", "max_seq_length", "save_steps",
+                     "log_steps", "num_train_epochs")
+
+
+def check_values(args) -> None:
+    """Numbers that must be positive, checked before anything is loaded or written (train_args.json included)."""
+    import math
+
+    for key in POSITIVE_INTEGERS:
+        value = getattr(args, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"expected a whole number >= 1, got {value!r}", field=key)
+    rate = args.learning_rate
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate)
+                             or rate <= 0):
+        raise UserError(f"expected a positive number (e.g. 2e-4), or None for deepspeed.json's lr; got {rate!r}",
+                        field="learning_rate")
+
+
 def check_speed_flags(args, on_gpu: bool) -> None:
     """The opt-in speed-up flags, checked before anything is loaded or written."""
     if args.pad_to_multiple_of < 1:
@@ -167,9 +186,12 @@ def find_deepspeed_json(path: str) -> str:
 
 def deepspeed_config(path: str, args, on_gpu: bool) -> dict:
     """deepspeed.json with the run's batch size / accumulation / lr, and the precision the device supports."""
+    from tuning.distributed import zero_stage
+
     config = read_json(path)
     if not isinstance(config, dict):
         raise UserError("expected a JSON object", path=path)
+    zero_stage(path)  # a stage that is not 0-3 is one line here, not a DeepSpeed traceback later
     config["train_micro_batch_size_per_gpu"] = args.train_batch_size
     config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
     # A config without an optimizer (e.g. a ZeRO-2/3 file written for the Trainer) gets the recipe's.

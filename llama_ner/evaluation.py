@@ -52,7 +52,10 @@ def load_model(args):
 
     from model_hub.loader import load_model_and_tokenizer
 
+    from tuning.publish import read_adapter_folder
+
     adapter = find_adapter(args.save_dir)
+    read_adapter_folder(adapter)  # whole (an interrupted save finished), weights there: no Hub lookup
     model, tokenizer = load_model_and_tokenizer(args.model_dir, dtype="bf16" if getattr(args, "bf16", False)
                                                 else "auto")
     with refuse_pickled_code(adapter):

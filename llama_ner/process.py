@@ -22,6 +22,7 @@ import os
 
 from tuning.errors import UserError, run_main
 from tuning.files import atomic_file, read_jsonl
+from tuning.outputs import check_output_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TYPE_NAMES = {"PER": "人名", "ORG": "机构名", "LOC": "地名"}
@@ -75,6 +76,7 @@ def process_msra(in_file: str, out_file: str, mode: str = "train") -> int:
     """The original's function: convert `in_file` and write `out_file`; returns the number of rows written."""
     if mode not in ("train", "dev"):
         raise UserError(f"expected train or dev, got {mode!r}", field="mode")
+    check_output_file(out_file, [in_file])
     has_entity, no_entity, skipped = convert(in_file)
     print(f"{in_file}: 有实体的句子 {len(has_entity)}，没有实体的句子 {len(no_entity)}")
     rows = has_entity + no_entity if mode == "train" else has_entity

@@ -22,17 +22,18 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP,
-                              check_speed_flags, deepspeed_config, find_deepspeed_json, load_training_rows,
-                              save_adapter, show_args, training_inputs, write_train_args)
+from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, check_speed_flags, check_values, deepspeed_config,
+                              find_deepspeed_json, load_training_rows, save_adapter, show_args, training_inputs,
+                              write_train_args)
 from llama_ner.config_utils import ConfigParser
 from llama_ner.dataset import load_data
 from model_hub.registry import get_family
 from tuning import distributed
 from tuning.errors import TrainingStopped, UserError, run_main
 from tuning.methods import apply_lora, trainable_summary
-from tuning.training import (DEEPSPEED_CHECKPOINTS, list_checkpoints, print_data_notes,
-                             resolve_resume)
+from tuning.outputs import refuse_output_in_model
+from tuning.run_folder import claim_checkpoints, lock_output_dir
+from tuning.training import DEEPSPEED_CHECKPOINTS, list_checkpoints, print_data_notes, resolve_resume
 
 CONFIG = {**BASE_CONFIG, "save_dir": "./checkpoint/msra/train_deepspeed/adapter_model/",
           "deepspeed_jaon_path": "deepspeed.json", **EXTRA_CONFIG}
@@ -52,7 +53,7 @@ def resume_point(value, root: str) -> tuple[str, str] | None:
     return None if path is None else (os.path.dirname(path), os.path.basename(path))
 
 
-def save_checkpoint(engine, args, step: int) -> None:
+def save_checkpoint(engine, args, step: int, claim) -> None:
     """Collective: DeepSpeed's checkpoint of the trainable weights and optimizer, plus each rank's RNG, written
     into save_dir/checkpoints/.saving-global_stepN and renamed to global_stepN once every rank's part is on disk
     (a kill midway never leaves a global_stepN that resume would pick); then the oldest beyond save_total_limit
@@ -74,10 +75,12 @@ def save_checkpoint(engine, args, step: int) -> None:
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
         torch.save(rng, os.path.join(staging, tag, f"rng_state_{distributed.rank()}.pth"))
 
-    def finish():
+    def finish():  # only this run's checkpoints are replaced or rotated (tuning.run_folder)
+        claim.check_replace(os.path.join(root, tag))
+        claim.mark(os.path.join(staging, tag))
         publish(os.path.join(staging, tag), os.path.join(root, tag))
-        rotate_folders(root, [os.path.join(root, f"global_step{s}") for s in saved_steps(root)],
-                       args.save_total_limit)
+        rotate_folders(root, [os.path.join(root, f"global_step{s}") for s in saved_steps(root)
+                              if f"global_step{s}" in claim.owned], args.save_total_limit)
         with atomic_file(os.path.join(root, "latest")) as f:
             f.write(tag)
 
@@ -115,6 +118,7 @@ def main():
     if args.bf16 and on_gpu:
         raise UserError("bf16 is the CPU option here; on a GPU the original's fp16 from deepspeed.json is used",
                         field="bf16")
+    check_values(args)
     check_speed_flags(args, on_gpu)
     conf = deepspeed_config(find_deepspeed_json(args.deepspeed_jaon_path), args, on_gpu)
     conf["steps_per_print"] = args.log_steps
@@ -122,10 +126,19 @@ def main():
     resume = resume_point(args.resume_from_checkpoint, checkpoint_root(args))
     load_data(args.train_path, (args.instruct_column, args.query_column, args.response_column))  # fail fast
 
-    from model_hub.loader import load_model_and_tokenizer, load_tokenizer
+    from model_hub.loader import load_model_and_tokenizer, load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(args.model_dir)
     train_data = load_training_rows(args, tokenizer)
+    def claim_own_checkpoints():
+        return claim_checkpoints(checkpoint_root(args), os.path.join(*resume) if resume else None,
+                                 DEEPSPEED_CHECKPOINTS, "--resume_from_checkpoint=last")
+
+    refuse_output_in_model(args.save_dir, resolve_model_path(args.model_dir))
+    claim_own_checkpoints()  # refused: nothing written yet
+    if distributed.is_main():
+        lock_output_dir(args.save_dir)
+    claim = claim_own_checkpoints()  # again, under the lock
     if distributed.is_main():
         write_train_args(args, args.save_dir)
 
@@ -190,7 +203,7 @@ def main():
                 tqdm.write("loss:{}, global_step:{}/{}".format(loss.item(), global_step, total_step))
             if global_step % args.save_steps == 0 or global_step == total_step:
                 save_adapter(engine.module, args.save_dir)  # collective (ZeRO-3 gathers the LoRA shards)
-                save_checkpoint(engine, args, global_step)
+                save_checkpoint(engine, args, global_step, claim)
                 saved_step = global_step
             if global_step >= total_step:
                 break

@@ -19,14 +19,14 @@ import os
 import torch
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
-from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP,
-                              adapter_dir, check_speed_flags, deepspeed_config, find_deepspeed_json, learning_rate,
-                              load_training_rows, save_adapter, show_args, training_inputs, write_train_args)
+from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, adapter_dir, check_speed_flags, check_values,
+                              deepspeed_config, find_deepspeed_json, learning_rate, load_training_rows, save_adapter,
+                              show_args, training_inputs, write_train_args)
 from llama_ner.config_utils import ConfigParser
 from llama_ner.dataset import load_data
 from model_hub.registry import get_family
-from tuning.checkpoints import AtomicTrainer
 from tuning import distributed
+from tuning.checkpoints import AtomicTrainer, claim_run_folder
 from tuning.errors import run_main
 from tuning.methods import apply_lora, trainable_summary
 from tuning.training import DataNotesAtEnd, LossPlot, NanGuard, check_precision, resolve_resume
@@ -54,17 +54,19 @@ def main():
     on_gpu = torch.cuda.is_available()
     use_deepspeed = args.local_rank != -1
     check_precision(fp16=False, bf16=args.bf16, use_cpu=not on_gpu)
+    check_values(args)
     check_speed_flags(args, on_gpu)
     resume = resolve_resume(args.resume_from_checkpoint, args.save_dir)
     ds_path = find_deepspeed_json(args.deepspeed_jaon_path)
     ds_config = deepspeed_config(ds_path, args, on_gpu)  # lr and fp16 come from it even without DeepSpeed
     load_data(args.train_path, (args.instruct_column, args.query_column, args.response_column))  # fail fast
 
-    from model_hub.loader import load_model_and_tokenizer, load_tokenizer
+    from model_hub.loader import load_model_and_tokenizer, load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(args.model_dir)
     train_data = load_training_rows(args, tokenizer)
     distributed.say(f"train rows: {len(train_data)}")
+    claim_run_folder(args.save_dir, resume, "--resume_from_checkpoint=last", resolve_model_path(args.model_dir))
     if distributed.is_main():
         write_train_args(args, adapter_dir(args))
 

@@ -238,7 +238,7 @@ def copy_tokenizer(plan: Plan, tmp: str) -> None:
 
         import model_hub  # noqa: F401  (our tokenizer classes)
 
-        size = len(AutoTokenizer.from_pretrained(source))
+        size = len(AutoTokenizer.from_pretrained(source, trust_remote_code=False))  # our classes need no code
         if vocab and size > vocab:
             raise UserError(f"the tokenizer has {size} tokens, the model {plan.weights_dir} only {vocab} embedding "
                             "rows (vocab_size): the vocabulary size differs", path=source)
@@ -285,7 +285,8 @@ def export(src: str, out: str, *, base: str | None = None, dtype: str | None = N
     torch_dtype = DTYPES[dtype] if dtype else None
     config = export_config(plan, torch_dtype)
     command = command or "python -m model_hub.export " + shlex.join([src, out] + (["--base", base] if base else []))
-    with atomic_dir(out) as tmp:
+    inputs = [p for p in (plan.src, plan.weights_dir, plan.original_dir) if p]
+    with atomic_dir(out, "model", inputs=inputs, overwrite=overwrite) as tmp:
         copy_tokenizer(plan, tmp)
         write_weights(plan, tmp, torch_dtype, max_bytes)
         write_json(os.path.join(tmp, "config.json"), config)

@@ -3,15 +3,18 @@
 - `tiny:NAME` (e.g. `tiny:chatglm-6b`) builds the tiny random-weight twin on first use (model_hub.make_tiny).
 - dtype follows the device: fp32 on CPU unless bf16 is asked for; never fp16 on CPU (0.3 GFLOP/s there);
   on a GPU "auto" means bf16 where supported, else fp16.
-- `trust_remote_code` stays off unless the caller passes it: our own classes cover ChatGLM-6B, GLM-4 and LLaMA.
+- `trust_remote_code` stays off unless the user passed --trust_remote_code (tuning.consent): our own classes
+  cover ChatGLM-6B, GLM-4 and LLaMA; a folder that needs its own code is refused in one line, never prompted for.
 """
-import json
+import contextlib
 import os
 
 import torch
 
+from tuning.consent import remote_code_allowed, remote_code_refusal, stay_offline
 from tuning.errors import UserError
-from tuning.files import refuse_pickled_code
+from tuning.files import read_json, refuse_pickled_code
+from tuning.publish import recover_replaced
 
 from .make_tiny import tiny_dir
 from .registry import MODELS
@@ -27,6 +30,7 @@ def resolve_model_path(name_or_path: str) -> str:
         if name not in MODELS:
             raise UserError(f"unknown tiny model {name!r}; known: {', '.join(MODELS)}", field="model")
         return tiny_dir(name)
+    recover_replaced(name_or_path)  # a converter's replacement of this folder killed midway: put back
     if not os.path.isdir(name_or_path):
         raise UserError("model folder not found (give a folder with config.json, or tiny:NAME, NAME one of "
                         f"{', '.join(MODELS)})", path=name_or_path)
@@ -37,8 +41,10 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def _refuse_unsupported_layout(path: str) -> None:
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_json(os.path.join(path, "config.json"))
+    if not isinstance(config, dict):
+        raise UserError(f"expected a JSON object (a model config), got {type(config).__name__}",
+                        path=os.path.join(path, "config.json"))
     if config.get("model_type") == "chatglm" and "padded_vocab_size" in config:
         raise UserError("this is an original-layout GLM-4 checkpoint (remote code); convert it once with "
                         f"`python -m model_hub.convert_glm4_to_hf {path} OUT_DIR` and load OUT_DIR",
@@ -70,19 +76,75 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
     return chosen
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+@contextlib.contextmanager
+def remote_code_refused(path: str, what: str = "model folder"):
+    """transformers' refusal of a folder that needs its own code (trust_remote_code off) → one line."""
+    try:
+        yield
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc) and "custom code" not in str(exc):
+            raise
+        raise remote_code_refusal(path, what) from None
+
+
+def _trust(trust_remote_code: bool | None) -> bool:
+    stay_offline()  # every load: no network unless the user set HF_HUB_OFFLINE=0
+    return remote_code_allowed() if trust_remote_code is None else trust_remote_code
+
+
+def tokenizer_from_folder(folder: str, trust_remote_code: bool | None = None):
+    """AutoTokenizer of a folder that holds tokenizer files only (an adapter's, a --tokenizer_path)."""
     from transformers import AutoTokenizer
 
     import model_hub  # noqa: F401  (registers our tokenizer classes)
 
-    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    with remote_code_refused(folder, "tokenizer folder"):
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=_trust(trust_remote_code))
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool | None = None):
+    return tokenizer_from_folder(resolve_model_path(name_or_path), trust_remote_code)
+
+
+def load_model_config(name_or_path: str, trust_remote_code: bool | None = None):
+    """The AutoConfig of a model folder (or tiny:NAME), without loading weights."""
+    from transformers import AutoConfig
+
+    import model_hub  # noqa: F401  (registers the chatglm model type)
+
+    path = resolve_model_path(name_or_path)
+    with remote_code_refused(path):
+        return AutoConfig.from_pretrained(path, trust_remote_code=_trust(trust_remote_code))
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@contextlib.contextmanager
+def adapter_inside_ignored(path: str):
+    """transformers applies any PEFT adapter it finds inside a model folder (left there by a run whose output
+    folder was the model folder): silently another model. It is not applied; the user is told, and loads it by
+    passing the folder as the adapter. (transformers 5.23 looks for it in these two places.)"""
+    if not os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+        yield
+        return
+    from unittest import mock
+
+    print(f"note: {path} also holds a PEFT adapter ({ADAPTER_CONFIG}); it is NOT applied to the base model. To use "
+          "it, give this folder as the adapter (e.g. --lora_path / --lora_model / inference.py MODEL_DIR), and move "
+          "it out of the model folder")
+    with mock.patch("transformers.models.auto.auto_factory.find_adapter_config_file", return_value=None), \
+            mock.patch("transformers.integrations.peft.find_adapter_config_file", return_value=None):
+        yield
 
 
 def load_model_and_tokenizer(name_or_path: str, *, dtype=None, device: str | None = None,
-                             trust_remote_code: bool = False, load_in_8bit: bool = False, **model_kwargs):
-    """Load (model, tokenizer) for training or inference; the model is on `device` in the chosen dtype."""
+                             trust_remote_code: bool | None = None, load_in_8bit: bool = False, **model_kwargs):
+    """Load (model, tokenizer) for training or inference; the model is on `device` in the chosen dtype.
+    `trust_remote_code` None: as the user's --trust_remote_code flag (off by default)."""
     from transformers import AutoModelForCausalLM
 
+    trust_remote_code = _trust(trust_remote_code)
     path = resolve_model_path(name_or_path)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
@@ -90,7 +152,7 @@ def load_model_and_tokenizer(name_or_path: str, *, dtype=None, device: str | Non
     if load_in_8bit:
         model_kwargs["quantization_config"] = _bnb_8bit_config(dev)
         model_kwargs.setdefault("device_map", "auto")
-    with refuse_pickled_code(path):
+    with refuse_pickled_code(path), remote_code_refused(path), adapter_inside_ignored(path):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
                                                      **model_kwargs)
     if not load_in_8bit:

@@ -13,6 +13,7 @@ import torch
 
 from tuning.errors import UserError
 from tuning.files import read_json
+from tuning.publish import finish_publish
 
 from .shards import read_shard
 
@@ -26,6 +27,7 @@ def read_adapter_config(lora_dir: str) -> dict:
     config_path = os.path.join(lora_dir, "adapter_config.json")
     if not os.path.isfile(config_path):
         raise UserError("adapter_config.json not found; not a LoRA folder", path=lora_dir)
+    finish_publish(lora_dir)  # a save interrupted while its files moved in
     config = read_json(config_path)
     if not isinstance(config, dict):
         raise UserError("expected a JSON object", path=config_path)

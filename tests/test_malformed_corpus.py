@@ -54,8 +54,27 @@ def _bad_seq_len(folder):
         os.path.join(folder, "bad_seq_len"))
 
 
+def _deep_json(folder):
+    """JSON nested 100,000 levels deep in each kind of JSON input (json.loads raises RecursionError), and YAML
+    nested 5,000 deep (so does PyYAML's composer)."""
+    deep = "[" * 100_000 + "]" * 100_000
+    files = {"rows_deep.jsonl": '{"context": ' + deep + ', "target": "x"}\n',
+             "alpaca_deep.json": '[{"instruction": "x", "input": "", "output": ' + deep + "}]",
+             "tools_deep.json": deep, "ds_deep.json": '{"zero_optimization": ' + deep + "}",
+             "deep.yaml": "data_config: " + "[" * 5000 + "]" * 5000 + "\n"}
+    for name, text in files.items():
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def _symlink(folder):
+    """--save_path given as a symbolic link to a folder."""
+    os.makedirs(os.path.join(folder, "link_target"), exist_ok=True)
+    os.symlink("link_target", os.path.join(folder, "link_to_rows"))
+
+
 GENERATORS = {"rows_10mb": _rows_10mb, "alpaca_10mb": _alpaca_10mb, "msra_10mb": _msra_10mb,
-              "bad_seq_len": _bad_seq_len}
+              "bad_seq_len": _bad_seq_len, "deep_json": _deep_json, "symlink": _symlink}
 
 
 @pytest.fixture(scope="module")

@@ -127,7 +127,9 @@ def test_remote_code_is_not_run_unless_asked(tmp_path):
     config.update(model_type="evil", auto_map={"AutoConfig": "configuration_evil.EvilConfig",
                                                "AutoModelForCausalLM": "configuration_evil.EvilConfig"})
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="trust_remote_code"):
+    from tuning.errors import UserError
+
+    with pytest.raises(UserError, match="--trust_remote_code"):  # one line naming the flag (issue 25, item 1)
         load_model_and_tokenizer(str(folder))
     assert not ran.exists()
 

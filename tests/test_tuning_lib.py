@@ -62,7 +62,7 @@ def test_atomic_writers_leave_nothing_on_failure(tmp_path):
         f.write("whole")
     assert target.read_text() == "whole"
     with pytest.raises(RuntimeError):
-        with atomic_dir(str(tmp_path / "ds")) as d:
+        with atomic_dir(str(tmp_path / "ds"), "datasets") as d:
             open(os.path.join(d, "part"), "w").close()
             raise RuntimeError("killed")
     assert sorted(os.listdir(tmp_path)) == ["out.txt"]

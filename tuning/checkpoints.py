@@ -16,6 +16,8 @@ What this does instead (`AtomicCheckpoints`, mixed into the recipes' Trainer cla
    .deleting-… before removing it; a second barrier keeps the other ranks from racing ahead.
 A save that fails (disk full, file-size limit, ...) removes its staging folder, keeps every older checkpoint,
 and stops training with one line naming the last good checkpoint and how to resume (exit code 1).
+Before training the run locks its output folder and claims its checkpoints (tuning.run_folder): only the
+checkpoints this run wrote or resumed from are ever replaced or rotated away.
 """
 import os
 import shutil
@@ -24,7 +26,9 @@ from transformers import Trainer
 
 from .errors import TrainingStopped
 from .files import refuse_pickled_code
-from .training import list_checkpoints
+from .publish import finish_publish, publish_pending, replace_files, swap_in
+from .run_folder import claim_checkpoints, lock_output_dir
+from .training import TRAINER_CHECKPOINTS, list_checkpoints
 
 STAGING, DELETING, REPLACED = ".saving-", ".deleting-", ".replaced-"
 
@@ -59,23 +63,33 @@ def remove_leftovers(run_dir: str) -> None:
 
 
 def publish(staged: str, final: str) -> None:
-    """Rename the finished folder `staged` to `final`, replacing an older folder of that name."""
+    """Rename the finished folder `staged` to `final` in one step, replacing an older folder of that name."""
     fsync_tree(staged)
-    parent, name = os.path.split(final)
-    if os.path.exists(final):
-        old = os.path.join(parent, REPLACED + name)
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(staged, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staged, final)
-    fsync_dir(parent)
+    swap_in(staged, final)
+    fsync_dir(os.path.dirname(final))
 
 
-def rotate(run_dir: str, limit: int | None, keep: set[str]) -> None:
-    """Keep the `limit` most recently written complete checkpoints (and those in `keep`)."""
-    found = [path for _, path in list_checkpoints(run_dir)]
+def claim_run_folder(output_dir: str, resume: str | None, hint: str = "--resume_from_checkpoint last",
+                     model_dir: str | None = None):
+    """Before anything is written: refuse an output folder inside the base `model_dir`, lock `output_dir` (main
+    process) and check that every checkpoint-N in it is this run's to replace or rotate (tuning.run_folder).
+    Called early by the recipes and again by the Trainer."""
+    from .distributed import is_main
+    from .outputs import refuse_output_in_model
+
+    refuse_output_in_model(output_dir, model_dir)
+
+    claim_checkpoints(output_dir, resume, TRAINER_CHECKPOINTS, hint)  # refused: nothing written
+    if is_main():
+        lock_output_dir(output_dir)
+        finish_publish(output_dir)  # a final save interrupted while its files moved in
+    return claim_checkpoints(output_dir, resume, TRAINER_CHECKPOINTS, hint)  # again, under the lock
+
+
+def rotate(run_dir: str, limit: int | None, keep: set[str], owned: set[str]) -> None:
+    """Keep the `limit` most recently written complete checkpoints of this run (`owned` names; and those in
+    `keep`); another run's checkpoints are never removed."""
+    found = [path for _, path in list_checkpoints(run_dir) if os.path.basename(path) in owned]
     found.sort(key=lambda p: (os.path.getmtime(os.path.join(p, "trainer_state.json")), p))
     rotate_folders(run_dir, found, limit, keep)
 
@@ -98,29 +112,19 @@ def rotate_folders(run_dir: str, oldest_first: list[str], limit: int | None, kee
         excess -= 1
 
 
-def replace_files(staged: str, folder: str) -> None:
-    """Move every file/folder of the finished folder `staged` into `folder`, each replacing its namesake whole
-    (the folder may hold other files, e.g. checkpoints or train_args.json); the callers remove `staged`."""
-    fsync_tree(staged)
-    for name in os.listdir(staged):
-        target = os.path.join(folder, name)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(staged, name), target)
-    fsync_dir(folder)
-
-
 def save_pretrained_atomically(save, folder: str) -> None:
     """`save(tmp)` writes a model/adapter into a temporary folder; its files then replace those in `folder` one
     by one (each file whole or not at all). One process only; collective saves use `save_collectively`."""
     os.makedirs(folder, exist_ok=True)
+    finish_publish(folder)  # an earlier save interrupted midway is completed first
     tmp = os.path.join(folder, STAGING + "final")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         save(tmp)
         replace_files(tmp, folder)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not publish_pending(folder):  # interrupted while moving in: kept for finish_publish
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_collectively(write, staging: str, finish, is_saver: bool, device=None) -> BaseException | None:
@@ -196,6 +200,7 @@ class AtomicCheckpoints:
 
     resume_hint = "--resume_from_checkpoint last"
     _staging_root = None
+    _claim = None
 
     def __init__(self, *args, train_sampler=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -209,6 +214,10 @@ class AtomicCheckpoints:
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """As Trainer.train; a checkpoint file that holds pickled code is refused in one line (DeepSpeed's
         own checkpoint files included)."""
+        if resume_from_checkpoint is True:
+            found = list_checkpoints(self.args.output_dir)
+            resume_from_checkpoint = found[-1][1] if found else None
+        self._claim = claim_run_folder(self.args.output_dir, resume_from_checkpoint or None, self.resume_hint)
         if resume_from_checkpoint and getattr(self, "is_deepspeed_enabled", False):
             deepspeed_loads_weights_only()
         with refuse_pickled_code(str(resume_from_checkpoint or self.args.output_dir)):
@@ -239,9 +248,12 @@ class AtomicCheckpoints:
                 self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(
                     self.state.best_model_checkpoint))
                 self.state.save_to_json(os.path.join(staging, name, "trainer_state.json"))
+            claim = self._claim or claim_run_folder(run_dir, None, self.resume_hint)
+            claim.check_replace(final)
+            claim.mark(os.path.join(staging, name))
             publish(os.path.join(staging, name), final)
             keep = {final} | ({self.state.best_model_checkpoint} if self.state.best_model_checkpoint else set())
-            rotate(run_dir, self.args.save_total_limit, keep)
+            rotate(run_dir, self.args.save_total_limit, keep, claim.owned)
 
         error = save_collectively(write, staging, finish, saver, self.args.device)
         if error is not None:
@@ -256,6 +268,7 @@ class AtomicCheckpoints:
         staging = os.path.join(folder, STAGING + "final")
         if self.args.should_save:
             os.makedirs(folder, exist_ok=True)
+            finish_publish(folder)
         error = save_collectively(lambda: super(AtomicCheckpoints, self).save_model(staging, _internal_call=True),
                                   staging, lambda: replace_files(staging, folder), self.args.should_save,
                                   self.args.device)

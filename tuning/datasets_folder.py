@@ -26,14 +26,15 @@ def feature_of(arrow_type) -> dict:
     raise TypeError(f"no `datasets` feature mapping for arrow type {arrow_type}")
 
 
-def save_table(table, path: str) -> None:
-    """Write `table` (a pyarrow.Table) to the folder `path` atomically, in save_to_disk's layout."""
+def save_table(table, path: str, inputs=(), overwrite: bool = False) -> None:
+    """Write `table` (a pyarrow.Table) to the folder `path` atomically, in save_to_disk's layout (replacing only
+    an earlier `datasets` folder unless `overwrite`; never one holding an input, see tuning.outputs)."""
     import pyarrow as pa
 
     features = {field.name: feature_of(field.type) for field in table.schema}
     schema = table.schema.with_metadata({"huggingface": json.dumps({"info": {"features": features}})})
     info = {"citation": "", "description": "", "features": features, "homepage": "", "license": ""}
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, "datasets", inputs=inputs, overwrite=overwrite) as tmp:
         with pa.OSFile(os.path.join(tmp, SHARD), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
             writer.write_table(table.replace_schema_metadata(schema.metadata))
         # `datasets` hashes the dataset's state; a hash of the written bytes is as deterministic (same rows, same

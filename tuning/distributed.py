@@ -154,14 +154,28 @@ def read_deepspeed_config(config) -> dict:
         raise UserError("DeepSpeed config not found", path=str(config), field="deepspeed")
     with open(config, encoding="utf-8") as f:
         try:
-            return json.load(f)
+            loaded = json.load(f)
         except json.JSONDecodeError as exc:
             raise UserError(f"invalid JSON: {exc.msg}", path=str(config), line=exc.lineno) from None
+        except RecursionError:
+            from .files import TOO_DEEP
+
+            raise UserError(TOO_DEEP, path=str(config)) from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"expected a JSON object (a DeepSpeed config), got {type(loaded).__name__}", path=str(config))
+    return loaded
 
 
 def zero_stage(config) -> int:
     """The ZeRO stage of a DeepSpeed config (0 without DeepSpeed or without zero_optimization)."""
-    return int(read_deepspeed_config(config).get("zero_optimization", {}).get("stage", 0))
+    where = config if isinstance(config, str) else None
+    zero = read_deepspeed_config(config).get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise UserError(f"expected an object, got {type(zero).__name__}", path=where, field="zero_optimization")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise UserError(f"expected 0, 1, 2 or 3, got {stage!r}", path=where, field="zero_optimization.stage")
+    return int(stage)
 
 
 @contextlib.contextmanager

@@ -55,9 +55,14 @@ def run_main(main, argv: list[str] | None = None):
     """Run a script's `main()`; a UserError becomes `error: ...` on stderr and exit code 2.
 
     `--debug` anywhere on the command line (removed before `main` sees it) shows the traceback instead;
-    so does the environment variable TUNING_DEBUG=1.
+    so does the environment variable TUNING_DEBUG=1. `--trust_remote_code` (also removed) lets the model loaders
+    run a model folder's own code (tuning.consent).
     """
+    from .consent import stay_offline, take_flags
+
     args = sys.argv if argv is None else argv
+    take_flags(args)
+    stay_offline()  # no network unless the user set HF_HUB_OFFLINE=0
     debug = "--debug" in args or os.environ.get("TUNING_DEBUG") == "1"
     if "--debug" in args:
         args[:] = [a for a in args if a != "--debug"]
@@ -90,5 +95,10 @@ def run_main(main, argv: list[str] | None = None):
         print(f"error: {OUT_OF_MEMORY} ({str(exc).strip().splitlines()[0][:160]})", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
+        _end_progress_bars()  # "interrupted" on its own line, not glued to a bar
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        from .run_folder import release_locks
+
+        release_locks()  # the output folders this command locked (tuning.run_folder)

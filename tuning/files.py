@@ -33,6 +33,9 @@ def read_text(path: str) -> str:
     return text
 
 
+TOO_DEEP = "invalid JSON: nested too deeply (hundreds of levels of [ or {); expected a flat record or config"
+
+
 def read_json(path: str):
     """A JSON document (alpaca-style list, config, ...)."""
     text = read_text(path)
@@ -40,6 +43,8 @@ def read_json(path: str):
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"invalid JSON: {exc.msg} (column {exc.colno})", path=path, line=exc.lineno) from None
+    except RecursionError:
+        raise UserError(TOO_DEEP, path=path) from None
 
 
 def parse_json_object(line: str, path: str, line_no: int) -> dict:
@@ -48,6 +53,8 @@ def parse_json_object(line: str, path: str, line_no: int) -> dict:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         raise UserError(f"invalid JSON: {exc.msg} (column {exc.colno})", path=path, line=line_no) from None
+    except RecursionError:
+        raise UserError(TOO_DEEP, path=path, line=line_no) from None
     if not isinstance(obj, dict):
         raise UserError(f"expected a JSON object per line, got {type(obj).__name__}", path=path, line=line_no)
     return obj
@@ -129,20 +136,21 @@ def atomic_file(path: str, mode: str = "w", encoding: str | None = "utf-8"):
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str):
-    """Yield a temporary sibling folder; it replaces `path` only if the block succeeds."""
+def atomic_dir(path: str, kind: str, *, inputs=(), overwrite: bool = False, flag: str = "--overwrite"):
+    """Yield a temporary sibling folder; it replaces `path` only if the block succeeds, and only when `path` is
+    new, empty or an earlier output of `kind` (tuning.outputs.check_output_folder; `overwrite` = the user's
+    explicit `flag` allows a foreign folder). `inputs`: the run's input files, never inside `path`."""
+    from .outputs import check_output_folder
+    from .publish import recover_replaced, swap_in
+
     require_output_parent(path, "folder")
+    recover_replaced(path)
+    check_output_folder(path, kind, inputs=inputs, overwrite=overwrite, flag=flag)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.normpath(path))}.",
                            dir=os.path.dirname(os.path.abspath(path)))
     try:
         yield tmp
-        if os.path.isdir(path):
-            old = tmp + ".old"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        swap_in(tmp, path)  # one step: `path` is the old folder or the new one, never missing
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         error = write_error(exc, path)

@@ -18,6 +18,7 @@ import re
 from model_hub.shards import ShardWriter, find_shards, read_shard
 from tuning.errors import UserError
 from tuning.files import atomic_dir, read_json
+from tuning.outputs import refuse_inputs
 
 LAYER = re.compile(r"^transformer\.encoder\.layers\.(\d+)\.(.+)$")
 # Per-layer names that are copied unchanged apart from the prefix.
@@ -146,7 +147,8 @@ def expected_names(layout: Layout) -> set[str]:
     return names
 
 
-def convert(src: str, out_dir: str, *, max_shard_gb: float = 5.0, with_tokenizer: bool = True) -> str:
+def convert(src: str, out_dir: str, *, max_shard_gb: float = 5.0, with_tokenizer: bool = True,
+            force: bool = False) -> str:
     from tqdm import tqdm
 
     from model_hub.glm4.native import native_config_from_original
@@ -162,7 +164,7 @@ def convert(src: str, out_dir: str, *, max_shard_gb: float = 5.0, with_tokenizer
     except (ValueError, KeyError) as exc:
         raise UserError(f"cannot map to GlmConfig: {exc}", path=config_path) from None
     shards = find_shards(src)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "model", inputs=[src], overwrite=force, flag="--force") as tmp:
         writer, seen = ShardWriter(tmp, int(max_shard_gb * 2**30)), set()
         for shard in tqdm(shards, desc="converting shards", unit="shard"):
             for name, tensor in read_shard(shard).items():
@@ -200,8 +202,9 @@ def main():
         raise UserError("folder not found", path=args.original_dir)
     if os.path.abspath(args.original_dir) == os.path.abspath(args.out_dir):
         raise UserError("OUT_DIR must differ from ORIGINAL_DIR", path=args.out_dir)
+    refuse_inputs(args.out_dir, [args.original_dir])
     if os.path.exists(args.out_dir) and os.listdir(args.out_dir) and not args.force:
         raise UserError("already exists and is not empty (use --force to replace it)", path=args.out_dir)
-    convert(args.original_dir, args.out_dir, max_shard_gb=args.max_shard_gb)
+    convert(args.original_dir, args.out_dir, max_shard_gb=args.max_shard_gb, force=args.force)
     print(f"converted {args.original_dir} -> {args.out_dir} (GlmForCausalLM, safetensors)")
 

@@ -143,7 +143,7 @@ def load_glm4_tokenizer():
     """The GLM-4-9B-chat tokenizer (a `TokenizersBackend`), from the build cache."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(glm4_tokenizer_dir())
+    return AutoTokenizer.from_pretrained(glm4_tokenizer_dir(), trust_remote_code=False)  # our own files
 
 
 def main(argv=None) -> int:

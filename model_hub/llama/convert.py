@@ -25,6 +25,7 @@ from tqdm import tqdm
 from model_hub.shards import ShardWriter, read_shard
 from tuning.errors import UserError
 from tuning.files import read_json
+from tuning.outputs import check_files_folder
 
 NUM_SHARDS = {"7B": 1, "13B": 2, "30B": 4, "65B": 8}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -62,12 +63,15 @@ def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def staged_output(out_dir: str, replace_weights: bool = True):
+def staged_output(out_dir: str, replace_weights: bool = True, inputs=(), overwrite: bool = False):
     """Yield a scratch folder inside `out_dir`; on success its files are moved in (and, with `replace_weights`,
     the weight files already in `out_dir` are removed first).
 
     Never replaces `out_dir` itself (the originals default it to "./"), and a failure leaves it untouched.
+    Model files already in `out_dir` are deleted or replaced only when the folder is an earlier model output
+    (or `overwrite`), never when it holds one of the run's `inputs` (tuning.outputs.check_files_folder).
     """
+    check_files_folder(out_dir, "model", inputs=inputs, overwrite=overwrite)
     os.makedirs(out_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".converting-", dir=out_dir)
     try:
@@ -150,13 +154,15 @@ def llama_config(params: dict, vocab_size: int, intermediate_size: int, dtype: t
         architectures=["LlamaForCausalLM"])
 
 
-def write_model(input_dir: str, model_size: str, out_dir: str, dtype: torch.dtype, max_shard_gb: float) -> None:
+def write_model(input_dir: str, model_size: str, out_dir: str, dtype: torch.dtype, max_shard_gb: float,
+                overwrite: bool = False) -> None:
+    check_files_folder(out_dir, "model", inputs=[input_dir], overwrite=overwrite)
     folder, shard_paths = find_checkpoint(input_dir, model_size)
     params = read_params(folder)
     if params["dim"] % params["n_heads"]:
         raise UserError("dim must be a multiple of n_heads", path=os.path.join(folder, "params.json"))
     shards = [read_shard(p) for p in tqdm(shard_paths, desc="reading shards", unit="shard")]
-    with staged_output(out_dir) as tmp:
+    with staged_output(out_dir, inputs=[input_dir], overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, int(max_shard_gb * 2**30))
         sizes = {}
         total = 2 + 9 * params["n_layers"]
@@ -194,14 +200,18 @@ def main():
     parser.add_argument("--dtype", choices=list(DTYPES), default="float16",
                         help="dtype of the written weights (default float16, as the original)")
     parser.add_argument("--max_shard_gb", type=float, default=5.0, help="largest output safetensors file, GiB")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into --output_dir even when it holds model files that are not an earlier output")
     args = parser.parse_args()
     if not os.path.isdir(args.input_dir):
         raise UserError("folder not found", path=args.input_dir)
     if args.model_size == "tokenizer_only":
-        with staged_output(args.output_dir, replace_weights=False) as tmp:
+        with staged_output(args.output_dir, replace_weights=False, inputs=[args.input_dir],
+                           overwrite=args.overwrite) as tmp:
             write_tokenizer(args.input_dir, tmp)
         print(f"wrote the tokenizer -> {args.output_dir}")
         return
-    write_model(args.input_dir, args.model_size, args.output_dir, DTYPES[args.dtype], args.max_shard_gb)
+    write_model(args.input_dir, args.model_size, args.output_dir, DTYPES[args.dtype], args.max_shard_gb,
+                args.overwrite)
     print(f"converted {args.model_size} -> {args.output_dir} (LlamaForCausalLM, safetensors, {args.dtype})")
 

@@ -112,19 +112,26 @@ def save_pth(model, out_dir: str, num_shards: int) -> None:
 
 
 def merge(base_model: str, lora_dirs: list[str], output_type: str, output_dir: str, *, dtype: str = "float16",
-          num_shards: int | None = None, offload_dir: str | None = None) -> None:
+          num_shards: int | None = None, offload_dir: str | None = None, overwrite: bool = False) -> None:
     if not lora_dirs:
         raise UserError("expected one or more LoRA folders, comma-separated", field="lora_model")
+    from tuning.outputs import check_files_folder
+
+    inputs = [base_model, *lora_dirs]
+    check_files_folder(output_dir, "model", inputs=inputs, overwrite=overwrite)
     adapters = [(d, *read_adapter(d)) for d in lora_dirs]  # check every adapter before the base is loaded
 
     from transformers import AutoModelForCausalLM
 
     import model_hub  # noqa: F401
-    from model_hub.loader import load_tokenizer, resolve_model_path
+    from model_hub.loader import load_tokenizer, remote_code_refused, resolve_model_path
+    from tuning.consent import remote_code_allowed
 
     base_path = resolve_model_path(base_model)
     load_kwargs = {"offload_folder": offload_dir} if offload_dir else {}
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPES[dtype], **load_kwargs).to("cpu")
+    with remote_code_refused(base_path):
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPES[dtype],
+                                                     trust_remote_code=remote_code_allowed(), **load_kwargs).to("cpu")
     width = model.config.hidden_size
     size = SIZE_BY_WIDTH.get(width)
     print(f"base model: {base_path} (hidden size {width}: {size or 'not a Meta size'})")
@@ -140,7 +147,7 @@ def merge(base_model: str, lora_dirs: list[str], output_type: str, output_dir: s
                             path=lora_dir)
     model.config.vocab_size = model.get_input_embeddings().weight.shape[0]
 
-    with staged_output(output_dir) as tmp:
+    with staged_output(output_dir, inputs=inputs, overwrite=overwrite) as tmp:
         tokenizer.save_pretrained(tmp)
         if output_type == "huggingface":
             model.save_pretrained(tmp)
@@ -160,10 +167,12 @@ def main():
                         help="dtype of the merged weights (default float16, as the original)")
     parser.add_argument("--num_shards", type=int, default=None,
                         help="pth shards (default: Meta's count for the model size, 1 for other sizes)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into --output_dir even when it holds model files that are not an earlier output")
     args = parser.parse_args()
 
     lora_dirs = [p.strip() for p in args.lora_model.split(",") if p.strip()]
     merge(args.base_model, lora_dirs, args.output_type, args.output_dir, dtype=args.dtype,
-          num_shards=args.num_shards, offload_dir=args.offload_dir)
+          num_shards=args.num_shards, offload_dir=args.offload_dir, overwrite=args.overwrite)
     print(f"merged {len(lora_dirs)} LoRA(s) -> {args.output_dir} ({args.output_type}, {args.dtype})")
 
