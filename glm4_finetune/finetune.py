@@ -29,7 +29,7 @@ from glm4_finetune.validate import read_conversations  # noqa: E402
 from tuning import distributed  # noqa: E402
 from tuning.distributed import say  # noqa: E402
 from tuning.errors import UserError, run_main  # noqa: E402
-from tuning.training import list_checkpoints  # noqa: E402
+from tuning.training import check_resume_launcher, list_checkpoints, stop_if_finished  # noqa: E402
 
 MODEL_NAME = "glm-4-9b-chat"  # model_hub/registry.py: stop ids, pad id, LoRA targets
 GLM_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"}
@@ -105,6 +105,9 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
     conversations = {split: read_conversations(os.path.join(data_dir, name))
                      for split, name in cfg.data_config.data_files.items()}
     resume = resolve_auto_resume(auto_resume_from_checkpoint, args.output_dir)
+    stop_if_finished(resume, args.max_steps, args.num_train_epochs, "training_args.max_steps")
+    check_resume_launcher(resume, bool(args.deepspeed), "set training_args.deepspeed in the config again",
+                          "remove training_args.deepspeed from the config", field="AUTO_RESUME_FROM_CHECKPOINT")
     if packing and cfg.peft_config is not None and cfg.peft_config.peft_type == "PREFIX_TUNING":
         raise UserError("packing does not work with P-tuning v2 (the prefix cache turns off the per-row "
                         "attention); use --group_by_length", field="packing")

@@ -33,7 +33,7 @@ from llama_ner.dataset import load_data  # noqa: E402
 from tuning import distributed  # noqa: E402
 from tuning.errors import TrainingStopped, UserError, run_main  # noqa: E402
 from tuning.methods import apply_lora, trainable_summary  # noqa: E402
-from tuning.training import print_data_notes  # noqa: E402
+from tuning.training import print_data_notes, stop_at_end  # noqa: E402
 
 CONFIG = {**BASE_CONFIG, "save_dir": "./checkpoint/msra/train_deepspeed/adapter_model/",
           "deepspeed_jaon_path": "deepspeed.json", **EXTRA_CONFIG}
@@ -65,6 +65,11 @@ def resume_point(value, root: str) -> tuple[str, str] | None:
                         f"'last' (saved steps: {saved_steps(root) or 'none'})", path=path,
                         field="resume_from_checkpoint")
     return os.path.dirname(path), os.path.basename(path)
+
+
+def resumed_step(resume: tuple[str, str]) -> int:
+    """The optimizer step of a (folder, global_stepN) resume point."""
+    return int(TAG.match(resume[1]).group(1))
 
 
 def save_checkpoint(engine, args, step: int) -> None:
@@ -135,6 +140,8 @@ def main():
     conf["steps_per_print"] = args.log_steps
     conf["gradient_clipping"] = 1.0  # the original clipped model grads by hand; DeepSpeed clips unscaled grads
     resume = resume_point(args.resume_from_checkpoint, checkpoint_root(args))
+    if resume and args.max_steps > 0:  # a finished run changes nothing (not even train_args.json)
+        stop_at_end(os.path.join(*resume), resumed_step(resume), args.max_steps, "--max_steps=N")
     load_data(args.train_path, (args.instruct_column, args.query_column, args.response_column))  # fail fast
 
     from model_hub.loader import load_model_and_tokenizer, load_tokenizer
@@ -169,6 +176,8 @@ def main():
     total_step = steps_per_epoch * args.num_train_epochs
     if args.max_steps > 0:
         total_step = min(total_step, args.max_steps)
+    if resume:  # (the end of the epochs is known only now)
+        stop_at_end(os.path.join(*resume), resumed_step(resume), total_step, "--max_steps=N or --num_train_epochs")
 
     global_step = load_checkpoint(engine, *resume) if resume else 0
     saved_step = global_step

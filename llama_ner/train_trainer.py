@@ -31,7 +31,8 @@ from tuning import distributed  # noqa: E402
 from tuning.errors import run_main  # noqa: E402
 from tuning.methods import apply_lora, trainable_summary  # noqa: E402
 from tuning.packing import use_train_sampler  # noqa: E402
-from tuning.training import DataNotesAtEnd, LossPlot, NanGuard, check_precision, resolve_resume  # noqa: E402
+from tuning.training import (DataNotesAtEnd, LossPlot, NanGuard, check_precision, check_resume_launcher,  # noqa: E402
+                             resolve_resume, stop_if_finished)
 
 CONFIG = {**BASE_CONFIG, "deepspeed_jaon_path": "deepspeed.json", **EXTRA_CONFIG}
 
@@ -58,6 +59,9 @@ def main():
     check_precision(fp16=False, bf16=args.bf16, use_cpu=not on_gpu)
     check_speed_flags(args, on_gpu)
     resume = resolve_resume(args.resume_from_checkpoint, args.save_dir)
+    stop_if_finished(resume, args.max_steps, args.num_train_epochs, "--max_steps=N")
+    check_resume_launcher(resume, use_deepspeed, "relaunch with `deepspeed llama_ner/train_trainer.py …`",
+                          "relaunch with `python` (or `torchrun`), not `deepspeed`")
     ds_path = find_deepspeed_json(args.deepspeed_jaon_path)
     ds_config = deepspeed_config(ds_path, args, on_gpu)  # lr and fp16 come from it even without DeepSpeed
     load_data(args.train_path, (args.instruct_column, args.query_column, args.response_column))  # fail fast

@@ -14,6 +14,7 @@ import torch
 from llama_ner import chat_ner, predict, train_trainer
 from llama_ner import test as ner_test
 from llama_ner.process import process_msra
+from folder_state import snapshot
 from model_hub.make_tiny import tiny_dir
 from test_crash_safety import limit_file_size  # a file-size limit for a child process
 from tuning.errors import run_main
@@ -122,6 +123,28 @@ def test_resume_is_exact(trained, data, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_resuming_a_finished_run_changes_nothing(trained, data, tmp_path, monkeypatch, capsys):
+    """Issue 23.2: the finished run's command again with --resume_from_checkpoint=last trained a 7th step, wrote
+    checkpoint-7 and rotated checkpoint-3 away. Now it says so and changes nothing; a raised --max_steps trains
+    exactly up to it."""
+    save_dir, _ = trained
+    run_dir = tmp_path / "finished"
+    shutil.copytree(save_dir, run_dir)
+    before = snapshot(run_dir)
+    argv = TRAIN + [f"--train_path={data / 'train.txt'}", f"--dev_path={data / 'dev.txt'}", f"--save_dir={run_dir}/",
+                    "--resume_from_checkpoint=last"]
+    capsys.readouterr()
+    assert run(train_trainer, argv, monkeypatch) is None
+    assert f"{run_dir}/checkpoint-6 is already at step 6 (max_steps 6): nothing to train, nothing was changed; " \
+           "raise --max_steps=N to train further" in capsys.readouterr().out
+    assert snapshot(run_dir) == before
+
+    run(train_trainer, argv + ["--max_steps=7"], monkeypatch)
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-7"]
+    assert list(losses(run_dir, "checkpoint-7"))[-2:] == [6, 7]
+
+
+@pytest.mark.slow
 def test_dropout_masks_drawn_ahead_train_the_same_adapter(trained, data, tmp_path, monkeypatch):
     """--prefetch_dropout_masks=true (LoRA dropout masks on a helper thread): the uninterrupted run's losses at
     every step and its adapter, bit for bit."""
@@ -190,6 +213,14 @@ def test_raw_deepspeed_loop_trains_and_saves(data, tmp_path):
     assert {"adapter_config.json", "adapter_model.safetensors", "train_args.json"} <= set(os.listdir(save_dir))
     b = [v for k, v in adapter_tensors(save_dir).items() if "lora_B" in k]
     assert b and all(t.abs().sum() > 0 for t in b)  # lora_B starts at zero: the optimizer really stepped
+
+    # Issue 23.2: the same command resumed says the run is finished and changes nothing (not even train_args.json).
+    before = snapshot(save_dir)
+    proc = subprocess.run([*argv[:-1], "--resume_from_checkpoint=last", argv[-1]], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{save_dir}/checkpoints/global_step4 is already at step 4 (max_steps 4): nothing to train" in proc.stdout
+    assert snapshot(save_dir) == before
 
     # Resumed under a file-size limit, the save of global_step6 fails (model states ~92 kB): one line, the partial
     # write is gone, and global_step4 stays what resume picks, byte for byte.
