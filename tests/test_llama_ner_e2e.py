@@ -329,3 +329,17 @@ def test_trainer_under_the_deepspeed_launcher(data, tmp_path):
     assert (save_dir / "checkpoint-2" / "global_step2").is_dir()  # DeepSpeed's own optimizer state
     assert (save_dir / "adapter_model" / "adapter_model.safetensors").is_file()
     assert json.loads((save_dir / "adapter_model" / "train_args.json").read_text())["local_rank"] == 0
+
+    # Issue 23.3: resumed by plain `python`, the Trainer silently restarted DeepSpeed's optimizer and lr schedule
+    # (lr back to its peak at step 4). It is refused in one line before anything is loaded or written.
+    before = snapshot(save_dir)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "llama_ner", "train_trainer.py"), f"--model_dir={MODEL}",
+                           f"--train_path={data / 'train.txt'}", "--train_batch_size=2", "--max_steps=4",
+                           "--save_steps=2", "--resume_from_checkpoint=last", f"--save_dir={save_dir}/"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {save_dir}/checkpoint-2: resume_from_checkpoint: written under DeepSpeed (its optimizer and scheduler "
+        "state are in global_stepN/, which only DeepSpeed reads); to resume it exactly, relaunch with `deepspeed "
+        "llama_ner/train_trainer.py …`")
+    assert snapshot(save_dir) == before

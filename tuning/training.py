@@ -94,10 +94,11 @@ def _read_state(checkpoint: str) -> dict:
 
 
 def written_under_deepspeed(checkpoint: str) -> bool | None:
-    """True for a Trainer checkpoint whose optimizer/scheduler DeepSpeed wrote (global_stepN/), False for one the
-    plain Trainer wrote (optimizer.pt), None when it holds neither (e.g. weights only)."""
+    """True for a Trainer checkpoint whose optimizer/scheduler DeepSpeed wrote (global_stepN/, named by the file
+    `latest`), False for one the plain Trainer wrote (optimizer.pt), None when it holds neither (weights only)."""
     names = os.listdir(checkpoint)
-    if any(name.startswith("global_step") and os.path.isdir(os.path.join(checkpoint, name)) for name in names):
+    if "latest" in names or any(name.startswith("global_step") and os.path.isdir(os.path.join(checkpoint, name))
+                                for name in names):
         return True
     return False if "optimizer.pt" in names else None
 
