@@ -8,12 +8,22 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 from tqdm import tqdm  # noqa: E402
 
 from tuning.errors import UserError, run_main  # noqa: E402
-from tuning.files import atomic_file, read_json, require_str  # noqa: E402
+from tuning.files import atomic_file, default_input, read_json, require_str  # noqa: E402
+
+# The alpaca file this repository ships (the original's default, data/alpaca_data.json, is not here).
+ALPACA_JSON = "data/stanford_alpaca/alpaca_data.json"
+
+
+def alpaca_path(value: str) -> str:
+    """--data_path; its default is the repository's alpaca file wherever the script is run from."""
+    return default_input(value, ALPACA_JSON, REPO, "--data_path",
+                         "run `python data/prepare.py` (it unpacks the shipped alpaca_data.json.xz)")
 
 
 def format_example(example: dict) -> dict:
@@ -44,11 +54,11 @@ def read_alpaca(path: str) -> list[dict]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_path", type=str, default="data/alpaca_data.json", help="alpaca JSON list")
+    parser.add_argument("--data_path", type=str, default=ALPACA_JSON, help="alpaca JSON list (default: %(default)s)")
     parser.add_argument("--save_path", type=str, default="data/alpaca_data.jsonl", help="output jsonl")
     args = parser.parse_args()
 
-    examples = read_alpaca(args.data_path)
+    examples = read_alpaca(alpaca_path(args.data_path))
     empty_targets = 0
     with atomic_file(args.save_path) as f:
         for example in tqdm(examples, desc="formatting.."):

@@ -6,7 +6,7 @@ import os
 from pprint import pprint
 
 from tuning.errors import UserError
-from tuning.files import atomic_file, read_json
+from tuning.files import atomic_file, default_input, read_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -68,6 +68,21 @@ HELP = {
                               "computes (PyTorch draws CPU random numbers on one core); the same masks in the "
                               "same order: bit-identical losses. Not with gradient checkpointing",
 }
+
+
+# Left at their defaults, the data paths name the repository's files wherever a script is run from (process.py
+# writes build/llama_ner/instruct_data/ under the repository; `cd llama_ner && python train_trainer.py` must find it).
+PROCESS_FIRST = "run `python llama_ner/process.py` first (it writes build/llama_ner/instruct_data/)"
+MAKES_DEFAULT_DATA = {"train_path": PROCESS_FIRST, "test_path": PROCESS_FIRST,
+                      "dev_path": "it ships with the repository: restore data/llama_ner_msra/"}
+
+
+def resolve_data_paths(args, defaults: dict, keys: tuple[str, ...]) -> None:
+    """args.<key> for each key: a default relative path becomes the repository's file (or one clear line)."""
+    for key in keys:
+        value = getattr(args, key, None)
+        if value and key in defaults:
+            setattr(args, key, default_input(value, defaults[key], REPO, f"--{key}", MAKES_DEFAULT_DATA[key]))
 
 
 def show_args(args) -> None:

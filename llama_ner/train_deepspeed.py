@@ -27,7 +27,7 @@ from tqdm import tqdm  # noqa: E402
 
 from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS,  # noqa: E402
                               check_speed_flags, deepspeed_config, find_deepspeed_json, load_training_rows,
-                              save_adapter, show_args, training_inputs, write_train_args)
+                              resolve_data_paths, save_adapter, show_args, training_inputs, write_train_args)
 from llama_ner.config_utils import ConfigParser  # noqa: E402
 from llama_ner.dataset import load_data  # noqa: E402
 from tuning import distributed  # noqa: E402
@@ -142,6 +142,7 @@ def main():
     resume = resume_point(args.resume_from_checkpoint, checkpoint_root(args))
     if resume and args.max_steps > 0:  # a finished run changes nothing (not even train_args.json)
         stop_at_end(os.path.join(*resume), resumed_step(resume), args.max_steps, "--max_steps=N")
+    resolve_data_paths(args, CONFIG, ("train_path",))
     load_data(args.train_path, (args.instruct_column, args.query_column, args.response_column))  # fail fast
 
     from model_hub.loader import load_model_and_tokenizer, load_tokenizer

@@ -23,7 +23,8 @@ from transformers import TrainerCallback, TrainingArguments, set_seed  # noqa: E
 
 from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS,  # noqa: E402
                               adapter_dir, check_speed_flags, deepspeed_config, find_deepspeed_json, learning_rate,
-                              load_training_rows, save_adapter, show_args, training_inputs, write_train_args)
+                              load_training_rows, resolve_data_paths, save_adapter, show_args, training_inputs,
+                              write_train_args)
 from llama_ner.config_utils import ConfigParser  # noqa: E402
 from llama_ner.dataset import load_data  # noqa: E402
 from tuning.checkpoints import AtomicTrainer  # noqa: E402
@@ -64,6 +65,7 @@ def main():
                           "relaunch with `python` (or `torchrun`), not `deepspeed`")
     ds_path = find_deepspeed_json(args.deepspeed_jaon_path)
     ds_config = deepspeed_config(ds_path, args, on_gpu)  # lr and fp16 come from it even without DeepSpeed
+    resolve_data_paths(args, CONFIG, ("train_path",))
     load_data(args.train_path, (args.instruct_column, args.query_column, args.response_column))  # fail fast
 
     from model_hub.loader import load_model_and_tokenizer, load_tokenizer

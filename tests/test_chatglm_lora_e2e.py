@@ -127,6 +127,16 @@ def test_infer_cli_prints_answers_next_to_references(workdir):
     assert result.stdout.count("\nAnswer: ") == 2 and result.stdout.count("### ") == 2 and "Reference: 1.Eat a balanced diet" in result.stdout
 
 
+def test_readme_inference_command_finds_the_shipped_alpaca(workdir, tmp_path):
+    """Issue 23.4: the README's `infer.py --chatglm_path … --lora_path output` (no --data_path) failed with
+    `data/alpaca_data.json: file not found`; the default is the repository's alpaca file, from any folder."""
+    result = subprocess.run([sys.executable, os.path.join(REPO, "chatglm_lora", "infer.py"), "--chatglm_path",
+                             "tiny:chatglm-6b", "--lora_path", str(workdir / "full"), "--num", "1", "--max_length",
+                             "40"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "### 1\nInstruction: Give three tips for staying healthy." in result.stdout
+
+
 def test_fp16_on_cpu_is_refused(workdir):
     result = subprocess.run([sys.executable, os.path.join(REPO, "chatglm_lora", "finetune.py"), "--dataset_path",
                              str(workdir / "alpaca"), "--output_dir", str(workdir / "x"), "--fp16", "--use_cpu"],

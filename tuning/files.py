@@ -42,6 +42,18 @@ def read_json(path: str):
         raise UserError(f"invalid JSON: {exc.msg} (column {exc.colno})", path=path, line=exc.lineno) from None
 
 
+def default_input(value: str, default: str, root: str, flag: str, how: str) -> str:
+    """An input path as given; left at its `default` (a file of the repository at `root`), the repository's file
+    wherever the command is run from. A missing default is one line: where it was looked for, how to make it, and
+    the flag that points elsewhere."""
+    if value != default or os.path.isabs(value):
+        return value
+    path = os.path.join(root, default)
+    if not os.path.exists(path):
+        raise UserError(f"file not found (the default of {flag}); {how}, or pass {flag}", path=path)
+    return path
+
+
 def parse_json_object(line: str, path: str, line_no: int) -> dict:
     """One jsonl line as a JSON object, or a UserError naming file and line."""
     try:
