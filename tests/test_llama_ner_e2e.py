@@ -199,6 +199,19 @@ def test_chat_ner_batch_file(trained, data, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
+def test_chat_ner_interactive_ends_quietly_at_end_of_input(data, monkeypatch, capsys):
+    """Issue 23.5: piped input (or Ctrl-D) without a final empty line ended in an EOFError traceback, exit 1."""
+    import io
+
+    monkeypatch.setitem(chat_ner.GENERATION_CONFIG, "max_new_tokens", 4)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("北京是中国的首都\n"))
+    assert run(chat_ner, ["--base_model", MODEL, "--with_prompt", "--only_cpu", "--seed", "1", "--interactive"],
+               monkeypatch) is None
+    out = capsys.readouterr().out
+    assert out.count("Response: ") == 1 and out.rstrip().endswith("Input:")
+
+
+@pytest.mark.slow
 def test_raw_deepspeed_loop_trains_and_saves(data, tmp_path):
     save_dir = tmp_path / "ds"
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
