@@ -120,14 +120,15 @@ def check_resume_launcher(checkpoint: str | None, deepspeed: bool, with_deepspee
                         f"exactly, {without_deepspeed}", path=checkpoint, field=field)
 
 
-def check_precision(fp16: bool, bf16: bool, use_cpu: bool) -> None:
-    """fp16 on CPU is refused: 0.3 GFLOP/s there and overflow-prone; bf16 is ~2x faster than fp32."""
+def check_precision(fp16: bool, bf16: bool, use_cpu: bool, option=lambda key: f"--{key}") -> None:
+    """fp16 on CPU is refused: 0.3 GFLOP/s there and overflow-prone; bf16 is ~2x faster than fp32.
+    `option(key)` is how the recipe's user sets fp16/bf16 (a flag, or a YAML key)."""
     on_cpu = use_cpu or not torch.cuda.is_available()
     if fp16 and on_cpu:
-        raise UserError("fp16 is not supported on CPU (no fast fp16 kernels; losses overflow); use --bf16 or fp32",
-                        field="fp16")
+        raise UserError("fp16 is not supported on CPU (no fast fp16 kernels; losses overflow); use "
+                        f"{option('bf16')} or fp32", field="fp16")
     if fp16 and bf16:
-        raise UserError("choose one of --fp16 and --bf16", field="bf16")
+        raise UserError(f"choose one of {option('fp16')} and {option('bf16')}", field="bf16")
 
 
 class NanGuard(TrainerCallback):
