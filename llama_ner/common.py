@@ -195,6 +195,11 @@ def deepspeed_config(path: str, args, on_gpu: bool) -> dict:
     if not on_gpu:
         # No fp16 on CPU (0.3 GFLOP/s); bf16 if asked. Optimizer offload to "cpu" is moot on a CPU and would
         # JIT-compile DeepSpeedCPUAdam; torch's Adam does the same maths.
+        if config.get("fp16", {}).get("enabled"):
+            from tuning.distributed import say
+
+            say(f"note: {path} asks for fp16, which a CPU cannot run fast; training in "
+                f"{'bf16' if args.bf16 else 'fp32 (--bf16=true for bf16)'} instead")
         config["fp16"] = {"enabled": False}
         config["bf16"] = {"enabled": bool(args.bf16)}
         config.get("zero_optimization", {}).pop("offload_optimizer", None)

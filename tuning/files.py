@@ -146,6 +146,7 @@ def atomic_dir(path: str):
     require_output_parent(path, "folder")
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.normpath(path))}.",
                            dir=os.path.dirname(os.path.abspath(path)))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the output folder gets the usual permissions
     try:
         yield tmp
         if os.path.isdir(path):
