@@ -38,6 +38,9 @@ from tuning.training import print_data_notes, stop_at_end  # noqa: E402
 CONFIG = {**BASE_CONFIG, "save_dir": "./checkpoint/msra/train_deepspeed/adapter_model/",
           "deepspeed_jaon_path": "deepspeed.json", **EXTRA_CONFIG}
 TAG = re.compile(r"^global_step(\d+)$")
+# This loop writes the adapter into save_dir itself (the original's layout), not save_dir/adapter_model.
+HELP = {**HELP, "save_dir": "the adapter and train_args.json go here; DeepSpeed checkpoints in "
+                            "save_dir/checkpoints/global_stepN"}
 
 
 def checkpoint_root(args) -> str:

@@ -275,6 +275,17 @@ def test_unknown_key_and_help(monkeypatch, capsys):
     assert exit_info.value.code == 0 and "--deepspeed_jaon_path" in capsys.readouterr().out
 
 
+def test_raw_loop_help_names_its_adapter_folder(monkeypatch, capsys):
+    """Issue 23: train_deepspeed.py --help said the adapter goes to save_dir/adapter_model; it goes to save_dir."""
+    from llama_ner import train_deepspeed
+
+    with pytest.raises(SystemExit) as exit_info:
+        run(train_deepspeed, ["--help"], monkeypatch)
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("--save_dir"))
+    assert exit_info.value.code == 0 and line.endswith(
+        "the adapter and train_args.json go here; DeepSpeed checkpoints in save_dir/checkpoints/global_stepN")
+
+
 def test_batched_left_padded_generation_equals_one_by_one(data):
     from transformers import AutoModelForCausalLM
 
