@@ -5,13 +5,23 @@
 """
 import argparse
 import json
-
+import os
 
 from tqdm import tqdm
 
 from tuning.errors import UserError, run_main
-from tuning.files import atomic_file, read_json, require_str
+from tuning.files import atomic_file, default_input, read_json, require_str
 from tuning.outputs import check_output_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The alpaca file this repository ships (the original's default, data/alpaca_data.json, is not here).
+ALPACA_JSON = "data/stanford_alpaca/alpaca_data.json"
+
+
+def alpaca_path(value: str) -> str:
+    """--data_path; its default is the repository's alpaca file wherever the script is run from."""
+    return default_input(value, ALPACA_JSON, REPO, "--data_path",
+                         "run `python data/prepare.py` (it unpacks the shipped alpaca_data.json.xz)")
 
 
 def format_example(example: dict) -> dict:
@@ -42,12 +52,13 @@ def read_alpaca(path: str) -> list[dict]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_path", type=str, default="data/alpaca_data.json", help="alpaca JSON list")
+    parser.add_argument("--data_path", type=str, default=ALPACA_JSON, help="alpaca JSON list (default: %(default)s)")
     parser.add_argument("--save_path", type=str, default="data/alpaca_data.jsonl", help="output jsonl")
     args = parser.parse_args()
 
-    examples = read_alpaca(args.data_path)
-    check_output_file(args.save_path, [args.data_path])
+    data_path = alpaca_path(args.data_path)
+    examples = read_alpaca(data_path)
+    check_output_file(args.save_path, [data_path])
     empty_targets = 0
     with atomic_file(args.save_path) as f:
         for example in tqdm(examples, desc="formatting.."):

@@ -26,7 +26,8 @@ from tuning import distributed
 from tuning.checkpoints import AtomicTrainer, claim_run_folder, save_pretrained_atomically
 from tuning.errors import UserError, run_main
 from tuning.methods import apply_lora, trainable_summary
-from tuning.training import LossPlot, NanGuard, check_precision, resolve_resume
+from tuning.training import (LossPlot, NanGuard, check_precision, check_resume_launcher, resolve_resume,
+                             stop_if_finished)
 
 
 @dataclass
@@ -149,6 +150,9 @@ def main():
     if not training_args.report_to or training_args.report_to in ("none", ["none"]):
         training_args.report_to = ["tensorboard"]
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    stop_if_finished(resume, training_args.max_steps, training_args.num_train_epochs)
+    check_resume_launcher(resume, bool(training_args.deepspeed), "pass the same --deepspeed CONFIG again",
+                          "leave out --deepspeed")
     dataset = load_rows(finetune_args.dataset_path)  # validate data before loading the model
     distributed.say(len(dataset))
 

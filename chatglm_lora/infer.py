@@ -11,11 +11,13 @@ import os
 
 import torch
 
-from chatglm_lora.cover_alpaca2jsonl import format_example, read_alpaca
+from chatglm_lora.cover_alpaca2jsonl import ALPACA_JSON, alpaca_path, format_example, read_alpaca
 from model_hub.chatglm6b.generation import build_prompt
 from tuning.errors import UserError, run_main
-from tuning.files import refuse_pickled_code
+from tuning.files import read_json, refuse_pickled_code
 from tuning.publish import read_adapter_folder
+
+DEFAULT_BASE = "model_path/chatglm"  # the tutorial's
 
 
 def clean_answer(text: str) -> str:
@@ -82,9 +84,10 @@ def interactive(model, tokenizer, max_length: int = 2048, max_new_tokens: int | 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--chatglm_path", default="model_path/chatglm", help="base ChatGLM-6B folder or tiny:chatglm-6b")
+    parser.add_argument("--chatglm_path", default=DEFAULT_BASE, help="base ChatGLM-6B folder or tiny:chatglm-6b")
     parser.add_argument("--lora_path", default="output", help="PEFT adapter folder (finetune.py's output_dir)")
-    parser.add_argument("--data_path", default="data/alpaca_data.json", help="alpaca JSON whose first rows are asked")
+    parser.add_argument("--data_path", default=ALPACA_JSON,
+                        help="alpaca JSON whose first rows are asked (default: %(default)s, the repository's)")
     parser.add_argument("--num", type=int, default=3, help="how many alpaca rows to ask (the tutorial: 3)")
     parser.add_argument("--max_length", type=int, default=150, help="prompt + answer tokens, as the tutorial")
     parser.add_argument("--batch_size", type=int, default=1, help="prompts per generate call (left-padded)")
@@ -98,7 +101,11 @@ def main():
     if not os.path.isfile(os.path.join(args.lora_path, "adapter_config.json")):
         raise UserError("not a PEFT adapter folder (no adapter_config.json); give finetune.py's output_dir "
                         "or one of its checkpoint-N folders", path=args.lora_path)
-    examples = None if args.interactive else read_alpaca(args.data_path)[:args.num]
+    examples = None if args.interactive else read_alpaca(alpaca_path(args.data_path))[:args.num]
+    if args.chatglm_path == DEFAULT_BASE and not os.path.isdir(DEFAULT_BASE):
+        recorded = read_json(os.path.join(args.lora_path, "adapter_config.json")).get("base_model_name_or_path")
+        raise UserError("model folder not found (the default of --chatglm_path); pass --chatglm_path PATH" +
+                        (f" (the adapter was trained on {recorded})" if recorded else ""), path=DEFAULT_BASE)
     if args.batch_size < 1 or args.num < 1:
         raise UserError("must be at least 1", field="batch_size" if args.batch_size < 1 else "num")
     read_adapter_folder(args.lora_path)  # whole (an interrupted save finished), weights there: no Hub lookup

@@ -12,6 +12,7 @@ same rows and the same saved folder (tests/test_tokenize_fast.py).
 import argparse
 import contextlib
 import gc
+import json
 import os
 import re
 
@@ -20,7 +21,7 @@ from chatglm_lora.cover_alpaca2jsonl import format_example
 from model_hub.chatglm6b.text import VOCAB_FILE, ChatGLMTextEncoder
 from tuning.datasets_folder import save_table, token_rows_table
 from tuning.errors import UserError, parse_bool, run_main
-from tuning.files import atomic_dir, read_jsonl, require_output_parent, require_str
+from tuning.files import atomic_dir, read_jsonl, read_text, require_output_parent, require_str
 from tuning.outputs import check_output_folder
 
 # The March-2023 format of ChatGLM-Tuning's committed data/alpaca_data.jsonl (Input block optional).
@@ -28,8 +29,25 @@ OLD_TEXT = re.compile(r"\A### Instruction:\n(?P<instruction>.*?)(?:\n\n### Input
                       r"\n\n### Response:\n(?P<output>.*)\nEND\n?\Z", re.S)
 
 
+CONVERT_FIRST = ("convert the alpaca data first: python chatglm_lora/cover_alpaca2jsonl.py --data_path {path} "
+                 "--save_path data/alpaca_data.jsonl, then tokenize that")
+
+
+def refuse_alpaca_list(path: str) -> None:
+    """alpaca_data.json itself (one JSON list, not JSON lines) given as --jsonl_path: say which step comes first."""
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        if not f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+            return
+        with contextlib.suppress(ValueError):
+            data = json.loads(read_text(path))
+            if isinstance(data, list) and data and isinstance(data[0], dict) and "instruction" in data[0]:
+                raise UserError(f"an alpaca JSON list ({len(data)} {{instruction, input, output}} records), not "
+                                f"{{context, target}} JSON lines; {CONVERT_FIRST.format(path=path)}", path=path)
+
+
 def read_rows(path: str) -> list[tuple[int, str, str]]:
     """(line, context, target) for every line, in either the current or the old ChatGLM-Tuning format."""
+    refuse_alpaca_list(path)
     rows = []
     for line, record in read_jsonl(path):
         if "context" in record or "target" in record:
@@ -42,6 +60,9 @@ def read_rows(path: str) -> list[tuple[int, str, str]]:
                                 line=line, field="text")
             example = format_example({k: v or "" for k, v in match.groupdict().items()})
             context, target = example["context"], example["target"]
+        elif "instruction" in record:
+            raise UserError('an alpaca record ({instruction, input, output}), not the fields "context" and "target"; '
+                            + CONVERT_FIRST.format(path="ALPACA.json"), path=path, line=line)
         else:
             raise UserError('expected the fields "context" and "target" (or the old "text")', path=path, line=line)
         rows.append((line, context, target))

@@ -29,7 +29,7 @@ from model_hub.registry import get_family, get_spec
 from tuning import distributed
 from tuning.distributed import say
 from tuning.errors import UserError, run_main
-from tuning.training import resolve_resume
+from tuning.training import check_resume_launcher, resolve_resume, stop_if_finished
 
 MODEL_NAME = "glm-4-9b-chat"  # model_hub/registry.py: stop ids, pad id, LoRA targets
 
@@ -73,12 +73,31 @@ def check_method_fits(cfg, model_config) -> None:
         raise cfg.error("training_args.remove_unused_columns", "must be false: evaluation reads output_ids")
 
 
-def weights_dtype(args) -> str:
-    """bf16 weights as the original ("Must use BFloat 16"), unless mixed precision keeps fp32 master weights."""
+def weights_dtype(cfg) -> str:
+    """bf16 weights as the original ("Must use BFloat 16"), unless mixed precision keeps fp32 master weights.
+    fp16 on a CPU is refused at its line of the YAML (there are no --fp16/--bf16 flags here)."""
     from tuning.training import check_precision
 
-    check_precision(args.fp16, args.bf16, args.use_cpu)
+    args = cfg.training_args
+    try:
+        check_precision(args.fp16, args.bf16, args.use_cpu, lambda key: f"training_args.{key}: true")
+    except UserError as exc:
+        raise cfg.error(f"training_args.{exc.field}", exc.message) from None
     return "fp32" if (args.bf16 or args.fp16) else "bf16"
+
+
+def read_data(cfg, data_dir: str) -> dict:
+    """split → validated conversations. A missing dev/test file names its config key (it may simply be removed)."""
+    conversations = {}
+    for split, name in cfg.data_config.data_files.items():
+        path = os.path.join(data_dir, name)
+        if split != "train" and not os.path.exists(path):
+            key, used = {"validation": ("val_file", "evaluation during training"),
+                         "test": ("test_file", "the test scores at the end")}[split]
+            raise cfg.error(f"data_config.{key}", f"{path}: file not found; add it to the data folder, or remove "
+                                                  f"data_config.{key} from the config (it is only needed for {used})")
+        conversations[split] = read_conversations(path)
+    return conversations
 
 
 def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_checkpoint: str = "",
@@ -87,11 +106,14 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
     # 1. Config, data and resume point: every user mistake surfaces here, before any weight is loaded.
     cfg = load_config(config_file)
     args = cfg.training_args
+    dtype = weights_dtype(cfg)
     if not os.path.isdir(data_dir):
         raise UserError("data folder not found", path=data_dir)
-    conversations = {split: read_conversations(os.path.join(data_dir, name))
-                     for split, name in cfg.data_config.data_files.items()}
+    conversations = read_data(cfg, data_dir)
     resume = resolve_auto_resume(auto_resume_from_checkpoint, args.output_dir)
+    stop_if_finished(resume, args.max_steps, args.num_train_epochs, "training_args.max_steps")
+    check_resume_launcher(resume, bool(args.deepspeed), "set training_args.deepspeed in the config again",
+                          "remove training_args.deepspeed from the config", field="AUTO_RESUME_FROM_CHECKPOINT")
     if packing and cfg.peft_config is not None and cfg.peft_config.peft_type == "PREFIX_TUNING":
         raise UserError("packing does not work with P-tuning v2 (the prefix cache turns off the per-row "
                         "attention); use --group_by_length", field="packing")
@@ -105,7 +127,7 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
     claim_run_folder(args.output_dir, resume, "AUTO_RESUME_FROM_CHECKPOINT yes", model_path)  # locked; checked
 
     # 2. Tokenizer and model (left padding, as the original; no KV cache while training).
-    model, tokenizer = load_model_and_tokenizer(model_path, dtype=weights_dtype(args), use_cache=False,
+    model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, use_cache=False,
                                                 device="cpu" if args.deepspeed else distributed.local_device())
     tokenizer.padding_side = "left"
     from glm4_finetune.trainer import DataCollator, GenerationTrainer, tokenize_split

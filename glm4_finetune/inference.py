@@ -38,9 +38,14 @@ def load_for_inference(model_dir: str, base_model: str | None = None, dtype: str
     from tuning.publish import read_adapter_folder
 
     config = read_adapter_folder(model_dir)  # whole (an interrupted save finished), weights there: no Hub lookup
-    base = base_model or config.get("base_model_name_or_path")
+    base = base_model
     if not base:
-        raise UserError("base_model_name_or_path is empty; pass --base-model", path=adapter_config)
+        from model_hub.loader import resolve_recorded_model_path
+
+        base = config.get("base_model_name_or_path")
+        if not base:
+            raise UserError("base_model_name_or_path is empty; pass --base-model", path=adapter_config)
+        resolve_recorded_model_path(base, f"base_model_name_or_path in {adapter_config}", "--base-model PATH")
     model, tokenizer = load_model_and_tokenizer(base, dtype=dtype)
     with refuse_pickled_code(model_dir):
         model = PeftModelForCausalLM.from_pretrained(model, model_dir)

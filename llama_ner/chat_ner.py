@@ -167,7 +167,11 @@ def main():
         print("=" * 60 + "\n单轮问答，不保留历史；空行退出。 Single-turn answers, no history; an empty line quits.\n"
               + "=" * 60)
         while True:
-            raw = input("Input:")
+            try:
+                raw = input("Input:")
+            except EOFError:  # Ctrl-D or the end of piped input: quit quietly, as an empty line does
+                print()
+                break
             if not raw.strip():
                 break
             print("Response: ", respond(model, tokenizer, args, raw))

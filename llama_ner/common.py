@@ -6,7 +6,7 @@ import os
 from pprint import pprint
 
 from tuning.errors import UserError
-from tuning.files import atomic_file, read_json
+from tuning.files import atomic_file, default_input, read_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -65,6 +65,21 @@ HELP = {
                               "computes (PyTorch draws CPU random numbers on one core); the same masks in the "
                               "same order: bit-identical losses. Not with gradient checkpointing",
 }
+
+
+# Left at their defaults, the data paths name the repository's files wherever a script is run from (process.py
+# writes build/llama_ner/instruct_data/ under the repository; `cd llama_ner && python train_trainer.py` must find it).
+PROCESS_FIRST = "run `python llama_ner/process.py` first (it writes build/llama_ner/instruct_data/)"
+MAKES_DEFAULT_DATA = {"train_path": PROCESS_FIRST, "test_path": PROCESS_FIRST,
+                      "dev_path": "it ships with the repository: restore data/llama_ner_msra/"}
+
+
+def resolve_data_paths(args, defaults: dict, keys: tuple[str, ...]) -> None:
+    """args.<key> for each key: a default relative path becomes the repository's file (or one clear line)."""
+    for key in keys:
+        value = getattr(args, key, None)
+        if value and key in defaults:
+            setattr(args, key, default_input(value, defaults[key], REPO, f"--{key}", MAKES_DEFAULT_DATA[key]))
 
 
 def show_args(args) -> None:
@@ -200,6 +215,11 @@ def deepspeed_config(path: str, args, on_gpu: bool) -> dict:
     if not on_gpu:
         # No fp16 on CPU (0.3 GFLOP/s); bf16 if asked. Optimizer offload to "cpu" is moot on a CPU and would
         # JIT-compile DeepSpeedCPUAdam; torch's Adam does the same maths.
+        if config.get("fp16", {}).get("enabled"):
+            from tuning.distributed import say
+
+            say(f"note: {path} asks for fp16, which a CPU cannot run fast; training in "
+                f"{'bf16' if args.bf16 else 'fp32 (--bf16=true for bf16)'} instead")
         config["fp16"] = {"enabled": False}
         config["bf16"] = {"enabled": bool(args.bf16)}
         config.get("zero_optimization", {}).pop("offload_optimizer", None)

@@ -56,6 +56,10 @@ def load_model(args):
 
     adapter = find_adapter(args.save_dir)
     read_adapter_folder(adapter)  # whole (an interrupted save finished), weights there: no Hub lookup
+    if os.path.isfile(args.train_args) and load_train_args(args.train_args).get("model_dir") == args.model_dir:
+        from model_hub.loader import resolve_recorded_model_path
+
+        resolve_recorded_model_path(args.model_dir, f"model_dir in {args.train_args}", "--model_dir=PATH")
     model, tokenizer = load_model_and_tokenizer(args.model_dir, dtype="bf16" if getattr(args, "bf16", False)
                                                 else "auto")
     with refuse_pickled_code(adapter):

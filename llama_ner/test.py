@@ -16,7 +16,7 @@ held out.
 import os
 
 
-from llama_ner.common import collate_for, show_args
+from llama_ner.common import BASE_CONFIG, collate_for, resolve_data_paths, show_args
 from llama_ner.dataset import load_data
 from llama_ner.evaluation import (generate_answers, load_model, parse_eval_args, pick_rows,
                                   score_split, teacher_forced, write_report)
@@ -34,6 +34,7 @@ EVAL_CONFIG = {
 
 def main():
     args = parse_eval_args(EVAL_CONFIG, __doc__)
+    resolve_data_paths(args, {**BASE_CONFIG, **EVAL_CONFIG}, ("dev_path", "test_path"))
     show_args(args)
     columns = (args.instruct_column, args.query_column, args.response_column)
     splits = [("dev", args.dev_path)] + ([("test", args.test_path)] if args.test_path else [])

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, check_speed_flags, check_values, deepspeed_config,
-                              find_deepspeed_json, load_training_rows, save_adapter, show_args, training_inputs,
-                              write_train_args)
+                              find_deepspeed_json, load_training_rows, resolve_data_paths, save_adapter, show_args,
+                              training_inputs, write_train_args)
 from llama_ner.config_utils import ConfigParser
 from llama_ner.dataset import load_data
 from model_hub.registry import get_family
@@ -33,10 +33,14 @@ from tuning.errors import TrainingStopped, UserError, run_main
 from tuning.methods import apply_lora, trainable_summary
 from tuning.outputs import refuse_output_in_model
 from tuning.run_folder import claim_checkpoints, lock_output_dir
-from tuning.training import DEEPSPEED_CHECKPOINTS, list_checkpoints, print_data_notes, resolve_resume
+from tuning.training import (DEEPSPEED_CHECKPOINTS, list_checkpoints, print_data_notes, resolve_resume,
+                             stop_at_end)
 
 CONFIG = {**BASE_CONFIG, "save_dir": "./checkpoint/msra/train_deepspeed/adapter_model/",
           "deepspeed_jaon_path": "deepspeed.json", **EXTRA_CONFIG}
+# This loop writes the adapter into save_dir itself (the original's layout), not save_dir/adapter_model.
+HELP = {**HELP, "save_dir": "the adapter and train_args.json go here; DeepSpeed checkpoints in "
+                            "save_dir/checkpoints/global_stepN"}
 
 
 def checkpoint_root(args) -> str:
@@ -51,6 +55,11 @@ def resume_point(value, root: str) -> tuple[str, str] | None:
     """--resume_from_checkpoint → (folder, tag) for engine.load_checkpoint, or None to start fresh."""
     path = resolve_resume(value, root, names=DEEPSPEED_CHECKPOINTS)
     return None if path is None else (os.path.dirname(path), os.path.basename(path))
+
+
+def resumed_step(resume: tuple[str, str]) -> int:
+    """The optimizer step of a (folder, global_stepN) resume point."""
+    return DEEPSPEED_CHECKPOINTS.step_of(resume[1])
 
 
 def save_checkpoint(engine, args, step: int, claim) -> None:
@@ -124,6 +133,9 @@ def main():
     conf["steps_per_print"] = args.log_steps
     conf["gradient_clipping"] = 1.0  # the original clipped model grads by hand; DeepSpeed clips unscaled grads
     resume = resume_point(args.resume_from_checkpoint, checkpoint_root(args))
+    if resume and args.max_steps > 0:  # a finished run changes nothing (not even train_args.json)
+        stop_at_end(os.path.join(*resume), resumed_step(resume), args.max_steps, "--max_steps=N")
+    resolve_data_paths(args, CONFIG, ("train_path",))
     load_data(args.train_path, (args.instruct_column, args.query_column, args.response_column))  # fail fast
 
     from model_hub.loader import load_model_and_tokenizer, load_tokenizer, resolve_model_path
@@ -167,6 +179,8 @@ def main():
     total_step = steps_per_epoch * args.num_train_epochs
     if args.max_steps > 0:
         total_step = min(total_step, args.max_steps)
+    if resume:  # (the end of the epochs is known only now)
+        stop_at_end(os.path.join(*resume), resumed_step(resume), total_step, "--max_steps=N or --num_train_epochs")
 
     global_step = load_checkpoint(engine, *resume) if resume else 0
     saved_step = global_step

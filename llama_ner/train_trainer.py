@@ -20,8 +20,8 @@ import torch
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, adapter_dir, check_speed_flags, check_values,
-                              deepspeed_config, find_deepspeed_json, learning_rate, load_training_rows, save_adapter,
-                              show_args, training_inputs, write_train_args)
+                              deepspeed_config, find_deepspeed_json, learning_rate, load_training_rows,
+                              resolve_data_paths, save_adapter, show_args, training_inputs, write_train_args)
 from llama_ner.config_utils import ConfigParser
 from llama_ner.dataset import load_data
 from model_hub.registry import get_family
@@ -29,7 +29,8 @@ from tuning import distributed
 from tuning.checkpoints import AtomicTrainer, claim_run_folder
 from tuning.errors import run_main
 from tuning.methods import apply_lora, trainable_summary
-from tuning.training import DataNotesAtEnd, LossPlot, NanGuard, check_precision, resolve_resume
+from tuning.training import (DataNotesAtEnd, LossPlot, NanGuard, check_precision, check_resume_launcher,
+                             resolve_resume, stop_if_finished)
 
 CONFIG = {**BASE_CONFIG, "deepspeed_jaon_path": "deepspeed.json", **EXTRA_CONFIG}
 
@@ -57,8 +58,12 @@ def main():
     check_values(args)
     check_speed_flags(args, on_gpu)
     resume = resolve_resume(args.resume_from_checkpoint, args.save_dir)
+    stop_if_finished(resume, args.max_steps, args.num_train_epochs, "--max_steps=N")
+    check_resume_launcher(resume, use_deepspeed, "relaunch with `deepspeed llama_ner/train_trainer.py …`",
+                          "relaunch with `python` (or `torchrun`), not `deepspeed`")
     ds_path = find_deepspeed_json(args.deepspeed_jaon_path)
     ds_config = deepspeed_config(ds_path, args, on_gpu)  # lr and fp16 come from it even without DeepSpeed
+    resolve_data_paths(args, CONFIG, ("train_path",))
     load_data(args.train_path, (args.instruct_column, args.query_column, args.response_column))  # fail fast
 
     from model_hub.loader import load_model_and_tokenizer, load_tokenizer, resolve_model_path

@@ -40,6 +40,17 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def resolve_recorded_model_path(name_or_path: str, recorded_in: str, override: str) -> str:
+    """`resolve_model_path` for a base-model path read from a file written at training time (an adapter's
+    adapter_config.json, a run's train_args.json): when it is not there, the error says where the path came from
+    and how to point at the base model's new place."""
+    try:
+        return resolve_model_path(name_or_path)
+    except UserError as exc:
+        raise UserError(f"{exc.message}; this path comes from {recorded_in} (written at training time): if the base "
+                        f"model moved, pass {override}", path=exc.path, field=exc.field) from None
+
+
 def _refuse_unsupported_layout(path: str) -> None:
     config = read_json(os.path.join(path, "config.json"))
     if not isinstance(config, dict):

@@ -2,11 +2,13 @@
 PEFT adapters, resume is exact, batched inference equals one-by-one."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from folder_state import snapshot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
@@ -81,6 +83,26 @@ def test_resume_reproduces_the_uninterrupted_run(workdir):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resuming_a_finished_run_changes_nothing(workdir, tmp_path):
+    """Issue 23.2: the same command again with --resume_from_checkpoint last must not train a 7th step (which
+    wrote checkpoint-7); a raised --max_steps trains exactly up to it."""
+    run_dir = tmp_path / "finished"
+    shutil.copytree(workdir / "full", run_dir)
+    before = snapshot(run_dir)
+    result = train(str(workdir / "alpaca"), str(run_dir), "--resume_from_checkpoint", "last")
+    assert f"{run_dir}/checkpoint-6 is already at step 6 (max_steps 6): nothing to train, nothing was changed; " \
+           "raise --max_steps to train further" in result.stdout
+    assert snapshot(run_dir) == before
+
+    train(str(workdir / "alpaca"), str(run_dir), "--resume_from_checkpoint", "last", "--max_steps", "8")
+    assert sorted(os.listdir(run_dir / "checkpoint-8")) == sorted(os.listdir(run_dir / "checkpoint-6"))
+    assert not [p for p in os.listdir(run_dir) if p.startswith("checkpoint-") and p not in
+                ("checkpoint-3", "checkpoint-6", "checkpoint-8")]
+    with open(run_dir / "checkpoint-8" / "trainer_state.json", encoding="utf-8") as f:
+        state = json.load(f)
+    assert state["global_step"] == 8 and [e["step"] for e in state["log_history"] if "loss" in e][-3:] == [6, 7, 8]
+
+
 def test_batched_inference_equals_one_by_one(workdir):
     from peft import PeftModel
 
@@ -103,6 +125,16 @@ def test_infer_cli_prints_answers_next_to_references(workdir):
                  "--data_path", os.path.join(REPO, "data", "stanford_alpaca", "alpaca_data.json"), "--num", "2",
                  "--max_length", "40")
     assert result.stdout.count("\nAnswer: ") == 2 and result.stdout.count("### ") == 2 and "Reference: 1.Eat a balanced diet" in result.stdout
+
+
+def test_readme_inference_command_finds_the_shipped_alpaca(workdir, tmp_path):
+    """Issue 23.4: the README's `infer.py --chatglm_path … --lora_path output` (no --data_path) failed with
+    `data/alpaca_data.json: file not found`; the default is the repository's alpaca file, from any folder."""
+    result = subprocess.run([sys.executable, os.path.join(REPO, "chatglm_lora", "infer.py"), "--chatglm_path",
+                             "tiny:chatglm-6b", "--lora_path", str(workdir / "full"), "--num", "1", "--max_length",
+                             "40"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "### 1\nInstruction: Give three tips for staying healthy." in result.stdout
 
 
 def test_fp16_on_cpu_is_refused(workdir):

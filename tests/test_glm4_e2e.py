@@ -10,6 +10,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tuning.errors import NothingToDo
+
+from folder_state import snapshot
 from glm4_finetune.finetune import finetune
 from glm4_finetune.inference import load_for_inference
 
@@ -84,6 +87,13 @@ def test_train_evaluate_reload_resume(method, resume_modes, data_dir, tmp_path):
     reloaded, _ = load_for_inference(str(out), dtype="fp32")
     with torch.no_grad():
         assert torch.equal(trained(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+    # resuming the finished run changes nothing (issue 23.2: it trained a 7th step and wrote checkpoint-7)
+    before = snapshot(out)
+    with pytest.raises(NothingToDo, match=f"^{out}/checkpoint-6 is already at step 6 \\(max_steps 6\\): nothing "
+                                          "to train, nothing was changed; raise training_args.max_steps"):
+        finetune(data_dir, MODEL, str(tmp_path / "full.yaml"), "yes")
+    assert snapshot(out) == before
 
     # resuming from checkpoint-3 gives the uninterrupted run: same losses, same final weights
     final = load_file(str(out / WEIGHTS[method]))

@@ -158,3 +158,19 @@ def test_training_prompt_for_generation_is_the_trained_prefix(alpaca_tokenizer):
     assert collate.prompt_ids(row) == trained_prefix
     ids, _ = prompt_ids(alpaca_tokenizer, row["instruct"], row["query"], with_prompt=True, original_prompt=False)
     assert ids == trained_prefix
+
+
+def test_deepspeed_json_fp16_dropped_on_cpu_is_said_once(capsys):
+    """Issue 23: on a CPU deepspeed.json's fp16 was turned off without a word."""
+    from llama_ner.common import deepspeed_config, find_deepspeed_json
+
+    args = SimpleNamespace(train_batch_size=2, gradient_accumulation_steps=1, learning_rate=None, bf16=False)
+    path = find_deepspeed_json("deepspeed.json")
+    config = deepspeed_config(path, args, on_gpu=False)
+    assert config["fp16"] == {"enabled": False} and config["bf16"] == {"enabled": False}
+    assert capsys.readouterr().out == (f"note: {path} asks for fp16, which a CPU cannot run fast; training in fp32 "
+                                       "(--bf16=true for bf16) instead\n")
+    deepspeed_config(path, SimpleNamespace(**{**vars(args), "bf16": True}), on_gpu=False)
+    assert capsys.readouterr().out.count("training in bf16 instead") == 1
+    deepspeed_config(path, args, on_gpu=True)  # a GPU runs the original's fp16: nothing to say
+    assert capsys.readouterr().out == ""

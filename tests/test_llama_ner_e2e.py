@@ -14,6 +14,7 @@ import torch
 from llama_ner import chat_ner, predict, train_trainer
 from llama_ner import test as ner_test
 from llama_ner.process import process_msra
+from folder_state import snapshot
 from model_hub.make_tiny import tiny_dir
 from test_crash_safety import limit_file_size  # a file-size limit for a child process
 from tuning.errors import run_main
@@ -122,6 +123,28 @@ def test_resume_is_exact(trained, data, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_resuming_a_finished_run_changes_nothing(trained, data, tmp_path, monkeypatch, capsys):
+    """Issue 23.2: the finished run's command again with --resume_from_checkpoint=last trained a 7th step, wrote
+    checkpoint-7 and rotated checkpoint-3 away. Now it says so and changes nothing; a raised --max_steps trains
+    exactly up to it."""
+    save_dir, _ = trained
+    run_dir = tmp_path / "finished"
+    shutil.copytree(save_dir, run_dir)
+    before = snapshot(run_dir)
+    argv = TRAIN + [f"--train_path={data / 'train.txt'}", f"--dev_path={data / 'dev.txt'}", f"--save_dir={run_dir}/",
+                    "--resume_from_checkpoint=last"]
+    capsys.readouterr()
+    assert run(train_trainer, argv, monkeypatch) is None
+    assert f"{run_dir}/checkpoint-6 is already at step 6 (max_steps 6): nothing to train, nothing was changed; " \
+           "raise --max_steps=N to train further" in capsys.readouterr().out
+    assert snapshot(run_dir) == before
+
+    run(train_trainer, argv + ["--max_steps=7"], monkeypatch)
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-7"]
+    assert list(losses(run_dir, "checkpoint-7"))[-2:] == [6, 7]
+
+
+@pytest.mark.slow
 def test_dropout_masks_drawn_ahead_train_the_same_adapter(trained, data, tmp_path, monkeypatch):
     """--prefetch_dropout_masks=true (LoRA dropout masks on a helper thread): the uninterrupted run's losses at
     every step and its adapter, bit for bit."""
@@ -176,6 +199,19 @@ def test_chat_ner_batch_file(trained, data, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
+def test_chat_ner_interactive_ends_quietly_at_end_of_input(data, monkeypatch, capsys):
+    """Issue 23.5: piped input (or Ctrl-D) without a final empty line ended in an EOFError traceback, exit 1."""
+    import io
+
+    monkeypatch.setitem(chat_ner.GENERATION_CONFIG, "max_new_tokens", 4)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("北京是中国的首都\n"))
+    assert run(chat_ner, ["--base_model", MODEL, "--with_prompt", "--only_cpu", "--seed", "1", "--interactive"],
+               monkeypatch) is None
+    out = capsys.readouterr().out
+    assert out.count("Response: ") == 1 and out.rstrip().endswith("Input:")
+
+
+@pytest.mark.slow
 def test_raw_deepspeed_loop_trains_and_saves(data, tmp_path):
     save_dir = tmp_path / "ds"
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
@@ -190,6 +226,14 @@ def test_raw_deepspeed_loop_trains_and_saves(data, tmp_path):
     assert {"adapter_config.json", "adapter_model.safetensors", "train_args.json"} <= set(os.listdir(save_dir))
     b = [v for k, v in adapter_tensors(save_dir).items() if "lora_B" in k]
     assert b and all(t.abs().sum() > 0 for t in b)  # lora_B starts at zero: the optimizer really stepped
+
+    # Issue 23.2: the same command resumed says the run is finished and changes nothing (not even train_args.json).
+    before = snapshot(save_dir)
+    proc = subprocess.run([*argv[:-1], "--resume_from_checkpoint=last", argv[-1]], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{save_dir}/checkpoints/global_step4 is already at step 4 (max_steps 4): nothing to train" in proc.stdout
+    assert snapshot(save_dir) == before
 
     # Resumed under a file-size limit, the save of global_step6 fails (model states ~92 kB): one line, the partial
     # write is gone, and global_step4 stays what resume picks, byte for byte.
@@ -229,6 +273,17 @@ def test_unknown_key_and_help(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run(train_trainer, ["--help"], monkeypatch)
     assert exit_info.value.code == 0 and "--deepspeed_jaon_path" in capsys.readouterr().out
+
+
+def test_raw_loop_help_names_its_adapter_folder(monkeypatch, capsys):
+    """Issue 23: train_deepspeed.py --help said the adapter goes to save_dir/adapter_model; it goes to save_dir."""
+    from llama_ner import train_deepspeed
+
+    with pytest.raises(SystemExit) as exit_info:
+        run(train_deepspeed, ["--help"], monkeypatch)
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("--save_dir"))
+    assert exit_info.value.code == 0 and line.endswith(
+        "the adapter and train_args.json go here; DeepSpeed checkpoints in save_dir/checkpoints/global_stepN")
 
 
 def test_batched_left_padded_generation_equals_one_by_one(data):
@@ -298,3 +353,17 @@ def test_trainer_under_the_deepspeed_launcher(data, tmp_path):
     assert (save_dir / "checkpoint-2" / "global_step2").is_dir()  # DeepSpeed's own optimizer state
     assert (save_dir / "adapter_model" / "adapter_model.safetensors").is_file()
     assert json.loads((save_dir / "adapter_model" / "train_args.json").read_text())["local_rank"] == 0
+
+    # Issue 23.3: resumed by plain `python`, the Trainer silently restarted DeepSpeed's optimizer and lr schedule
+    # (lr back to its peak at step 4). It is refused in one line before anything is loaded or written.
+    before = snapshot(save_dir)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "llama_ner", "train_trainer.py"), f"--model_dir={MODEL}",
+                           f"--train_path={data / 'train.txt'}", "--train_batch_size=2", "--max_steps=4",
+                           "--save_steps=2", "--resume_from_checkpoint=last", f"--save_dir={save_dir}/"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {save_dir}/checkpoint-2: resume_from_checkpoint: written under DeepSpeed (its optimizer and scheduler "
+        "state are in global_stepN/, which only DeepSpeed reads); to resume it exactly, relaunch with `deepspeed "
+        "llama_ner/train_trainer.py …`")
+    assert snapshot(save_dir) == before

@@ -49,3 +49,17 @@ def test_empty_and_none_cases():
     assert s["per_type"]["城市"]["fp"] == 1 and s["per_type"]["地名"]["fn"] == 1
     with pytest.raises(ValueError):
         ner_scores(["a"], [], TYPES)
+
+
+def test_garbage_is_never_an_exact_match():
+    """Issue 23.1: items that are all malformed parse to "no entity" but are not the answer "没有"."""
+    s = ner_scores(["qwe rty", "asdf", "没有", "", "没有\n胡话", "北京_地名\n胡话"],
+                   ["没有", "没有", "没有", "没有", "没有", "北京_地名"], TYPES)
+    assert s["exact_matches"] == 2  # only "没有" and the (counted, shown) empty answer
+    assert s["empty_predictions"] == 1
+    assert s["malformed_prediction_items"] == 4 and s["sentences_with_malformed_predictions"] == 4
+    assert set(s["per_type"]) == set(TYPES)  # malformed items add no row
+    assert s["micro"]["tp"] == 1 and s["micro"]["fp"] == 0
+    table = format_table(s)
+    assert "exact match 0.3333 (2/6 sentences)" in table and "(in 4 sentences)" in table
+    assert "empty answers (scored as 没有): 1" in table

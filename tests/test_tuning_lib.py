@@ -162,3 +162,15 @@ def test_collective_save_publishes_only_a_complete_write(tmp_path):
         folders.append(str(tmp_path / f"global_step{step}"))
     rotate_folders(str(tmp_path), folders, 2)
     assert sorted(os.listdir(tmp_path)) == ["adapter", "global_step4", "global_step6"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_dir_output_follows_the_umask(tmp_path, umask):
+    """Issue 23: tokenized dataset folders came out 0700 (mkdtemp's mode), unreadable to the group."""
+    old = os.umask(umask)
+    try:
+        with atomic_dir(str(tmp_path / "ds")) as d:
+            open(os.path.join(d, "part"), "w").close()
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "ds").st_mode & 0o777 == 0o777 & ~umask

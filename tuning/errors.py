@@ -31,6 +31,11 @@ class TrainingStopped(Exception):
     """Training had to stop (e.g. a non-finite loss); the message says why and what was kept. Exit code 1."""
 
 
+class NothingToDo(Exception):
+    """The command has nothing to do (e.g. resuming a run that already reached max_steps). The message is
+    printed (once per job), nothing is changed, exit code 0."""
+
+
 def parse_bool(value: str) -> bool:
     """An argparse `type` for true/false flags (argparse's type=bool, as some originals used, turns "False" into
     True)."""
@@ -68,6 +73,10 @@ def run_main(main, argv: list[str] | None = None):
         args[:] = [a for a in args if a != "--debug"]
     try:
         return main()
+    except NothingToDo as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(exc, flush=True)
+        return None
     except UserError as exc:
         _end_progress_bars()
         if debug:

@@ -47,6 +47,18 @@ def read_json(path: str):
         raise UserError(TOO_DEEP, path=path) from None
 
 
+def default_input(value: str, default: str, root: str, flag: str, how: str) -> str:
+    """An input path as given; left at its `default` (a file of the repository at `root`), the repository's file
+    wherever the command is run from. A missing default is one line: where it was looked for, how to make it, and
+    the flag that points elsewhere."""
+    if value != default or os.path.isabs(value):
+        return value
+    path = os.path.join(root, default)
+    if not os.path.exists(path):
+        raise UserError(f"file not found (the default of {flag}); {how}, or pass {flag}", path=path)
+    return path
+
+
 def parse_json_object(line: str, path: str, line_no: int) -> dict:
     """One jsonl line as a JSON object, or a UserError naming file and line."""
     try:
@@ -148,6 +160,7 @@ def atomic_dir(path: str, kind: str, *, inputs=(), overwrite: bool = False, flag
     check_output_folder(path, kind, inputs=inputs, overwrite=overwrite, flag=flag)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.normpath(path))}.",
                            dir=os.path.dirname(os.path.abspath(path)))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the output folder gets the usual permissions
     try:
         yield tmp
         swap_in(tmp, path)  # one step: `path` is the old folder or the new one, never missing

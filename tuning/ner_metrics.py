@@ -7,8 +7,10 @@ its LAST "_" (entities may contain "_"); an item without "_" or with an empty si
 never scored. Duplicates in one answer count once (the gold answers are de-duplicated too).
 
 Scores are over (sentence, entity, type) triples: tp = predicted ∩ gold, fp = predicted − gold,
-fn = gold − predicted. A ratio with a zero denominator is 0.0. Exact match: the predicted set equals the gold set
-(both empty counts as a match: "没有" for a sentence without entities is right).
+fn = gold − predicted. A ratio with a zero denominator is 0.0. Exact match compares what was said: the predicted
+set equals the gold set AND the prediction has no malformed item. So only "没有" (or an empty answer, counted and
+shown as such) matches a gold "没有"; garbage that parses to no entity does not. Malformed items count against
+their sentence and never add a row to the per-type table.
 """
 import unicodedata
 from dataclasses import dataclass
@@ -54,13 +56,14 @@ def ner_scores(predictions: list[str], references: list[str], types=None) -> dic
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     counts: dict[str, list[int]] = {t: [0, 0, 0] for t in (types or ())}
-    exact = malformed_pred = malformed_gold = empty = 0
+    exact = malformed_pred = malformed_gold = malformed_sentences = empty = 0
     for pred_text, gold_text in zip(predictions, references):
         empty += not (pred_text or "").strip()
         pred, gold = parse_entities(pred_text), parse_entities(gold_text)
         malformed_pred += len(pred.malformed)
         malformed_gold += len(gold.malformed)
-        exact += pred.entities == gold.entities
+        malformed_sentences += bool(pred.malformed)
+        exact += not pred.malformed and pred.entities == gold.entities
         for kind, index, items in (("tp", 0, pred.entities & gold.entities), ("fp", 1, pred.entities - gold.entities),
                                    ("fn", 2, gold.entities - pred.entities)):
             for _, entity_type in items:
@@ -75,6 +78,7 @@ def ner_scores(predictions: list[str], references: list[str], types=None) -> dic
         "exact_matches": exact,
         "malformed_prediction_items": malformed_pred,
         "malformed_reference_items": malformed_gold,
+        "sentences_with_malformed_predictions": malformed_sentences,  # never an exact match
         "empty_predictions": empty,  # scored as "no entity" (right for a sentence without any), but worth seeing
     }
 
@@ -94,6 +98,7 @@ def format_table(scores: dict, title: str = "") -> str:
         lines.append(f"{_ljust(name, 10)}{s['precision']:>10.4f}{s['recall']:>10.4f}{s['f1']:>10.4f}"
                      f"{s['tp']:>7}{s['fp']:>7}{s['fn']:>7}")
     lines.append(f"exact match {scores['exact_match']:.4f} ({scores['exact_matches']}/{scores['n_sentences']} "
-                 f"sentences); malformed predicted items: {scores['malformed_prediction_items']}; "
-                 f"empty answers: {scores.get('empty_predictions', 0)}")
+                 f"sentences); malformed predicted items: {scores['malformed_prediction_items']} "
+                 f"(in {scores.get('sentences_with_malformed_predictions', 0)} sentences); "
+                 f"empty answers (scored as 没有): {scores.get('empty_predictions', 0)}")
     return "\n".join(lines)

@@ -9,7 +9,7 @@ import torch
 from transformers import TrainerCallback
 
 from .distributed import say
-from .errors import TrainingStopped, UserError
+from .errors import NothingToDo, TrainingStopped, UserError
 
 
 
@@ -86,14 +86,82 @@ def resolve_resume(value, output_dir: str, *, names: CheckpointNames = TRAINER_C
     return path
 
 
-def check_precision(fp16: bool, bf16: bool, use_cpu: bool) -> None:
-    """fp16 on CPU is refused: 0.3 GFLOP/s there and overflow-prone; bf16 is ~2x faster than fp32."""
+def stop_if_finished(checkpoint: str | None, max_steps: int, num_train_epochs: float | None = None,
+                     flag: str = "--max_steps") -> None:
+    """Resuming a run that already reached its end changes nothing: NothingToDo (exit 0) says so.
+
+    Why: given a checkpoint at global_step == max_steps, the Trainer skips the trained batches and then runs one
+    more step (it checks max_steps only after a step), writing checkpoint-(N+1) and rotating a good one away.
+    A raised max_steps trains exactly up to it. With max_steps <= 0 (epochs), the checkpoint is finished when it
+    reached the max_steps its run computed for the same num_train_epochs."""
+    if not checkpoint:
+        return
+    state = _read_state(checkpoint)
+    step = int(state.get("global_step", 0))
+    if max_steps > 0:
+        stop_at_end(checkpoint, step, max_steps, flag)
+    elif num_train_epochs is not None and state.get("num_train_epochs") == num_train_epochs and state.get("max_steps"):
+        stop_at_end(checkpoint, step, int(state["max_steps"]), flag,
+                    f"the end of its {num_train_epochs:g} epoch(s)")
+
+
+def stop_at_end(checkpoint: str, step: int, end: int, flag: str = "--max_steps", what: str | None = None) -> None:
+    """NothingToDo when a checkpoint at `step` has reached the run's last step `end`."""
+    if step >= end:
+        raise NothingToDo(f"{checkpoint} is already at step {step} ({what or f'max_steps {end}'}): nothing to "
+                          f"train, nothing was changed; raise {flag} to train further")
+
+
+def _read_state(checkpoint: str) -> dict:
+    import json
+
+    path = os.path.join(checkpoint, "trainer_state.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"unreadable Trainer state ({exc})", path=path, field="resume_from_checkpoint") from None
+    if not isinstance(state, dict):
+        raise UserError("expected a JSON object", path=path, field="resume_from_checkpoint")
+    return state
+
+
+def written_under_deepspeed(checkpoint: str) -> bool | None:
+    """True for a Trainer checkpoint whose optimizer/scheduler DeepSpeed wrote (global_stepN/, named by the file
+    `latest`), False for one the plain Trainer wrote (optimizer.pt), None when it holds neither (weights only)."""
+    names = os.listdir(checkpoint)
+    if "latest" in names or any(name.startswith("global_step") and os.path.isdir(os.path.join(checkpoint, name))
+                                for name in names):
+        return True
+    return False if "optimizer.pt" in names else None
+
+
+def check_resume_launcher(checkpoint: str | None, deepspeed: bool, with_deepspeed: str, without_deepspeed: str,
+                          field: str = "resume_from_checkpoint") -> None:
+    """Refuse to resume a DeepSpeed checkpoint without DeepSpeed, or the converse: the optimizer and scheduler
+    state would silently start over (plain Trainer) or not load at all (DeepSpeed). `with_deepspeed` /
+    `without_deepspeed` say how to relaunch this recipe to resume it exactly."""
+    if not checkpoint:
+        return
+    written = written_under_deepspeed(checkpoint)
+    if written and not deepspeed:
+        raise UserError("written under DeepSpeed (its optimizer and scheduler state are in global_stepN/, which "
+                        f"only DeepSpeed reads); to resume it exactly, {with_deepspeed}", path=checkpoint,
+                        field=field)
+    if written is False and deepspeed:
+        raise UserError("written without DeepSpeed (optimizer.pt, which DeepSpeed does not read); to resume it "
+                        f"exactly, {without_deepspeed}", path=checkpoint, field=field)
+
+
+def check_precision(fp16: bool, bf16: bool, use_cpu: bool, option=lambda key: f"--{key}") -> None:
+    """fp16 on CPU is refused: 0.3 GFLOP/s there and overflow-prone; bf16 is ~2x faster than fp32.
+    `option(key)` is how the recipe's user sets fp16/bf16 (a flag, or a YAML key)."""
     on_cpu = use_cpu or not torch.cuda.is_available()
     if fp16 and on_cpu:
-        raise UserError("fp16 is not supported on CPU (no fast fp16 kernels; losses overflow); use --bf16 or fp32",
-                        field="fp16")
+        raise UserError("fp16 is not supported on CPU (no fast fp16 kernels; losses overflow); use "
+                        f"{option('bf16')} or fp32", field="fp16")
     if fp16 and bf16:
-        raise UserError("choose one of --fp16 and --bf16", field="bf16")
+        raise UserError(f"choose one of {option('fp16')} and {option('bf16')}", field="bf16")
 
 
 class NanGuard(TrainerCallback):
