@@ -86,6 +86,33 @@ def test_resume_resolution_skips_incomplete_checkpoints(tmp_path):
         resolve_resume("last", str(tmp_path / "empty"))
 
 
+def test_a_step_that_was_never_saved_is_said_to_not_exist(tmp_path):
+    """Issue 23.6: --resume_from_checkpoint 99 named a missing folder "not a complete Trainer checkpoint"."""
+    for step in (2, 4):
+        os.makedirs(tmp_path / f"checkpoint-{step}")
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    missing = os.path.join(str(tmp_path), "checkpoint-99")
+    with pytest.raises(UserError) as error:
+        resolve_resume("99", str(tmp_path))
+    assert str(error.value) == f"{missing}: resume_from_checkpoint: does not exist (saved steps: 2, 4)"
+    with pytest.raises(UserError, match=r"nowhere: resume_from_checkpoint: does not exist \(saved steps: 2, 4\)"):
+        resolve_resume("nowhere", str(tmp_path))
+
+
+def test_the_deepspeed_loop_and_glm4_use_the_same_grammar(tmp_path):
+    from tuning.training import DEEPSPEED_CHECKPOINTS
+
+    os.makedirs(tmp_path / "global_step3")
+    os.makedirs(tmp_path / ".saving-global_step6")  # a save that never finished is not a checkpoint
+    assert resolve_resume("last", str(tmp_path), names=DEEPSPEED_CHECKPOINTS).endswith("global_step3")
+    with pytest.raises(UserError, match=r"global_step6: resume_from_checkpoint: does not exist \(saved steps: 3\)"):
+        resolve_resume("6", str(tmp_path), names=DEEPSPEED_CHECKPOINTS)
+    # GLM-4's yes / no / N: nothing saved and `yes` starts fresh; a path is not part of its grammar
+    assert resolve_resume("yes", str(tmp_path / "new"), paths=False, fresh_when_none_saved=True) is None
+    with pytest.raises(UserError, match="expected yes, no, or a checkpoint step N > 0, got 'somewhere'"):
+        resolve_resume("somewhere", str(tmp_path), paths=False)
+
+
 def test_precision_rules():
     with pytest.raises(UserError, match="fp16 is not supported on CPU"):
         check_precision(fp16=True, bf16=False, use_cpu=True)
@@ -169,7 +196,7 @@ def test_atomic_dir_output_follows_the_umask(tmp_path, umask):
     """Issue 23: tokenized dataset folders came out 0700 (mkdtemp's mode), unreadable to the group."""
     old = os.umask(umask)
     try:
-        with atomic_dir(str(tmp_path / "ds")) as d:
+        with atomic_dir(str(tmp_path / "ds"), "datasets") as d:
             open(os.path.join(d, "part"), "w").close()
     finally:
         os.umask(old)
