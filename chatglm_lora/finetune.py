@@ -26,6 +26,7 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed  # noqa: 
 
 from tuning import distributed  # noqa: E402
 from tuning.checkpoints import AtomicTrainer, save_pretrained_atomically  # noqa: E402
+from tuning.prompt_format import record_prompt_format  # noqa: E402
 from tuning.errors import UserError, run_main  # noqa: E402
 from tuning.methods import apply_lora, trainable_summary  # noqa: E402
 from tuning.training import LossPlot, NanGuard, check_precision, resolve_resume  # noqa: E402
@@ -194,6 +195,8 @@ def main():
     # Collective: under ZeRO-3 the LoRA shards are gathered on every rank, rank 0 writes.
     distributed.save_trainable(model, lambda trained: save_pretrained_atomically(trained.save_pretrained,
                                                                                  training_args.output_dir))
+    if distributed.is_main():  # serving/ reads it to build the prompt this adapter was trained on
+        record_prompt_format(training_args.output_dir, "chatglm_tuning", "chatglm_lora")
     distributed.say(f"adapter: {training_args.output_dir}")
     distributed.say(f"tensorboard: {os.path.join(training_args.output_dir, 'runs')}")
     distributed.say(f"loss curve: {os.path.join(training_args.output_dir, 'loss.png')}")

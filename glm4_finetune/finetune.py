@@ -29,6 +29,7 @@ from glm4_finetune.validate import read_conversations  # noqa: E402
 from tuning import distributed  # noqa: E402
 from tuning.distributed import say  # noqa: E402
 from tuning.errors import UserError, run_main  # noqa: E402
+from tuning.prompt_format import record_prompt_format  # noqa: E402
 from tuning.training import list_checkpoints  # noqa: E402
 
 MODEL_NAME = "glm-4-9b-chat"  # model_hub/registry.py: stop ids, pad id, LoRA targets
@@ -179,6 +180,8 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
     # 5. Train, save the final weights (the original kept only checkpoint-N), score the test split.
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
+    if trainer.is_world_process_zero():  # serving/ reads it to build GLM-4's chat prompt
+        record_prompt_format(args.output_dir, "glm4_chat", "glm4_finetune")
     if "test" in splits:
         result = trainer.predict(splits["test"])
         trainer.log_metrics("test", result.metrics)
