@@ -118,7 +118,7 @@ def build_prompt_ids(prompt_format: str, tokenizer, messages: list[dict], tools:
     if prompt_format == "chatglm_tuning":
         from chatglm_lora.cover_alpaca2jsonl import format_example
 
-        return tokenizer.encode(format_example({"instruction": text})["context"])
+        return tokenizer.encode(format_example({"instruction": text, "output": ""})["context"])
     if prompt_format == "llama_ner":
         from llama_ner.dataset import build_source
 
