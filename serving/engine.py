@@ -42,6 +42,7 @@ class EngineClosed(Exception):
 @dataclass
 class Delta:
     text: str
+    raw_text: str = ""           # the whole answer so far, decoded before post-processing
 
 
 @dataclass
@@ -208,7 +209,7 @@ class Engine:
             return
         delta = request.stream.push(token)
         if delta:
-            request.on_event(Delta(delta))
+            request.on_event(Delta(delta, request.stream.raw))
         if request.stream.stopped:
             self._finish(request, "stop")
         elif len(request.output_ids) >= request.params.max_tokens:
@@ -222,7 +223,7 @@ class Engine:
         request.done = True
         rest = request.stream.finish() if reason in ("stop", "length") else ""
         if rest:
-            request.on_event(Delta(rest))
+            request.on_event(Delta(rest, request.stream.raw))
         request.on_event(Finished(reason, request.stream.text, request.stream.raw, len(request.prompt_ids),
                                   len(request.output_ids), error))
 
