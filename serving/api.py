@@ -118,7 +118,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         except ValueError as exc:
             raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
         except EngineBusy as exc:
-            raise ApiError(429, f"too many requests waiting ({exc}); retry shortly", headers={"Retry-After": "1"})
+            raise ApiError(429, f"{exc}; retry shortly", headers={"Retry-After": "1"}) from None
         except EngineClosed:
             raise ApiError(503, "the server is shutting down", headers={"Retry-After": "5"}) from None
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
