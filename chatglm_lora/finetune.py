@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
+from model_hub.prompt_format import record_prompt_format
 from tuning import distributed
 from tuning.checkpoints import AtomicTrainer, claim_run_folder, save_pretrained_atomically
 from tuning.errors import UserError, run_main
@@ -199,6 +200,8 @@ def main():
     # Collective: under ZeRO-3 the LoRA shards are gathered on every rank, rank 0 writes.
     distributed.save_trainable(model, lambda trained: save_pretrained_atomically(trained.save_pretrained,
                                                                                  training_args.output_dir))
+    if distributed.is_main():  # serving/ reads it to build the prompt this adapter was trained on
+        record_prompt_format(training_args.output_dir, "chatglm_tuning", "chatglm_lora")
     distributed.say(f"adapter: {training_args.output_dir}")
     distributed.say(f"tensorboard: {os.path.join(training_args.output_dir, 'runs')}")
     distributed.say(f"loss curve: {os.path.join(training_args.output_dir, 'loss.png')}")

@@ -26,6 +26,7 @@ from glm4_finetune.config import load_config
 from glm4_finetune.data import process_batch, process_batch_eval  # noqa: F401  (the original's API)
 from glm4_finetune.validate import read_conversations
 from model_hub.registry import get_family, get_spec
+from model_hub.prompt_format import record_prompt_format
 from tuning import distributed
 from tuning.distributed import say
 from tuning.errors import UserError, run_main
@@ -185,6 +186,8 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
     # 5. Train, save the final weights (the original kept only checkpoint-N), score the test split.
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
+    if trainer.is_world_process_zero():  # serving/ reads it to build GLM-4's chat prompt
+        record_prompt_format(args.output_dir, "glm4_chat", "glm4_finetune")
     if "test" in splits:
         result = trainer.predict(splits["test"])
         trainer.log_metrics("test", result.metrics)

@@ -7,6 +7,7 @@ from pprint import pprint
 
 from tuning.errors import UserError
 from tuning.files import atomic_file, default_input, read_json
+from model_hub.prompt_format import record_prompt_format
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -99,6 +100,7 @@ def write_train_args(args, folder: str) -> str:
     path = os.path.join(folder, "train_args.json")
     with atomic_file(path) as f:
         json.dump(vars(args), f, ensure_ascii=False, indent=2)
+    record_prompt_format(folder, "llama_ner", "llama_ner")  # beside the adapter, for serving/
     return path
 
 

@@ -1,0 +1,255 @@
+"""An OpenAI-compatible chat server for what the recipes trained (and the base models they start from).
+
+    python -m serving.api --model tiny:glm-4-9b-chat                        # a tiny model, nothing downloaded
+    python -m serving.api --adapter output/glm4-lora                        # base from adapter_config.json
+    python -m serving.api --model THUDM/glm-4-9b-chat-hf-folder --adapter output/glm4-lora --port 8000
+    SERVING_API_KEY=secret python -m serving.api --model runs/export       # clients send "Bearer secret"
+
+Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (messages, stream, max_tokens, temperature,
+top_p, stop, seed; tools / tool_choice on GLM-4). Concurrent requests share forward passes (serving/engine.py).
+Binds 127.0.0.1 unless --host says otherwise. SIGTERM (or Ctrl-C): no new connections, the requests in flight
+finish (up to --drain_timeout seconds), exit 0.
+"""
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from tuning.errors import UserError, run_main
+
+from .chat import AnswerShaper
+from .engine import Delta, Engine, EngineBusy, EngineClosed, Finished
+from .protocol import ApiError, chunk, completion, parse_chat_request, usage
+
+API_KEY_ENV = "SERVING_API_KEY"
+log = logging.getLogger("serving")
+
+
+async def read_json_body(request, limit: int):
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"the request body is {int(length)} bytes; at most {limit} are accepted")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise ApiError(413, f"the request body is over {limit} bytes")
+    try:
+        return json.loads(bytes(body))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+
+
+def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = 4 << 20,
+               default_max_tokens: int = 256, drain_timeout: float = 30.0):
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    name = engine.loaded.name
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.to_thread(engine.close, drain_timeout)
+
+    app = FastAPI(title="serving", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        return JSONResponse(ApiError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    def check_key(request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # Constant-time: the comparison takes as long whatever prefix of the key a guess gets right.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "missing or wrong API key (send the header Authorization: Bearer KEY)",
+                           code="invalid_api_key")
+
+    @app.get("/health")
+    async def health():
+        stats = engine.stats()
+        return {"status": "draining" if stats["closed"] else "ok", "model": name, **stats}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_key(request)
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
+                                            "owned_by": "local"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_key(request)
+        body = await read_json_body(request, max_body_bytes)
+        chat = parse_chat_request(body, default_max_tokens)
+        if chat.model != name:
+            raise ApiError(404, f"the model {chat.model!r} does not exist; this server serves {name!r}",
+                           param="model", code="model_not_found")
+        try:
+            ids = engine.prompt_ids(chat.messages, chat.tools)
+        except UserError as exc:
+            raise ApiError(400, str(exc), param=exc.field) from None
+        if chat.forced_tool:
+            ids = ids + engine.loaded.tokenizer.encode(chat.forced_tool + "\n", add_special_tokens=False)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def deliver(event):  # from the engine's thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is gone (server stopped)
+                pass
+
+        try:
+            handle = engine.submit(ids, chat.params, deliver)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
+        except EngineBusy as exc:
+            raise ApiError(429, f"{exc}; retry shortly", headers={"Retry-After": "1"}) from None
+        except EngineClosed:
+            raise ApiError(503, "the server is shutting down", headers={"Retry-After": "5"}) from None
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        shaper = AnswerShaper(chat.tools, chat.forced_tool)
+        if chat.stream:
+            return StreamingResponse(_stream(events, handle, shaper, chat, request_id, name),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), 0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return JSONResponse({}, status_code=499)
+                    continue
+                if isinstance(event, Finished):
+                    break
+        finally:
+            handle.cancel()  # frees the slot if the client went away (no-op once finished)
+        _raise_if_failed(event)
+        message, reason = shaper.message(event)
+        return completion(request_id, name, message, reason, usage(event.prompt_tokens, event.completion_tokens))
+
+    return app
+
+
+def _raise_if_failed(event: Finished) -> None:
+    if event.finish_reason == "error":
+        raise ApiError(500, f"generation failed: {event.error}")
+    if event.finish_reason == "cancelled":
+        raise ApiError(503, "the server stopped before the answer was finished", headers={"Retry-After": "5"})
+
+
+def _sse(payload) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _stream(events, handle, shaper, chat, request_id, name):
+    try:
+        yield _sse(chunk(request_id, name, {"role": "assistant", "content": ""}))
+        while True:
+            event = await events.get()
+            if isinstance(event, Delta):
+                text = shaper.content_delta(event)
+                if text:
+                    yield _sse(chunk(request_id, name, {"content": text}))
+                continue
+            try:
+                _raise_if_failed(event)
+            except ApiError as exc:
+                yield _sse(exc.body())
+                return
+            rest, calls, reason = shaper.finish(event)
+            if rest:
+                yield _sse(chunk(request_id, name, {"content": rest}))
+            if calls:
+                yield _sse(chunk(request_id, name, {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}))
+            yield _sse(chunk(request_id, name, {}, reason))
+            if chat.include_usage:
+                yield _sse(chunk(request_id, name, None, use=usage(event.prompt_tokens, event.completion_tokens)))
+            yield "data: [DONE]\n\n"
+            return
+    finally:
+        handle.cancel()  # a client that went away frees its place at the next decoding step
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model folder (base, SFT or exported) or tiny:NAME; with "
+                                                      "--adapter, overrides the base in adapter_config.json")
+    parser.add_argument("--adapter", default=None, help="LoRA or P-tuning v2 adapter folder a recipe trained")
+    parser.add_argument("--prompt_format", default=None, help="override the recorded prompt format "
+                        "(chatglm_tuning, llama_ner, alpaca, glm4_chat, chatglm6b_chat)")
+    parser.add_argument("--served_model_name", default=None, help="the name clients pass as `model` "
+                        "(default: the adapter folder's name, else --model)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes the server: set a key)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api_key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
+    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16/fp16 on GPU), fp32, bf16, fp16")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--max_batch", type=int, default=16, help="requests decoded together (1: one at a time)")
+    parser.add_argument("--max_queue", type=int, default=64, help="requests waiting beyond the batch; more get 429")
+    parser.add_argument("--max_tokens", type=int, default=256, help="default max_tokens of a request")
+    parser.add_argument("--max_body_mb", type=float, default=4.0, help="larger request bodies get 413")
+    parser.add_argument("--drain_timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    for field in ("max_batch", "max_tokens", "port"):
+        if getattr(args, field) < 1:
+            raise UserError("must be at least 1", field=field)
+    if args.max_queue < 0 or args.max_body_mb <= 0 or args.drain_timeout < 0:
+        raise UserError("must not be negative", field="max_queue / max_body_mb / drain_timeout")
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    import uvicorn
+
+    from .loading import load_for_serving
+
+    loaded = load_for_serving(args.model, args.adapter, dtype=args.dtype, device=args.device,
+                              prompt_format=args.prompt_format, served_name=args.served_model_name)
+    engine = Engine(loaded, max_batch=args.max_batch, max_queue=args.max_queue)
+    app = create_app(engine, api_key=api_key, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                     default_max_tokens=args.max_tokens, drain_timeout=args.drain_timeout)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"warning: listening on {args.host} without an API key", file=sys.stderr)
+    print(f"serving {loaded.name!r} ({loaded.family}, prompt format {loaded.prompt_format}, "
+          f"{str(loaded.core.dtype).replace('torch.', '')} on {loaded.device}) at http://{args.host}:{args.port}/v1"
+          f"{' (API key required)' if api_key else ''}", flush=True)
+    _DrainingServer = _draining_server_class()
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=max(1, int(args.drain_timeout)))
+    _DrainingServer(config).run()
+    print(f"server stopped ({engine.stats()['steps']} decoding steps)", flush=True)
+
+
+def _draining_server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM / Ctrl-C is a planned stop: uvicorn stops accepting and lets the requests in flight finish
+        (timeout_graceful_shutdown), the lifespan closes the engine, and the process exits 0 (uvicorn would
+        re-raise the signal afterwards and die by it)."""
+
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+
+    return DrainingServer
+
+
+if __name__ == "__main__":
+    run_main(main)

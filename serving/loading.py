@@ -1,0 +1,95 @@
+"""Load what a recipe produced for serving: a base folder, `tiny:NAME`, a LoRA / P-tuning v2 adapter (its base
+from adapter_config.json unless given) or an exported (merged) model, for the three families.
+
+The engine runs forwards on the transformers model itself (`core`): LoRA layers live inside it, and a P-tuning v2
+prefix becomes the first keys/values of every request's cache (`prefix`), with the text numbered from 0 as the
+recipe trained it (tuning/prefix_positions.py).
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+
+from model_hub.loader import load_model_and_tokenizer, resolve_model_path
+from model_hub.registry import family_of_config
+from tuning.errors import UserError
+from tuning.files import refuse_pickled_code
+
+from .prompts import detect_prompt_format, read_base_of_adapter, stop_ids_of_family
+
+
+@dataclass
+class LoadedModel:
+    core: torch.nn.Module            # the transformers model the engine calls (adapter layers inside)
+    tokenizer: object
+    family: str                      # llama | glm4 | chatglm6b
+    prompt_format: str               # serving/prompts.py
+    stop_ids: tuple[int, ...]
+    context_length: int
+    name: str                        # what /v1/models lists
+    prefix: list | None = None       # P-tuning v2: per layer (key, value) [1, heads, n, head_dim]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.core.parameters()).device
+
+
+def _context_length(config) -> int:
+    for key in ("max_position_embeddings", "max_sequence_length", "seq_length"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    return 2048
+
+
+def _prefix_cache(peft_model) -> list:
+    """The adapter's virtual-token keys/values for one request, as (key, value) per layer."""
+    prompt = peft_model.get_prompt(batch_size=1)
+    if hasattr(prompt, "layers"):
+        return [(layer.keys.detach(), layer.values.detach()) for layer in prompt.layers]
+    return [(k.detach(), v.detach()) for k, v in prompt]
+
+
+def load_for_serving(model: str | None, adapter: str | None = None, *, dtype: str | None = None,
+                     device: str | None = None, prompt_format: str | None = None,
+                     served_name: str | None = None) -> LoadedModel:
+    """`model`: a folder or tiny:NAME (None with an adapter: the adapter's base). `adapter`: a PEFT folder."""
+    if adapter is not None:
+        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            raise UserError("not a LoRA / P-tuning adapter folder (adapter_config.json missing)", path=adapter,
+                            field="adapter")
+        model = model or read_base_of_adapter(adapter)
+    if model is None:
+        raise UserError("give --model (a model folder or tiny:NAME) or --adapter", field="model")
+    path = resolve_model_path(model)
+    base, tokenizer = load_model_and_tokenizer(path, dtype=dtype, device=device)
+    family = family_of_config(base.config)
+    if family not in ("llama", "glm4", "chatglm6b"):
+        raise UserError(f"model type {base.config.model_type!r} is not served here (LLaMA, GLM-4, ChatGLM-6B)",
+                        path=path)
+    if getattr(base.config, "pre_seq_len", None):
+        raise UserError("ChatGLM-6B's built-in P-tuning prefix is not served; merge or use a PEFT adapter", path=path)
+    prefix, core = None, base
+    if adapter is not None:
+        from peft import PeftModel
+
+        with refuse_pickled_code(adapter):
+            peft_model = PeftModel.from_pretrained(base, adapter).eval()
+        if peft_model.active_peft_config.is_prompt_learning:
+            if peft_model.active_peft_config.peft_type != "PREFIX_TUNING":
+                raise UserError(f"{peft_model.active_peft_config.peft_type} adapters are not served (LoRA and "
+                                "P-tuning v2 are)", path=adapter)
+            if family == "chatglm6b":
+                raise UserError("a PEFT prefix on ChatGLM-6B is not served", path=adapter)
+            with torch.no_grad():
+                prefix = _prefix_cache(peft_model)
+        core = peft_model.get_base_model()
+        if os.path.isfile(os.path.join(adapter, "tokenizer_config.json")):  # glm4 saves it with the adapter
+            from model_hub.loader import load_tokenizer
+
+            tokenizer = load_tokenizer(adapter)
+    core.eval()
+    name = served_name or (os.path.basename(os.path.normpath(adapter)) if adapter else model)
+    fmt = detect_prompt_format(family, None if model.startswith("tiny:") else path, adapter, prompt_format)
+    return LoadedModel(core=core, tokenizer=tokenizer, family=family, prompt_format=fmt,
+                       stop_ids=stop_ids_of_family(family), context_length=_context_length(base.config),
+                       name=name, prefix=prefix)

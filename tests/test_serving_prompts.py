@@ -1,0 +1,102 @@
+"""serving/prompts.py: every recipe's folder is served with the prompt ids the recipe's own code builds, found
+from the prompt_format.json the recipe writes (or, for older folders, from the model family)."""
+import json
+import os
+
+import pytest
+
+from model_hub.loader import load_tokenizer
+from serving.prompts import build_prompt_ids, chatglm6b_history, detect_prompt_format, parse_glm4_tool_call
+from tuning.errors import UserError
+from model_hub.prompt_format import record_prompt_format
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "查询城市天气",
+                                              "parameters": {"type": "object",
+                                                             "properties": {"city": {"type": "string"}}}}}]
+
+
+def test_chatglm_lora_prompt_is_infer_py_s():
+    from chatglm_lora.cover_alpaca2jsonl import format_example
+
+    tokenizer = load_tokenizer("tiny:chatglm-6b")
+    ids = build_prompt_ids("chatglm_tuning", tokenizer, [{"role": "system", "content": "ignored"},
+                                                         {"role": "user", "content": "写一首诗"}])
+    expected = tokenizer(format_example({"instruction": "写一首诗", "output": ""})["context"])["input_ids"]
+    assert ids == expected and ids[-2:] == [tokenizer.gmask_token_id, tokenizer.bos_token_id]
+
+
+def test_llama_ner_prompt_is_chat_ner_s_training_prompt():
+    from llama_ner.chat_ner import prompt_ids
+
+    tokenizer = load_tokenizer("tiny:chinese-alpaca-7b")
+    text = "找出句子中的人名：张三在北京工作。"
+    ids = build_prompt_ids("llama_ner", tokenizer, [{"role": "user", "content": text}])
+    assert ids == prompt_ids(tokenizer, text, None, with_prompt=True, original_prompt=False)[0]
+    assert build_prompt_ids("alpaca", tokenizer, [{"role": "user", "content": text}]) == \
+        prompt_ids(tokenizer, text, None, with_prompt=True, original_prompt=True)[0]
+
+
+def test_chatglm6b_rounds_follow_the_original_chat():
+    from model_hub.chatglm6b.generation import build_prompt
+
+    messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
+                {"role": "user", "content": "讲个笑话"}, {"role": "assistant", "content": "好的。"},
+                {"role": "user", "content": "再讲一个"}]
+    assert chatglm6b_history(messages) == ("再讲一个", [("你好", "你好！"), ("讲个笑话", "好的。")])
+    tokenizer = load_tokenizer("tiny:chatglm-6b")
+    assert build_prompt_ids("chatglm6b_chat", tokenizer, messages) == \
+        tokenizer(build_prompt("再讲一个", [("你好", "你好！"), ("讲个笑话", "好的。")]))["input_ids"]
+    assert build_prompt_ids("chatglm6b_chat", tokenizer, messages[:1]) == tokenizer("你好")["input_ids"]
+
+
+def test_glm4_tool_call_and_result_render_as_the_golden_template(glm4_tokenizer, golden_dir):
+    """OpenAI's assistant tool_calls + role "tool" → GLM-4's `<|assistant|>NAME\\n{args}` + <|observation|> turn;
+    the system/tools/user part is the golden rendering of conversation 4 (transformers 4.46 + the real template)."""
+    with open(os.path.join(golden_dir, "glm4", "glm4_finetune.json"), encoding="utf-8") as f:
+        golden = json.load(f)
+    conversation = golden["conversations"][4]
+    tools, user = conversation[0]["tools"], conversation[1]
+    messages = [user, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "上海"}'}}]},
+        {"role": "tool", "tool_call_id": "call_0", "content": '{"weather": "晴", "temperature": 25}'}]
+    ids = build_prompt_ids("glm4_chat", glm4_tokenizer, messages, tools)
+    rendered = golden["rendered_chat_template"][4]
+    head = rendered[:rendered.index("<|assistant|>")]
+    expected_text = (head + '<|assistant|>get_weather\n{"city": "上海"}<|observation|>\n'
+                     '{"weather": "晴", "temperature": 25}<|assistant|>')
+    expected = glm4_tokenizer.encode(expected_text, add_special_tokens=False)
+    assert ids == expected
+    assert ids[:2] == [golden["ids"]["gMASK"], golden["ids"]["sop"]]
+    assert golden["ids"]["observation"] in ids
+
+
+def test_glm4_tool_call_text_is_parsed_only_when_it_is_one():
+    assert parse_glm4_tool_call('get_weather\n{"city": "北京"}', WEATHER) == ("get_weather", '{"city": "北京"}')
+    assert parse_glm4_tool_call('\n北京今天晴。', WEATHER) is None
+    assert parse_glm4_tool_call('get_weather\nnot json', WEATHER) is None
+    assert parse_glm4_tool_call('unknown_tool\n{"a": 1}', WEATHER) is None
+
+
+def test_tools_on_a_model_without_tool_calls_are_refused():
+    tokenizer = load_tokenizer("tiny:chinese-alpaca-7b")
+    with pytest.raises(UserError, match="tools need a GLM-4 model"):
+        build_prompt_ids("alpaca", tokenizer, [{"role": "user", "content": "hi"}], WEATHER)
+
+
+def test_the_recorded_format_wins_and_older_folders_are_recognised(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    assert detect_prompt_format("llama", None, str(adapter)) == "llama_ner"          # an adapter: the recipe's
+    assert detect_prompt_format("llama", str(tmp_path), None) == "alpaca"            # a base model
+    assert detect_prompt_format("chatglm6b", None, str(adapter)) == "chatglm_tuning"
+    assert detect_prompt_format("chatglm6b", str(tmp_path), None) == "chatglm6b_chat"
+    (adapter / "train_args.json").write_text("{}")                                   # llama_ner before the record
+    assert detect_prompt_format("llama", None, str(adapter)) == "llama_ner"
+    record_prompt_format(str(adapter), "alpaca", "by hand")
+    assert detect_prompt_format("llama", None, str(adapter)) == "alpaca"
+    assert detect_prompt_format("llama", None, str(adapter), override="llama_ner") == "llama_ner"
+    with pytest.raises(UserError, match="glm4_chat is for glm4 models, this model is llama"):
+        detect_prompt_format("llama", None, str(adapter), override="glm4_chat")
+    (adapter / "prompt_format.json").write_text('{"prompt_format": "nope"}')
+    with pytest.raises(UserError, match="prompt_format.json: prompt_format: expected one of"):
+        detect_prompt_format("llama", None, str(adapter))
