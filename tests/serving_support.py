@@ -8,8 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port() -> int:

@@ -9,8 +9,8 @@ import textwrap
 import pytest
 
 from bench import common, report
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_ALL = [sys.executable, os.path.join(REPO, "bench", "run_all.py")]
 
 

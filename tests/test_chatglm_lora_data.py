@@ -1,16 +1,14 @@
 """chatglm_lora data steps against the ORIGINAL's golden rows and labels (tests/golden/chatglm6b_tokenizer)."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from chatglm_lora.cover_alpaca2jsonl import format_example
 from chatglm_lora.finetune import DataCollator
 from chatglm_lora.tokenize_dataset_rows import OLD_TEXT, fit_rows, read_rows, tokenize_rows
+from conftest import REPO, run_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALPACA = os.path.join(REPO, "data", "stanford_alpaca", "alpaca_data.json")
 OLD_JSONL = os.path.join(REPO, "data", "chatglm_tuning", "alpaca_data.jsonl")
 
@@ -30,8 +28,7 @@ def chatglm_tokenizer():
 
 
 def run(script, *args):
-    return subprocess.run([sys.executable, os.path.join(REPO, "chatglm_lora", script), *args],
-                          capture_output=True, text=True, cwd=REPO)
+    return run_script(os.path.join("chatglm_lora", script), *args)
 
 
 def test_format_example_equals_golden_contexts(golden):

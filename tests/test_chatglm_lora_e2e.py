@@ -9,16 +9,13 @@ import sys
 import pytest
 import torch
 from folder_state import snapshot
+from conftest import REPO, run_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 
 def run(script, *args):
-    result = subprocess.run([sys.executable, os.path.join(REPO, "chatglm_lora", script), *args],
-                            capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return run_script(os.path.join("chatglm_lora", script), *args, check=True)
 
 
 def train(dataset, out, *extra):

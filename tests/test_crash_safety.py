@@ -14,7 +14,6 @@ of checkpoint-4; C then shows that resuming from checkpoint-2 still reaches the 
 import json
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,8 +26,8 @@ import yaml
 from safetensors.torch import load_file
 
 from tuning.errors import run_main
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 CHILD_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1",
              "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

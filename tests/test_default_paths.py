@@ -9,8 +9,8 @@ import pytest
 
 from tuning.errors import UserError
 from tuning.files import default_input
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_default_input(tmp_path):

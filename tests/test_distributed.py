@@ -28,10 +28,10 @@ import yaml
 from safetensors.torch import load_file
 from test_glm4_e2e import PEFT as GLM4_E2E_PEFT
 from test_llama_ner_e2e import data as ner_data  # noqa: F401  (the same 40 MSRA rows as the e2e test; a fixture)
+from conftest import REPO
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(REPO, "tests", "distributed_runner.py")
 BIN = os.path.dirname(sys.executable)
 ZERO_2 = os.path.join(REPO, "glm4_finetune", "configs", "ds_zero_2.json")

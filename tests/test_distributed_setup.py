@@ -7,10 +7,10 @@ import torch
 
 from tuning import distributed
 from tuning.errors import UserError
+from conftest import REPO
 
 pytestmark = pytest.mark.distributed
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "glm4_finetune", "configs")
 
 

@@ -11,8 +11,8 @@ import torch
 import model_hub
 from model_hub import estimate_memory as em
 from tuning.errors import UserError
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def real_config(name):

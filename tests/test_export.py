@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_in_process
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -20,7 +21,6 @@ from model_hub.export import export
 from model_hub.glm4.native import original_values
 from model_hub.make_tiny import build_tiny, tiny_dir
 from model_hub.registry import MODELS
-from tuning.errors import run_main
 
 FAMILIES = {"llama": "chinese-alpaca-7b", "glm4": "glm-4-9b-chat", "chatglm6b": "chatglm-6b"}
 PROMPT = "请用一句话介绍北京。"
@@ -211,12 +211,9 @@ def test_full_model_is_resharded_and_cast(tmp_path):
 
 
 def cli(argv, monkeypatch, capsys) -> str:
-    monkeypatch.setattr(sys, "argv", ["python -m model_hub.export", *argv])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(export_module.main)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
+    code, _, err = run_in_process(export_module.main, argv, script="python -m model_hub.export")
+    assert code == 2
+    err = err.strip()
     assert err.startswith("error: ") and "\n" not in err
     return err
 

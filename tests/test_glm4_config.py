@@ -10,8 +10,8 @@ from glm4_finetune.config import load_config
 from glm4_finetune.finetune import resolve_auto_resume
 from glm4_finetune.validate import check_conversation, read_conversations
 from tuning.errors import UserError, run_main
+from conftest import REPO, run_in_process
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "glm4_finetune", "configs")
 
 
@@ -174,10 +174,8 @@ def test_resume_argument(tmp_path):
 
 
 def run_script(module, argv, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(module)
-    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+    code, _, err = run_in_process(module, argv[1:], script=argv[0])
+    return code, err.strip().splitlines()
 
 
 def test_finetune_bad_data_is_one_line_before_any_model_load(tmp_path, monkeypatch, capsys):

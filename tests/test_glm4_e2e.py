@@ -15,8 +15,8 @@ from tuning.errors import NothingToDo
 from folder_state import snapshot
 from glm4_finetune.finetune import finetune
 from glm4_finetune.inference import load_for_inference
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADVERTISEGEN = os.path.join(REPO, "data", "glm4_finetune_demo", "AdvertiseGen")
 MODEL = "tiny:glm-4-9b-chat"
 PEFT = {

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import torch
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIN = re.compile(r"^[A-Za-z0-9_.\-\[\]]+==[0-9][^ ;#]*")
 
 

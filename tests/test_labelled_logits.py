@@ -9,8 +9,8 @@ import torch
 
 from tuning.labelled_logits import compute_logits_only_at_labels
 from tuning.methods import apply_lora
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ back) is exact."""
 import json
 import os
 import shutil
-import sys
 
 import pytest
+from conftest import run_in_process
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -19,7 +19,7 @@ from model_hub import merge_llama_with_chinese_lora as merge_script
 from model_hub.convert_llama_weights_to_hf import write_model
 from model_hub.llama.tokenizer import load_llama_tokenizer
 from model_hub.merge_llama_with_chinese_lora import merge
-from tuning.errors import UserError, run_main
+from tuning.errors import UserError
 
 PARAMS = {"dim": 64, "multiple_of": 32, "n_heads": 4, "n_layers": 2, "norm_eps": 1e-06, "vocab_size": -1}
 HIDDEN, FFN, VOCAB = 64, 192, 32000
@@ -220,9 +220,6 @@ def test_convert_errors_are_one_line(tmp_path, monkeypatch, capsys):
 
 def cli(main, argv, monkeypatch, capsys) -> str:
     """Run a script's main as its command line would (run_main); return its one-line error."""
-    monkeypatch.setattr(sys, "argv", ["x", *argv])
-    capsys.readouterr()  # drop what earlier steps printed
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(main)
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err.strip()
+    code, _, err = run_in_process(main, argv)
+    assert code == 2
+    return err.strip()

@@ -13,8 +13,8 @@ from llama_ner.dataset import NerCollate, drop_cut_rows, length_report, load_dat
 from llama_ner.process import process_msra
 from model_hub.llama.tokenizer import load_llama_tokenizer
 from tuning.errors import UserError
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "data")
 GOLDEN = {"chinese-alpaca-7b": "chinese_alpaca_7b", "chinese-llama-7b": "chinese_llama_7b",
           "llama-7b": "llama_original"}

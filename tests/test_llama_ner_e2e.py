@@ -18,8 +18,8 @@ from folder_state import snapshot
 from model_hub.make_tiny import tiny_dir
 from test_crash_safety import limit_file_size  # a file-size limit for a child process
 from tuning.errors import run_main
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "tiny:chinese-alpaca-7b"
 TRAIN = ["--model_dir=" + MODEL, "--train_batch_size=2", "--max_steps=6", "--save_steps=3", "--log_steps=1",
          "--learning_rate=1e-2", "--save_total_limit=2", "--num_train_epochs=1"]

@@ -19,8 +19,8 @@ import sys
 import pytest
 
 from tuning.errors import run_main
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(REPO, "tests", "malformed")
 CASES = json.load(open(os.path.join(CORPUS, "cases.json"), encoding="utf-8"))
 BY_ID = {case["id"]: case for case in CASES}

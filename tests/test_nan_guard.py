@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from llama_ner import train_trainer
 from tuning.errors import run_main
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 ARGS = ["--model_dir=tiny:chinese-alpaca-7b", "--train_batch_size=2", "--max_steps=4", "--save_steps=1",
         "--log_steps=1", "--learning_rate=1e30", "--num_train_epochs=1"]

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCK_NETWORK = '''
 import os, socket
 def _blocked(*args, **kwargs):

@@ -4,32 +4,21 @@
 --jsonl_path D/rows.jsonl` deleted its own input. Now a command replaces only a new or empty folder or an earlier
 output of its own kind; anything else is one line, exit 2, every file still there.
 """
-import contextlib
-import io
 import os
 import shutil
-import sys
 
 import pytest
 
-from tuning.errors import run_main
+from conftest import REPO, run_in_process
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = os.path.join(REPO, "tests", "malformed", "rows_clean.jsonl")
 
 
 def run(module, argv, monkeypatch, cwd=REPO) -> tuple[int, str]:
     """(exit code, stderr) of a script's main run in-process (from the repository root by default)."""
     monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["x.py", *argv])
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            run_main(module.main)
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-    return code, err.getvalue()
+    code, _, err = run_in_process(module.main, argv, script="x.py")
+    return code, err
 
 
 def snapshot(folder) -> dict:

@@ -12,8 +12,8 @@ import torch
 from model_hub.registry import packed_layout
 from tuning.packing import (LengthGroupedSampler, PackedRows, PackingCollator, length_grouped_batches, pack_batch,
                             pack_rows, padding_fraction)
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-5  # of the largest |gradient| entry of each parameter
 

@@ -11,8 +11,8 @@ import yaml
 
 from tuning.errors import UserError, run_main
 from tuning.packing import LengthGroupedSampler, PackedRows
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def check_trainer(trainer, packed_key):

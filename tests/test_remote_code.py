@@ -11,8 +11,8 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Receivers of `.from_pretrained` that never run a folder's code (concrete classes; peft adapters on a loaded
 # base model; `super()` inside our own classes). Any other receiver must pass trust_remote_code explicitly.
 NO_REMOTE_CODE = {"PeftModel", "PeftModelForCausalLM", "GenerationConfig", "ChatGLMTokenizer",

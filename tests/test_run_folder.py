@@ -15,8 +15,8 @@ import pytest
 from llama_ner import train_trainer
 from llama_ner.process import process_msra
 from tuning.errors import run_main
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["--model_dir=tiny:chinese-alpaca-7b", "--train_batch_size=2", "--save_steps=1", "--log_steps=1",
          "--learning_rate=1e-3", "--num_train_epochs=1"]
 

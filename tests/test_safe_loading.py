@@ -12,8 +12,8 @@ import torch
 
 from model_hub.make_tiny import tiny_dir
 from tuning.errors import UserError, run_main
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Payload:

@@ -4,8 +4,8 @@ import os
 import resource
 import subprocess
 import sys
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEVELS = "abcdefghi"
 
 

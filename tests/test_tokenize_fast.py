@@ -14,8 +14,8 @@ from chatglm_lora import tokenize_dataset_rows
 from chatglm_lora.tokenize_dataset_rows import fit_rows, tokenize_rows, tokenize_rows_fast
 from model_hub.chatglm6b.text import ChatGLMTextEncoder
 from tuning.datasets_folder import SHARD
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALPACA = os.path.join(REPO, "data", "stanford_alpaca", "alpaca_data.json")
 EOS = 130005  # ChatGLM-6B's <eop>, the eos of its config (model_hub.registry)
 LONG = "The quick brown fox jumps over the lazy dog near the river bank, twice. " * 40  # ~700 tokens
