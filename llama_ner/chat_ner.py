@@ -19,7 +19,7 @@ import os
 
 
 from tuning.errors import UserError, run_main
-from tuning.files import TOO_DEEP, atomic_file, read_text, refuse_pickled_code, require_output_parent
+from tuning.files import atomic_file, parse_json_object, read_text, refuse_pickled_code, require_output_parent
 
 ORIGINAL_TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                      "the request.\n\n### Instruction:\n\n{instruction}\n\n### Response:\n\n")
@@ -54,14 +54,9 @@ def read_examples(path: str) -> list[tuple[str, str | None, str]]:
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"invalid JSON: {exc.msg} (column {exc.colno})", path=path, line=line_no) from None
-            except RecursionError:
-                raise UserError(TOO_DEEP, path=path, line=line_no) from None
-            if not isinstance(row, dict) or not isinstance(row.get("instruct"), str) or not row["instruct"]:
-                got = type(row.get("instruct") if isinstance(row, dict) else row).__name__
+            row = parse_json_object(line, path, line_no)
+            if not isinstance(row.get("instruct"), str) or not row["instruct"]:
+                got = type(row.get("instruct")).__name__
                 raise UserError(f"expected a non-empty string, got {got}", path=path, line=line_no, field="instruct")
             if row.get("query") is not None and not isinstance(row["query"], str):
                 raise UserError(f"expected a string, got {type(row['query']).__name__}", path=path, line=line_no,
