@@ -63,8 +63,12 @@ class Plan:
         else:
             raise UserError("not an adapter folder (adapter_config.json) nor a model folder (config.json + "
                             "weights)", path=src)
-        self.config = {**read_json(os.path.join(self.weights_dir, "config.json")), **self.prefix_config}
-        model_type = self.config.get("model_type") if isinstance(self.config, dict) else None
+        config_path = os.path.join(self.weights_dir, "config.json")
+        config = read_json(config_path)
+        if not isinstance(config, dict):
+            raise UserError("expected a JSON object", path=config_path)
+        self.config = {**config, **self.prefix_config}
+        model_type = self.config.get("model_type")
         if model_type not in FAMILIES:
             raise UserError(f"model_type {model_type!r} is not one this project exports ({', '.join(FAMILIES)})",
                             path=os.path.join(self.weights_dir, "config.json"), field="model_type")
@@ -79,6 +83,13 @@ class Plan:
                             field="original_dir")
         if original_dir and not os.path.isfile(os.path.join(original_dir, "config.json")):
             raise UserError("not the original model folder: config.json is missing", path=original_dir)
+        if original_dir:
+            from .glm4_native import original_values
+
+            try:
+                original_values(self.config)
+            except (ValueError, KeyError) as exc:
+                raise UserError(f"cannot be written in THUDM's original layout: {exc}", path=config_path) from None
         self.shards = find_shards(self.weights_dir)
         self.shapes = tensor_shapes(self.shards)
         if self.adapter:
@@ -133,7 +144,6 @@ class Plan:
             self.adapter.check_shape(name, shape, shard)
         if self.adapter.is_zero():
             print(f"warning: {self.src}: every lora_B is zero (an untrained adapter): the export equals the base")
-
 
     def _check_prefix_fits(self):
         import torch
