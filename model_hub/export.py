@@ -97,6 +97,26 @@ class Plan:
         if self.prefix:
             self._check_prefix_fits()
         self.tokenizer_dir = src if os.path.isfile(os.path.join(src, "tokenizer_config.json")) else self.weights_dir
+        if layout != "original":
+            self._check_tokenizer()
+
+    def _check_tokenizer(self):
+        """The tokenizer that goes into OUT loads (no remote code) and fits the embedding."""
+        from transformers import AutoTokenizer
+
+        import model_hub  # noqa: F401  (our tokenizer classes)
+
+        source = self.tokenizer_dir
+        if not os.path.isfile(os.path.join(source, "tokenizer_config.json")):
+            raise UserError("no tokenizer here (tokenizer_config.json) nor with the adapter; an export needs one",
+                            path=source)
+        size = len(AutoTokenizer.from_pretrained(source))
+        vocab = self.config.get("vocab_size")
+        if vocab and size > vocab:
+            raise UserError(f"the tokenizer has {size} tokens, the model {self.weights_dir} only {vocab} embedding "
+                            "rows (vocab_size): the vocabulary size differs" + (
+                                "; merge_llama_with_chinese_lora.py resizes it for LoRAs that add tokens"
+                                if self.family == "llama" else ""), path=source)
 
     def _read_adapter(self, src: str, base: str | None):
         from .loader import resolve_model_path
@@ -242,16 +262,6 @@ def copy_tokenizer(plan: Plan, tmp: str) -> None:
     """Tokenizer files (and, for the original layout, THUDM's code) copied as they are; a LLaMA tokenizer is
     declared as transformers' LlamaTokenizer so that plain transformers loads it (same tokenizer.model)."""
     source = plan.original_dir or plan.tokenizer_dir
-    if plan.layout != "original":
-        vocab = plan.config.get("vocab_size") or plan.config.get("padded_vocab_size")
-        from transformers import AutoTokenizer
-
-        import model_hub  # noqa: F401  (our tokenizer classes)
-
-        size = len(AutoTokenizer.from_pretrained(source))
-        if vocab and size > vocab:
-            raise UserError(f"the tokenizer has {size} tokens, the model {plan.weights_dir} only {vocab} embedding "
-                            "rows (vocab_size): the vocabulary size differs", path=source)
     for name in sorted(os.listdir(source)):
         if os.path.isfile(os.path.join(source, name)) and any(fnmatch.fnmatch(name, p) for p in TOKENIZER_FILES):
             shutil.copyfile(os.path.join(source, name), os.path.join(tmp, name))

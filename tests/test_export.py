@@ -258,6 +258,10 @@ def test_errors_are_one_line_and_write_nothing(exported, other_llama, golden_dir
     from safetensors.torch import save_file
     save_file(tensors, os.path.join(resized, "adapter_model.safetensors"))
     fails([resized, out], "vocabulary size differs", "(49960, 64)", "(49954, 64)")
+    bigger_tokenizer = make_lora(tiny_dir("llama-7b"), str(tmp_path / "on-llama-7b"), ["q_proj"])
+    for name in ("tokenizer.model", "tokenizer_config.json"):  # Chinese-Alpaca's 49,954 tokens, 32,000 rows
+        (tmp_path / "on-llama-7b" / name).write_bytes(open(os.path.join(llama_base, name), "rb").read())
+    fails([bigger_tokenizer, out], "49954 tokens", tiny_dir("llama-7b"), "32000", "merge_llama_with_chinese_lora")
     fails([llama_adapter, out, "--layout", "original", "--original_dir", golden_dir], "--layout original is for GLM-4")
     fails([llama_adapter, out, "--max_shard_size", "lots"], "max_shard_size")
     os.makedirs(out)
