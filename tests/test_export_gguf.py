@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -39,10 +40,19 @@ def sdist_url() -> str:
 
 
 def llama_cpp() -> str:
-    """The vendored llama.cpp converter folder, downloaded and extracted once into ~/.cache/model_hub."""
+    """The vendored llama.cpp converter folder, downloaded and extracted once into ~/.cache/model_hub (offline:
+    extract the sdist's vendor/llama.cpp there yourself)."""
     folder = os.path.join(CACHE, "llama.cpp")
     if os.path.isfile(os.path.join(folder, "convert_hf_to_gguf.py")):
         return folder
+    try:
+        return download_converter(folder)
+    except urllib.error.URLError as exc:
+        pytest.fail(f"cannot download llama-cpp-python=={VERSION} from PyPI ({exc.reason}); put its "
+                    f"vendor/llama.cpp folder at {folder} to run offline")
+
+
+def download_converter(folder: str) -> str:
     os.makedirs(CACHE, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".extract-", dir=CACHE)
     try:
@@ -55,9 +65,11 @@ def llama_cpp() -> str:
             members = [m for m in tar.getmembers() if m.name.startswith(VENDORED)
                        and m.name[len(VENDORED):].startswith(NEEDED)]
             tar.extractall(staging, members=members, filter="data")
-        os.replace(os.path.join(staging, VENDORED), folder)
-    except FileExistsError:
-        pass  # another test process extracted the same files first
+        try:
+            os.replace(os.path.join(staging, VENDORED), folder)
+        except OSError:  # another test process extracted the same files first
+            if not os.path.isfile(os.path.join(folder, "convert_hf_to_gguf.py")):
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
