@@ -125,10 +125,10 @@ class Plan:
         config = read_adapter_config(src)
         peft_type = str(config.get("peft_type", "LORA")).upper()
         if peft_type in PTUNING_TYPES:
-            raise UserError(f"{peft_type} (P-tuning v2) is a learned prefix, not a weight delta: it cannot be merged. "
-                            "Serve base + adapter (glm4_finetune/inference.py SRC loads both); a ChatGLM-6B P-tuning checkpoint "
-                            "(config.json with pre_seq_len + prefix encoder) does export, with --base", path=config_path,
-                            field="peft_type")
+            raise UserError(f"{peft_type} (P-tuning v2) is a learned prefix, not a weight delta: it cannot be "
+                            "merged. Serve base + adapter (glm4_finetune/inference.py SRC loads both); a ChatGLM-6B "
+                            "P-tuning checkpoint (config.json with pre_seq_len + prefix encoder) does export, with --base",
+                            path=config_path, field="peft_type")
         self.adapter_base = config.get("base_model_name_or_path")
         chosen = base or self.adapter_base
         if not chosen:

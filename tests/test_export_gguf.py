@@ -92,9 +92,10 @@ def convert_to_gguf(jobs: list[tuple[str, str]], *extra: str) -> list[dict]:
     path; the key/values of each GGUF, read back with gguf-py."""
     converter = llama_cpp()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    running = [subprocess.Popen([sys.executable, os.path.join(converter, "convert_hf_to_gguf.py"), model_dir,
-                                 "--outtype", "f32", "--outfile", out, *extra], cwd=os.path.dirname(out), env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for model_dir, out in jobs]
+    script = os.path.join(converter, "convert_hf_to_gguf.py")
+    running = [subprocess.Popen([sys.executable, script, model_dir, "--outtype", "f32", "--outfile", out, *extra],
+                                cwd=os.path.dirname(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True) for model_dir, out in jobs]
     for process in running:
         _, stderr = process.communicate(timeout=900)
         assert process.returncode == 0, stderr[-3000:]
