@@ -63,8 +63,12 @@ class Plan:
         else:
             raise UserError("not an adapter folder (adapter_config.json) nor a model folder (config.json + "
                             "weights)", path=src)
-        self.config = {**read_json(os.path.join(self.weights_dir, "config.json")), **self.prefix_config}
-        model_type = self.config.get("model_type") if isinstance(self.config, dict) else None
+        config_path = os.path.join(self.weights_dir, "config.json")
+        config = read_json(config_path)
+        if not isinstance(config, dict):
+            raise UserError("expected a JSON object", path=config_path)
+        self.config = {**config, **self.prefix_config}
+        model_type = self.config.get("model_type")
         by_type = {family.model_type: family.name for family in FAMILIES.values()}
         if model_type not in by_type:
             raise UserError(f"model_type {model_type!r} is not one this project exports ({', '.join(by_type)})",
@@ -80,6 +84,13 @@ class Plan:
                             field="original_dir")
         if original_dir and not os.path.isfile(os.path.join(original_dir, "config.json")):
             raise UserError("not the original model folder: config.json is missing", path=original_dir)
+        if original_dir:
+            from .glm4.native import original_values
+
+            try:
+                original_values(self.config)
+            except (ValueError, KeyError) as exc:
+                raise UserError(f"cannot be written in THUDM's original layout: {exc}", path=config_path) from None
         self.shards = find_shards(self.weights_dir)
         self.shapes = tensor_shapes(self.shards)
         if self.adapter:
@@ -87,6 +98,26 @@ class Plan:
         if self.prefix:
             self._check_prefix_fits()
         self.tokenizer_dir = src if os.path.isfile(os.path.join(src, "tokenizer_config.json")) else self.weights_dir
+        if layout != "original":
+            self._check_tokenizer()
+
+    def _check_tokenizer(self):
+        """The tokenizer that goes into OUT loads (no remote code) and fits the embedding."""
+        from transformers import AutoTokenizer
+
+        import model_hub  # noqa: F401  (our tokenizer classes)
+
+        source = self.tokenizer_dir
+        if not os.path.isfile(os.path.join(source, "tokenizer_config.json")):
+            raise UserError("no tokenizer here (tokenizer_config.json) nor with the adapter; an export needs one",
+                            path=source)
+        size = len(AutoTokenizer.from_pretrained(source, trust_remote_code=False))  # our classes need no code
+        vocab = self.config.get("vocab_size")
+        if vocab and size > vocab:
+            raise UserError(f"the tokenizer has {size} tokens, the model {self.weights_dir} only {vocab} embedding "
+                            "rows (vocab_size): the vocabulary size differs" + (
+                                "; merge_llama_with_chinese_lora.py resizes it for LoRAs that add tokens"
+                                if self.family == "llama" else ""), path=source)
 
     def _read_adapter(self, src: str, base: str | None):
         from .loader import resolve_model_path
@@ -95,9 +126,10 @@ class Plan:
         config = read_adapter_config(src)
         peft_type = str(config.get("peft_type", "LORA")).upper()
         if peft_type in PTUNING_TYPES:
-            raise UserError(f"{peft_type} (P-tuning v2) is a learned prefix, not a weight delta: it cannot be merged. "
-                            "Serve base + adapter (glm4_finetune/inference.py SRC loads both)", path=config_path,
-                            field="peft_type")
+            raise UserError(f"{peft_type} (P-tuning v2) is a learned prefix, not a weight delta: it cannot be "
+                            "merged. Serve base + adapter (glm4_finetune/inference.py SRC loads both); a ChatGLM-6B "
+                            "P-tuning checkpoint (config.json with pre_seq_len + prefix encoder) does export, with --base",
+                            path=config_path, field="peft_type")
         self.adapter_base = config.get("base_model_name_or_path")
         chosen = base or self.adapter_base
         if not chosen:
@@ -134,7 +166,6 @@ class Plan:
             self.adapter.check_shape(name, shape, shard)
         if self.adapter.is_zero():
             print(f"warning: {self.src}: every lora_B is zero (an untrained adapter): the export equals the base")
-
 
     def _check_prefix_fits(self):
         import torch
@@ -232,16 +263,6 @@ def copy_tokenizer(plan: Plan, tmp: str) -> None:
     """Tokenizer files (and, for the original layout, THUDM's code) copied as they are; a LLaMA tokenizer is
     declared as transformers' LlamaTokenizer so that plain transformers loads it (same tokenizer.model)."""
     source = plan.original_dir or plan.tokenizer_dir
-    if plan.layout != "original":
-        vocab = plan.config.get("vocab_size") or plan.config.get("padded_vocab_size")
-        from transformers import AutoTokenizer
-
-        import model_hub  # noqa: F401  (our tokenizer classes)
-
-        size = len(AutoTokenizer.from_pretrained(source, trust_remote_code=False))  # our classes need no code
-        if vocab and size > vocab:
-            raise UserError(f"the tokenizer has {size} tokens, the model {plan.weights_dir} only {vocab} embedding "
-                            "rows (vocab_size): the vocabulary size differs", path=source)
     for name in sorted(os.listdir(source)):
         if os.path.isfile(os.path.join(source, name)) and any(fnmatch.fnmatch(name, p) for p in TOKENIZER_FILES):
             shutil.copyfile(os.path.join(source, name), os.path.join(tmp, name))

@@ -1,4 +1,4 @@
-"""The one LoRA merge: W' = W + scale · B·A for every adapted weight, and modules_to_save tensors replacing the base's.
+"""The one LoRA merge: W' = W + scale · B·A for every adapted weight; modules_to_save tensors replace the base's.
 
 Used tensor by tensor, so that the caller decides where weights live: model_hub/export.py streams the base's
 shards through `Adapter.merged` (bounded memory), merge_llama_with_chinese_lora.py applies it to the parameters of

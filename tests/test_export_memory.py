@@ -20,19 +20,20 @@ from model_hub.shards import ShardWriter
 MiB = 2**20
 HIDDEN, FFN, LAYERS, RANK = 256, 2048, 32, 8
 
+# Peak = VmHWM, the high-water mark of this process's own memory map. Not getrusage's ru_maxrss: Linux carries
+# that over exec from the parent (the large pytest process), so it would report the parent's peak.
 MEASURE = r"""
-import json, resource, sys
+import json, sys
 from model_hub.export import export  # imports torch, transformers, safetensors before the baseline
 
-def rss():
+def status(key):
     with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith("VmRSS")).split()[1]) * 1024
+        return int(next(line for line in f if line.startswith(key + ":")).split()[1]) * 1024
 
-baseline = rss()
+baseline = status("VmRSS")
 src, out = sys.argv[1:3]
 export(src, out)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"baseline": baseline, "peak": peak}))
+print(json.dumps({"baseline": baseline, "peak": status("VmHWM")}))
 """
 
 

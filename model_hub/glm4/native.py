@@ -52,12 +52,12 @@ def native_config_from_original(orig: dict, **overrides) -> GlmConfig:
     return GlmConfig(**fields)
 
 
-# Original config keys that are renamed native fields: {original key: function of the native config dict}.
 def _rope(native: dict) -> dict:
     return native.get("rope_parameters") or {"rope_theta": native.get("rope_theta", 10000.0),
                                              "partial_rotary_factor": native.get("partial_rotary_factor", 0.5)}
 
 
+# The inverse of native_config_from_original: {original key: its value from the native config dict}.
 ORIGINAL_FROM_NATIVE = {
     "padded_vocab_size": lambda n: n["vocab_size"],
     "hidden_size": lambda n: n["hidden_size"],
@@ -88,8 +88,11 @@ def original_values(native: dict) -> dict:
         raise ValueError(f"model_type {native.get('model_type')!r}: not a native GLM-4 (glm) config")
     if _rope(native).get("partial_rotary_factor", 0.5) != 0.5 or native.get("hidden_act", "silu") != "silu":
         raise ValueError("partial_rotary_factor must be 0.5 and hidden_act silu for THUDM's original GLM-4 code")
+    return {**_mapped(native), "multi_query_attention": True}
+
+
+def _mapped(native: dict) -> dict:
     values = {key: fn(native) for key, fn in ORIGINAL_FROM_NATIVE.items()}
-    values["multi_query_attention"] = True
     if values["rope_ratio"] == int(values["rope_ratio"]):
         values["rope_ratio"] = int(values["rope_ratio"])  # 500, as THUDM's config.json writes it
     return values
@@ -98,7 +101,7 @@ def original_values(native: dict) -> dict:
 def with_llama_cpp_keys(native: dict) -> dict:
     """The native config plus the original key names llama.cpp's converter reads, with the same values: both
     transformers (which ignores them) and convert_hf_to_gguf.py then read the same model."""
-    values = original_values(native)
+    values = _mapped(native)
     return {**native, **{key: values[key] for key in LLAMA_CPP_KEYS}}
 
 
