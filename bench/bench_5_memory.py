@@ -18,14 +18,17 @@ import tempfile
 
 
 from bench.common import REPO, bench_name, parse_args, peak_rss_mib_of_child, write_result
+from model_hub.registry import get_family
+
+GLM4 = get_family("glm4")  # the recipe's LoRA (configs/lora.yaml)
 
 ADVERTISEGEN = os.path.join(REPO, "data", "glm4_finetune_demo", "AdvertiseGen", "xl.jsonl")
 MODEL_DIR = os.path.join(REPO, "build", "bench", "glm4-177m")
 SIZES = dict(hidden_size=512, ffn_hidden_size=1376, num_layers=8, num_attention_heads=8, multi_query_group_num=2,
              kv_channels=64)
 METHODS = {
-    "LoRA": {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 32, "lora_dropout": 0.1,
-             "target_modules": ["q_proj", "k_proj", "v_proj"]},
+    "LoRA": {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": GLM4.lora_alpha,
+             "lora_dropout": GLM4.lora_dropout, "target_modules": list(GLM4.lora_targets)},
     "full fine-tuning": None,
     "P-tuning v2": {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 512,
                     "num_attention_heads": 2, "token_dim": 128},

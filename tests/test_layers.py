@@ -56,7 +56,7 @@ def test_lora_target_names_are_registry_data_only():
 
     names = {name for family in FAMILIES.values() for name in family.lora_targets}
     found = []
-    for folder in ("tuning", "serving", *RECIPES):
+    for folder in ("tuning", "serving", "bench", *RECIPES):
         for path, tree in python_files(folder):
             found += [(path, node.lineno, node.value) for node in ast.walk(tree)
                       if isinstance(node, ast.Constant) and node.value in names]
