@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS,  # noqa: E402
-                              check_speed_flags, check_values, deepspeed_config, find_deepspeed_json, load_training_rows,
-                              save_adapter, show_args, training_inputs, write_train_args)
+                              check_speed_flags, check_values, deepspeed_config, find_deepspeed_json,
+                              load_training_rows, save_adapter, show_args, training_inputs, write_train_args)
 from llama_ner.config_utils import ConfigParser  # noqa: E402
 from llama_ner.dataset import load_data  # noqa: E402
 from tuning import distributed  # noqa: E402
@@ -146,6 +146,7 @@ def main():
 
     tokenizer = load_tokenizer(args.model_dir)
     train_data = load_training_rows(args, tokenizer)
+
     def claim_own_checkpoints():
         return claim_checkpoints(checkpoint_root(args), os.path.join(*resume) if resume else None, TAG,
                                  os.path.isdir, "--resume_from_checkpoint=last")

@@ -22,8 +22,9 @@ import torch  # noqa: E402
 from transformers import TrainerCallback, TrainingArguments, set_seed  # noqa: E402
 
 from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS,  # noqa: E402
-                              adapter_dir, check_speed_flags, check_values, deepspeed_config, find_deepspeed_json, learning_rate,
-                              load_training_rows, save_adapter, show_args, training_inputs, write_train_args)
+                              adapter_dir, check_speed_flags, check_values, deepspeed_config, find_deepspeed_json,
+                              learning_rate, load_training_rows, save_adapter, show_args, training_inputs,
+                              write_train_args)
 from llama_ner.config_utils import ConfigParser  # noqa: E402
 from llama_ner.dataset import load_data  # noqa: E402
 from tuning.checkpoints import AtomicTrainer, claim_run_folder  # noqa: E402

@@ -201,8 +201,8 @@ def merge(base_model: str, lora_dirs: list[str], output_type: str, output_dir: s
     base_path = resolve_model_path(base_model)
     load_kwargs = {"offload_folder": offload_dir} if offload_dir else {}
     with remote_code_refused(base_path):
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPES[dtype], trust_remote_code=remote_code_allowed(),
-                                                     **load_kwargs).to("cpu")
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPES[dtype],
+                                                     trust_remote_code=remote_code_allowed(), **load_kwargs).to("cpu")
     width = model.config.hidden_size
     size = SIZE_BY_WIDTH.get(width)
     print(f"base model: {base_path} (hidden size {width}: {size or 'not a Meta size'})")
