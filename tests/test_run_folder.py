@@ -15,6 +15,7 @@ from test_nan_guard import train_path  # noqa: F401  (the fixture: 8 real MSRA r
 from test_output_folders import run  # a script's main in-process: (exit code, stderr)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # tiny training runs
 TRAIN = ["--model_dir=tiny:chinese-alpaca-7b", "--train_batch_size=2", "--save_steps=1", "--log_steps=1",
          "--learning_rate=1e-3", "--num_train_epochs=1"]
 
