@@ -142,6 +142,7 @@ def main():
 
     tokenizer = load_tokenizer(args.model_dir)
     train_data = load_training_rows(args, tokenizer)
+
     def claim_own_checkpoints():
         return claim_checkpoints(checkpoint_root(args), os.path.join(*resume) if resume else None,
                                  DEEPSPEED_CHECKPOINTS, "--resume_from_checkpoint=last")

@@ -46,7 +46,8 @@ def test_an_adapter_inside_the_model_folder_is_not_applied(base_with_adapter, ca
 @pytest.mark.parametrize("inside", ["", "run"])
 def test_training_into_the_base_model_folder_is_refused(base_with_adapter, tmp_path, monkeypatch, inside):
     rows = tmp_path / "train.txt"
-    rows.write_text('{"instruct": "找出实体", "query": "文本：北京", "answer": "北京_地名"}\n' * 4, encoding="utf-8")
+    row = '{"instruct": "找出实体", "query": "文本：北京", "answer": "北京_地名"}\n'
+    rows.write_text(row * 4, encoding="utf-8")
     out = base_with_adapter / inside if inside else base_with_adapter
     before = sorted(p.name for p in base_with_adapter.iterdir())
     monkeypatch.setattr(sys, "argv", ["x", f"--model_dir={base_with_adapter}", f"--train_path={rows}",

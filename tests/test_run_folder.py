@@ -1,7 +1,5 @@
 """A training run's output folder (issue 25, items 3 and 4): checkpoints are only ever replaced or rotated away
 by the run that wrote them (or resumed from them), and one run at a time writes into a folder."""
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -16,30 +14,21 @@ from llama_ner import train_trainer
 from llama_ner.process import process_msra
 from tuning.errors import run_main
 from conftest import REPO
+from test_nan_guard import train_path  # noqa: F401  (the fixture: 8 real MSRA rows)
+from test_output_folders import run  # a script's main in-process: (exit code, stderr)
 
+pytestmark = pytest.mark.slow  # tiny training runs
 TRAIN = ["--model_dir=tiny:chinese-alpaca-7b", "--train_batch_size=2", "--save_steps=1", "--log_steps=1",
          "--learning_rate=1e-3", "--num_train_epochs=1"]
 
 
 @pytest.fixture(scope="module")
-def rows(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ner_rows")
-    process_msra(os.path.join(REPO, "data", "llama_ner_msra", "ori_data", "msra_1000.txt"), str(root / "all.txt"))
-    lines = (root / "all.txt").read_text(encoding="utf-8").split("\n")
-    (root / "train.txt").write_text("\n".join(lines[:12]), encoding="utf-8")
-    return str(root / "train.txt")
+def rows(train_path):
+    return str(train_path)  # 8 real MSRA instruction rows
 
 
 def train(rows, out, *extra, monkeypatch) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["x", *TRAIN, f"--train_path={rows}", f"--save_dir={out}/", *extra])
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            run_main(train_trainer.main)
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-    return code, err.getvalue()
+    return run(train_trainer, [*TRAIN, f"--train_path={rows}", f"--save_dir={out}/", *extra], monkeypatch)
 
 
 def checkpoints(out):

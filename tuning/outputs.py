@@ -21,7 +21,7 @@ KINDS = {
                "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "*.model",
                "vocab*", "merges.txt")),
 }
-KIND_NAMES = {"datasets": "`datasets` folder written by this command", "model": "model folder"}
+KIND_NAMES = {"datasets": "datasets folder written by this command", "model": "model folder"}
 
 
 def is_inside(path: str, folder: str) -> bool:
