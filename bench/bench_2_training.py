@@ -62,7 +62,7 @@ def child(case: dict, out_path: str) -> None:
 
     def apply_method(model, *args, **kwargs):
         if case["gc"]:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable({"use_reentrant": False})
             model.enable_input_require_grads()
         return lora(model, *args, **kwargs) if case["method"] == "lora" else model
 

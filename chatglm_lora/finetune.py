@@ -174,7 +174,7 @@ def main():
     model, tokenizer = load_model_and_tokenizer(finetune_args.chatglm_path, dtype=dtype, load_in_8bit=load_in_8bit,
                                                 device=None if load_in_8bit else device, **placement)
     if finetune_args.gradient_checkpointing_base:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
 

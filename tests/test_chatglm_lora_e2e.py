@@ -91,7 +91,10 @@ def test_resuming_a_finished_run_changes_nothing(workdir, tmp_path):
            "raise --max_steps to train further" in result.stdout
     assert snapshot(run_dir) == before
 
-    train(str(workdir / "alpaca"), str(run_dir), "--resume_from_checkpoint", "last", "--max_steps", "8")
+    result = train(str(workdir / "alpaca"), str(run_dir), "--resume_from_checkpoint", "last", "--max_steps", "8")
+    # Issue 23 (Also): a run prints no library warnings a user cannot act on (transformers' deprecated
+    # gradient_checkpointing_enable, peft's is_gradient_checkpointing, DeepSpeed's accelerator probe).
+    assert "Warning" not in result.stderr and "[WARNING]" not in result.stderr, result.stderr[-2000:]
     assert sorted(os.listdir(run_dir / "checkpoint-8")) == sorted(os.listdir(run_dir / "checkpoint-6"))
     assert not [p for p in os.listdir(run_dir) if p.startswith("checkpoint-") and p not in
                 ("checkpoint-3", "checkpoint-6", "checkpoint-8")]

@@ -81,8 +81,7 @@ def test_refused_where_the_masks_would_differ(lora_model):
     refuse_off_cpu("cpu")
 
     checkpointed = copy.deepcopy(lora_model)
-    checkpointed.get_base_model().gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed.get_base_model().activation_checkpointing_enable({"use_reentrant": False})
     with pytest.raises(UserError, match="gradient checkpointing"):
         prefetch_dropout_masks(checkpointed)
 

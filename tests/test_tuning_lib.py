@@ -201,3 +201,15 @@ def test_atomic_dir_output_follows_the_umask(tmp_path, umask):
     finally:
         os.umask(old)
     assert os.stat(tmp_path / "ds").st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_dataloader_workers_beyond_the_cores_are_lowered(monkeypatch, capsys):
+    """Issue 23 (Also): GLM-4's configs ask for 16 workers; torch warned about it at every epoch on 2 cores."""
+    from tuning.distributed import cap_dataloader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert cap_dataloader_workers({"dataloader_num_workers": 16, "seed": 1}) == {"dataloader_num_workers": 2, "seed": 1}
+    assert capsys.readouterr().out == "note: dataloader_num_workers 16 lowered to 2, the CPU cores this process can use\n"
+    for asked in ({"dataloader_num_workers": 2}, {"dataloader_num_workers": 0}, {}):
+        assert cap_dataloader_workers(asked) == asked
+    assert capsys.readouterr().out == ""

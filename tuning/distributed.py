@@ -17,6 +17,9 @@ import torch
 
 from .errors import UserError
 
+if not torch.cuda.is_available():  # DeepSpeed would probe for accelerators and warn that it settled on the CPU
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
@@ -90,13 +93,26 @@ def single_process_env() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def cap_dataloader_workers(kwargs: dict) -> dict:
+    """dataloader_num_workers beyond the cores this process may use (the original GLM-4 configs ask for 16) is
+    lowered to them, with one note instead of torch's warning at every epoch."""
+    asked = kwargs.get("dataloader_num_workers") or 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if asked <= cores:
+        return kwargs
+    say(f"note: dataloader_num_workers {asked} lowered to {cores}, the CPU cores this process can use")
+    return {**kwargs, "dataloader_num_workers": cores}
+
+
 def trainer_arguments(kwargs: dict) -> dict:
     """TrainingArguments keywords plus what this launch needs; call it before building TrainingArguments.
 
     GPU: nothing (transformers and accelerate pick NCCL). CPU: use_cpu; with DeepSpeed (kwargs["deepspeed"]) the
     accelerate state is created here on gloo as a DeepSpeed state and the Trainer told to use it; DDP on gloo.
+    Either way, more dataloader workers than cores are lowered to the cores (`cap_dataloader_workers`).
     """
     limit_threads()
+    kwargs = cap_dataloader_workers(kwargs)
     if torch.cuda.is_available():
         return dict(kwargs)
     extra = {"use_cpu": True}
