@@ -11,8 +11,6 @@ import time
 import pytest
 
 from llama_ner import train_trainer
-from llama_ner.process import process_msra
-from tuning.errors import run_main
 from conftest import REPO
 from test_nan_guard import train_path  # noqa: F401  (the fixture: 8 real MSRA rows)
 from test_output_folders import run  # a script's main in-process: (exit code, stderr)
