@@ -47,14 +47,15 @@ def find_adapter(save_dir: str) -> str:
 
 
 def load_model(args):
-    """Base model + the trained LoRA, in eval mode (bf16 if the run used it, fp16/bf16 on a GPU, else fp32)."""
+    """Base model + the trained LoRA, in eval mode (bf16 if the run used it, fp16/bf16 on a GPU, else fp32; the
+    base in 4/8 bits if the run was QLoRA, unless --quantization_bit=0)."""
     from peft import PeftModel
 
     from model_hub.loader import load_model_and_tokenizer
 
     adapter = find_adapter(args.save_dir)
     model, tokenizer = load_model_and_tokenizer(args.model_dir, dtype="bf16" if getattr(args, "bf16", False)
-                                                else "auto")
+                                                else "auto", quantization_bit=getattr(args, "quantization_bit", None))
     with refuse_pickled_code(adapter):
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
