@@ -32,7 +32,7 @@ def packed_base(model) -> dict[str, bytes]:
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             state = module.weight.quant_state
-            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            key = name[name.index("layers."):].replace(".base_layer", "")  # without peft's wrapping
             found[key] = b"".join(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
                                   for t in (module.weight.data, state.absmax, state.state2.absmax))
     return found
@@ -190,3 +190,156 @@ def test_llama_ner_refuses_quantized_zero3_before_loading(ner_data, tmp_path, mo
         "error: quantization_bit: 4-bit base weights (bitsandbytes) cannot be partitioned by ZeRO-3; use a "
         "ZeRO-1/2 DeepSpeed config or drop quantization_bit")
     assert not (tmp_path / "run").exists()
+
+
+# ---- chatglm_lora: --quantization_bit 4, resume, infer.py on the 4-bit base -----------------------------------
+
+@pytest.fixture(scope="module")
+def chatglm_rows(tmp_path_factory):
+    from chatglm_lora import tokenize_dataset_rows
+    from chatglm_lora.cover_alpaca2jsonl import format_example
+
+    work = tmp_path_factory.mktemp("qlora_chatglm")
+    with open(os.path.join(REPO, "data", "stanford_alpaca", "alpaca_data.json"), encoding="utf-8") as f:
+        examples = json.load(f)[:4]
+    json.dump(examples, open(work / "alpaca.json", "w", encoding="utf-8"))
+    with open(work / "rows.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(format_example(e), ensure_ascii=False) + "\n" for e in examples)
+    mp = pytest.MonkeyPatch()
+    try:
+        run(tokenize_dataset_rows, ["--jsonl_path", str(work / "rows.jsonl"), "--save_path", str(work / "alpaca"),
+                                    "--max_seq_length", "48", "--chatglm_path", CHATGLM, "--num_proc", "1"], mp)
+    finally:
+        mp.undo()
+    return work
+
+
+def chatglm_train(rows, out, *extra):
+    return ["--dataset_path", str(rows / "alpaca"), "--chatglm_path", CHATGLM, "--quantization_bit", "4",
+            "--output_dir", str(out), "--per_device_train_batch_size", "2", "--max_steps", "2", "--save_steps", "1",
+            "--learning_rate", "5e-3", "--logging_steps", "1", "--use_cpu", "--seed", "0", "--report_to", "none",
+            "--dataloader_num_workers", "0", *extra]
+
+
+@pytest.mark.slow
+def test_chatglm_lora_qlora_trains_resumes_and_infers(chatglm_rows, tmp_path, monkeypatch, capsys):
+    from chatglm_lora import finetune, infer
+
+    trainer = run(finetune, chatglm_train(chatglm_rows, tmp_path / "full"), monkeypatch)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert packed_base(trainer.model) == fresh_packed_base(CHATGLM)
+    assert_trained_adapter(adapter(tmp_path / "full" / "checkpoint-1"), adapter(tmp_path / "full"))
+    again = run(finetune, chatglm_train(chatglm_rows, tmp_path / "resumed", "--resume_from_checkpoint",
+                                        str(tmp_path / "full" / "checkpoint-1")), monkeypatch)
+    assert [e["loss"] for e in again.state.log_history if "loss" in e] == losses
+    a, b = adapter(tmp_path / "full"), adapter(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    assert_loads_on_full_precision_base(CHATGLM, tmp_path / "full", torch.tensor([[5, 74874, 130001, 130004, 5]]))
+    capsys.readouterr()
+    run(infer, ["--chatglm_path", CHATGLM, "--lora_path", str(tmp_path / "full"), "--quantization_bit", "4",
+                "--data_path", str(chatglm_rows / "alpaca.json"), "--num", "1", "--max_length", "40"], monkeypatch)
+    assert "### 1\n" in capsys.readouterr().out
+
+
+def test_chatglm_lora_refuses_contradicting_and_zero3_quantization(chatglm_rows, tmp_path, monkeypatch, capsys):
+    from chatglm_lora import finetune
+
+    for extra, message in [
+        (["--load_in_8bit", "true"], "error: quantization_bit: load_in_8bit and quantization_bit 4 contradict each "
+                                     "other; give one of them"),
+        (["--deepspeed", os.path.join(REPO, "glm4_finetune", "configs", "ds_zero_3.json")],
+         "error: quantization_bit: 4-bit base weights (bitsandbytes) cannot be partitioned by ZeRO-3; use a ZeRO-1/2 "
+         "DeepSpeed config or drop quantization_bit"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            run(finetune, chatglm_train(chatglm_rows, tmp_path / "out", *extra), monkeypatch)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == message
+        assert not (tmp_path / "out").exists()
+
+
+# ---- GLM-4: YAML quantization_bit, LoRA with resume, P-tuning v2, inference on the 4-bit base ------------------
+
+@pytest.fixture(scope="module")
+def glm4_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qlora_glm4")
+    source = os.path.join(REPO, "data", "glm4_finetune_demo", "AdvertiseGen", "xl.jsonl")
+    with open(source, encoding="utf-8") as f:
+        (folder / "train.jsonl").write_text("".join(f.readlines()[:2]), encoding="utf-8")
+    return folder
+
+
+def glm4_config(path, output_dir, peft, bits=4, **training):
+    import yaml
+
+    config = {"data_config": {"train_file": "train.jsonl", "num_proc": 1}, "combine": True, "max_input_length": 32,
+              "max_output_length": 32, "quantization_bit": bits,
+              "training_args": {"output_dir": str(output_dir), "max_steps": 2, "learning_rate": 5e-2,
+                                "per_device_train_batch_size": 2, "save_strategy": "steps", "save_steps": 1,
+                                "logging_steps": 1, "bf16": True, "use_cpu": True, "report_to": "none", "seed": 42,
+                                "remove_unused_columns": False, "dataloader_num_workers": 0, "disable_tqdm": True,
+                                "generation_config": {"max_new_tokens": 4}, **training}}
+    if peft is not None:
+        config["peft_config"] = peft
+    path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    return str(path)
+
+
+GLM4_LORA = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 32, "lora_dropout": 0.1,
+             "target_modules": ["q_proj", "k_proj", "v_proj"]}
+GLM4_PTUNING = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 4,
+                "num_attention_heads": 2, "token_dim": 32}
+
+
+@pytest.mark.slow
+def test_glm4_qlora_lora_trains_resumes_and_infers(glm4_data, tmp_path):
+    from glm4_finetune.finetune import finetune
+    from glm4_finetune.inference import generate_reply, load_for_inference
+
+    out = tmp_path / "lora"
+    trainer = finetune(str(glm4_data), GLM4, glm4_config(tmp_path / "lora.yaml", out, GLM4_LORA))
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert packed_base(trainer.model) == fresh_packed_base(GLM4, dtype="fp32")
+    assert_trained_adapter(adapter(out / "checkpoint-1"), adapter(out))
+    resumed = finetune(str(glm4_data), GLM4, glm4_config(tmp_path / "lora.yaml", out, GLM4_LORA), "1")
+    assert [e["loss"] for e in resumed.state.log_history if "loss" in e] == losses
+    assert all(torch.equal(v, adapter(out)[k]) for k, v in adapter(out / "checkpoint-2").items())
+
+    assert_loads_on_full_precision_base(GLM4, out, torch.tensor([[151331, 151333, 151336, 198, 100, 200]]))
+    model, tokenizer = load_for_inference(str(out), base_model=GLM4, quantization_bit=4)
+    reply, _, _ = generate_reply(model, tokenizer, [{"role": "user", "content": "#裙子#夏天"}], max_new_tokens=3,
+                                 do_sample=False)
+    assert reply["role"] == "assistant"
+
+
+@pytest.mark.slow
+def test_glm4_qlora_ptuning_v2_trains(glm4_data, tmp_path):
+    from glm4_finetune.finetune import finetune
+
+    out = tmp_path / "ptuning"
+    trainer = finetune(str(glm4_data), GLM4, glm4_config(tmp_path / "p.yaml", out, GLM4_PTUNING, learning_rate=0.3))
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert packed_base(trainer.model) == fresh_packed_base(GLM4, dtype="fp32")
+    assert_trained_adapter(adapter(out / "checkpoint-1"), adapter(out))
+
+
+@pytest.mark.parametrize("peft, training, bits, message", [
+    (None, {}, 4, "quantization_bit: full fine-tuning cannot train 4-bit base weights; use LoRA or P-tuning v2 on "
+                  "the quantized base, or drop quantization_bit"),
+    (GLM4_LORA, {"deepspeed": os.path.join(REPO, "glm4_finetune", "configs", "ds_zero_3.json")}, 8,
+     "quantization_bit: 8-bit base weights (bitsandbytes) cannot be partitioned by ZeRO-3; use a ZeRO-1/2 DeepSpeed "
+     "config or drop quantization_bit"),
+    (GLM4_LORA, {}, 5, "quantization_bit: expected 4, 8 or null, got 5"),
+])
+def test_glm4_config_refuses_what_a_quantized_base_cannot_train(tmp_path, peft, training, bits, message):
+    from glm4_finetune.config import load_config
+
+    path = glm4_config(tmp_path / "q.yaml", tmp_path / "out", peft, bits, **training)
+    with pytest.raises(UserError) as error:
+        load_config(path)
+    line = next(i for i, text in enumerate(open(path, encoding="utf-8"), 1) if text.startswith("quantization_bit"))
+    assert str(error.value) == f"{path}:{line}: {message}"
