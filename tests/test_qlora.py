@@ -12,9 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
+from test_distributed import chatglm_rows, glm4_data  # noqa: F401  (fixtures: 16 tokenised alpaca rows, 8 AdvertiseGen)
+from test_llama_ner_e2e import data as ner_data  # noqa: F401  (fixture: the e2e test's 40 MSRA rows)
 from model_hub.loader import load_model_and_tokenizer
 from tuning.errors import UserError, run_main
 
+ALPACA = os.path.join(REPO, "data", "stanford_alpaca", "alpaca_data.json")
 LLAMA, CHATGLM, GLM4 = "tiny:chinese-alpaca-7b", "tiny:chatglm-6b", "tiny:glm-4-9b-chat"
 
 
@@ -111,18 +114,6 @@ def test_bad_quantization_settings_are_one_line(kwargs, message):
 
 # ---- llama_ner: HF Trainer, resume, test.py on a 4-bit base, chat_ner.py; the raw DeepSpeed loop ---------------
 
-@pytest.fixture(scope="module")
-def ner_data(tmp_path_factory):
-    from llama_ner.process import process_msra
-
-    root = tmp_path_factory.mktemp("qlora_ner")
-    process_msra(os.path.join(REPO, "data", "llama_ner_msra", "ori_data", "msra_1000.txt"), str(root / "all.txt"))
-    lines = (root / "all.txt").read_text(encoding="utf-8").split("\n")
-    (root / "train.txt").write_text("\n".join(lines[:6] + lines[-2:]), encoding="utf-8")
-    (root / "dev.txt").write_text("\n".join(lines[:2]), encoding="utf-8")
-    return root
-
-
 NER_TRAIN = ["--model_dir=" + LLAMA, "--train_batch_size=2", "--max_steps=2", "--save_steps=1", "--log_steps=1",
              "--learning_rate=1e-2", "--save_total_limit=2", "--quantization_bit=4"]
 
@@ -194,28 +185,8 @@ def test_llama_ner_refuses_quantized_zero3_before_loading(ner_data, tmp_path, mo
 
 # ---- chatglm_lora: --quantization_bit 4, resume, infer.py on the 4-bit base -----------------------------------
 
-@pytest.fixture(scope="module")
-def chatglm_rows(tmp_path_factory):
-    from chatglm_lora import tokenize_dataset_rows
-    from chatglm_lora.cover_alpaca2jsonl import format_example
-
-    work = tmp_path_factory.mktemp("qlora_chatglm")
-    with open(os.path.join(REPO, "data", "stanford_alpaca", "alpaca_data.json"), encoding="utf-8") as f:
-        examples = json.load(f)[:4]
-    json.dump(examples, open(work / "alpaca.json", "w", encoding="utf-8"))
-    with open(work / "rows.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(format_example(e), ensure_ascii=False) + "\n" for e in examples)
-    mp = pytest.MonkeyPatch()
-    try:
-        run(tokenize_dataset_rows, ["--jsonl_path", str(work / "rows.jsonl"), "--save_path", str(work / "alpaca"),
-                                    "--max_seq_length", "48", "--chatglm_path", CHATGLM, "--num_proc", "1"], mp)
-    finally:
-        mp.undo()
-    return work
-
-
 def chatglm_train(rows, out, *extra):
-    return ["--dataset_path", str(rows / "alpaca"), "--chatglm_path", CHATGLM, "--quantization_bit", "4",
+    return ["--dataset_path", str(rows), "--chatglm_path", CHATGLM, "--quantization_bit", "4",
             "--output_dir", str(out), "--per_device_train_batch_size", "2", "--max_steps", "2", "--save_steps", "1",
             "--learning_rate", "5e-3", "--logging_steps", "1", "--use_cpu", "--seed", "0", "--report_to", "none",
             "--dataloader_num_workers", "0", *extra]
@@ -239,7 +210,7 @@ def test_chatglm_lora_qlora_trains_resumes_and_infers(chatglm_rows, tmp_path, mo
     assert_loads_on_full_precision_base(CHATGLM, tmp_path / "full", torch.tensor([[5, 74874, 130001, 130004, 5]]))
     capsys.readouterr()
     run(infer, ["--chatglm_path", CHATGLM, "--lora_path", str(tmp_path / "full"), "--quantization_bit", "4",
-                "--data_path", str(chatglm_rows / "alpaca.json"), "--num", "1", "--max_length", "40"], monkeypatch)
+                "--data_path", ALPACA, "--num", "1", "--max_length", "40"], monkeypatch)
     assert "### 1\n" in capsys.readouterr().out
 
 
@@ -261,15 +232,6 @@ def test_chatglm_lora_refuses_contradicting_and_zero3_quantization(chatglm_rows,
 
 
 # ---- GLM-4: YAML quantization_bit, LoRA with resume, P-tuning v2, inference on the 4-bit base ------------------
-
-@pytest.fixture(scope="module")
-def glm4_data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qlora_glm4")
-    source = os.path.join(REPO, "data", "glm4_finetune_demo", "AdvertiseGen", "xl.jsonl")
-    with open(source, encoding="utf-8") as f:
-        (folder / "train.jsonl").write_text("".join(f.readlines()[:2]), encoding="utf-8")
-    return folder
-
 
 def glm4_config(path, output_dir, peft, bits=4, **training):
     import yaml
@@ -299,12 +261,12 @@ def test_glm4_qlora_lora_trains_resumes_and_infers(glm4_data, tmp_path):
     from glm4_finetune.inference import generate_reply, load_for_inference
 
     out = tmp_path / "lora"
-    trainer = finetune(str(glm4_data), GLM4, glm4_config(tmp_path / "lora.yaml", out, GLM4_LORA))
+    trainer = finetune(glm4_data, GLM4, glm4_config(tmp_path / "lora.yaml", out, GLM4_LORA))
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert packed_base(trainer.model) == fresh_packed_base(GLM4, dtype="fp32")
     assert_trained_adapter(adapter(out / "checkpoint-1"), adapter(out))
-    resumed = finetune(str(glm4_data), GLM4, glm4_config(tmp_path / "lora.yaml", out, GLM4_LORA), "1")
+    resumed = finetune(glm4_data, GLM4, glm4_config(tmp_path / "lora.yaml", out, GLM4_LORA), "1")
     assert [e["loss"] for e in resumed.state.log_history if "loss" in e] == losses
     assert all(torch.equal(v, adapter(out)[k]) for k, v in adapter(out / "checkpoint-2").items())
 
@@ -320,7 +282,7 @@ def test_glm4_qlora_ptuning_v2_trains(glm4_data, tmp_path):
     from glm4_finetune.finetune import finetune
 
     out = tmp_path / "ptuning"
-    trainer = finetune(str(glm4_data), GLM4, glm4_config(tmp_path / "p.yaml", out, GLM4_PTUNING, learning_rate=0.3))
+    trainer = finetune(glm4_data, GLM4, glm4_config(tmp_path / "p.yaml", out, GLM4_PTUNING, learning_rate=0.3))
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert packed_base(trainer.model) == fresh_packed_base(GLM4, dtype="fp32")
