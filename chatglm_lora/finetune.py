@@ -13,6 +13,8 @@ the Trainer state; `--resume_from_checkpoint PATH|N|last` resumes exactly; the f
 Several processes: `torchrun --nproc_per_node N chatglm_lora/finetune.py ...` (DDP) or `deepspeed --num_gpus N
 chatglm_lora/finetune.py ... --deepspeed glm4_finetune/configs/ds_zero_2.json` (see README.md, Distributed
 training); 8-bit base weights work with DDP and ZeRO-1/2, not with ZeRO-3.
+QLoRA: `--quantization_bit 4` loads the base in nf4 (bitsandbytes, double quantization, bf16 compute; CPU too),
+`--quantization_bit 8` = `--load_in_8bit true`; the adapter is a normal PEFT adapter of the full-precision base.
 """
 import dataclasses
 import os
@@ -26,7 +28,7 @@ from model_hub.prompt_format import record_prompt_format
 from tuning import distributed
 from tuning.checkpoints import AtomicTrainer, claim_run_folder, save_pretrained_atomically
 from tuning.errors import UserError, run_main
-from tuning.methods import apply_lora, trainable_summary
+from tuning.methods import apply_lora, prepare_quantized_base, quantization_conflict, trainable_summary
 from tuning.training import (LossPlot, NanGuard, check_precision, check_resume_launcher, resolve_resume,
                              stop_if_finished)
 
@@ -40,6 +42,8 @@ class FinetuneArguments:
     load_in_8bit: bool | None = field(default=None, metadata={
         "help": "8-bit base weights (bitsandbytes); default: on when a GPU and bitsandbytes are present, as the "
                 "original, off otherwise"})
+    quantization_bit: int | None = field(default=None, metadata={
+        "help": "4: QLoRA, base weights in nf4 (bitsandbytes; CPU or GPU); 8: the same as --load_in_8bit true"})
     gradient_checkpointing_base: bool = field(default=True, metadata={
         "help": "gradient checkpointing on the base model, as the original always did"})
     group_by_length: bool = field(default=False, metadata={
@@ -129,12 +133,18 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[FinetuneArguments, T
         raise UserError(f"unknown arguments {unknown}", field="arguments")
     values = vars(namespace)
     finetune_args = FinetuneArguments(**{f.name: values.pop(f.name) for f in dataclasses.fields(FinetuneArguments)})
+    from model_hub.loader import quantization_bits
+
+    quantization_bits(finetune_args.quantization_bit, bool(finetune_args.load_in_8bit))  # 4 or 8, no contradiction
     if values.get("deepspeed"):
         stage = distributed.zero_stage(values["deepspeed"])
         if stage == 3 and finetune_args.load_in_8bit:
             raise UserError("8-bit base weights (bitsandbytes) cannot be partitioned by ZeRO-3; use a ZeRO-1/2 "
                             "config (e.g. glm4_finetune/configs/ds_zero_2.json) or --load_in_8bit false",
                             field="load_in_8bit")
+        conflict = quantization_conflict(finetune_args.quantization_bit, "lora", stage)
+        if conflict:
+            raise UserError(conflict, field="quantization_bit")
         if stage == 3 and finetune_args.load_in_8bit is None:
             finetune_args.load_in_8bit = False  # the GPU default would be 8-bit; ZeRO-3 shards 16-bit weights
     try:
@@ -157,7 +167,7 @@ def main():
     dataset = load_rows(finetune_args.dataset_path)  # validate data before loading the model
     distributed.say(len(dataset))
 
-    from model_hub.loader import load_model_and_tokenizer, resolve_model_path
+    from model_hub.loader import load_model_and_tokenizer, quantization_bits, resolve_model_path
     from model_hub.registry import get_family, packed_layout
 
     model_path = resolve_model_path(finetune_args.chatglm_path)  # a wrong path: one line before anything is written
@@ -165,14 +175,17 @@ def main():
 
     device = distributed.local_device()
     load_in_8bit = finetune_args.load_in_8bit
-    if load_in_8bit is None:
-        load_in_8bit = device.type == "cuda" and _has_bitsandbytes()
+    if load_in_8bit is None:  # the original's 8-bit default on a GPU, unless 4 bits were asked for
+        load_in_8bit = device.type == "cuda" and _has_bitsandbytes() and not finetune_args.quantization_bit
+    bits = quantization_bits(finetune_args.quantization_bit, load_in_8bit)
     dtype = "bf16" if training_args.bf16 else ("fp16" if training_args.fp16 else ("auto" if device.type == "cuda"
                                                                                   else "fp32"))
     # 8-bit: the original's device_map="auto" alone; one whole copy per GPU under a launcher (DDP / ZeRO-1/2).
-    placement = {"device_map": {"": device}} if load_in_8bit and distributed.world_size() > 1 else {}
-    model, tokenizer = load_model_and_tokenizer(finetune_args.chatglm_path, dtype=dtype, load_in_8bit=load_in_8bit,
-                                                device=None if load_in_8bit else device, **placement)
+    placement = {"device_map": {"": device}} if bits and distributed.world_size() > 1 else {}
+    model, tokenizer = load_model_and_tokenizer(finetune_args.chatglm_path, dtype=dtype, quantization_bit=bits,
+                                                device=None if bits else device, **placement)
+    if bits:
+        prepare_quantized_base(model)
     if finetune_args.gradient_checkpointing_base:
         model.activation_checkpointing_enable({"use_reentrant": False})
         model.enable_input_require_grads()
@@ -205,6 +218,7 @@ def main():
     distributed.say(f"adapter: {training_args.output_dir}")
     distributed.say(f"tensorboard: {os.path.join(training_args.output_dir, 'runs')}")
     distributed.say(f"loss curve: {os.path.join(training_args.output_dir, 'loss.png')}")
+    return trainer
 
 
 def _has_bitsandbytes() -> bool:

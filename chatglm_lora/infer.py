@@ -96,6 +96,8 @@ def main():
                         help="--interactive: prompt + history + answer tokens (the original chat's default)")
     parser.add_argument("--max_new_tokens", type=int, default=None, help="--interactive: cap each answer instead")
     parser.add_argument("--bf16", action="store_true", help="bf16 weights (CPU or GPU)")
+    parser.add_argument("--quantization_bit", type=int, choices=[4, 8], default=None,
+                        help="load the base in 4 (nf4) or 8 bits (bitsandbytes), the LoRA on top")
     args = parser.parse_args()
 
     if not os.path.isfile(os.path.join(args.lora_path, "adapter_config.json")):
@@ -114,7 +116,8 @@ def main():
 
     from model_hub.loader import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(args.chatglm_path, dtype="bf16" if args.bf16 else None)
+    model, tokenizer = load_model_and_tokenizer(args.chatglm_path, dtype="bf16" if args.bf16 else None,
+                                                quantization_bit=args.quantization_bit)
     with refuse_pickled_code(args.lora_path):  # an old adapter_model.bin: tensors only
         model = PeftModel.from_pretrained(model, args.lora_path).eval()
     if args.interactive:

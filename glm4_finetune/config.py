@@ -4,6 +4,8 @@
     max_input_length: int ; max_output_length: int ; combine: bool ; freezeV: bool (GLM-4V only, ignored)
     training_args: Seq2SeqTrainingArguments keywords, with generation_config: GenerationConfig keywords
     peft_config: peft keywords (peft_type LORA or PREFIX_TUNING); absent = full fine-tuning
+    quantization_bit: 4 or 8 (not in the original; LLaMA-Factory's key): the base model's linear layers frozen in
+        nf4 / int8 (bitsandbytes), the adapter on top (QLoRA); LoRA or P-tuning v2 only, not with ZeRO-3
 
 Every mistake is one line `config.yaml:LINE: field: what was expected`. Numbers follow YAML 1.2 as in the
 original's ruamel loader: `5e-4` is a float (plain PyYAML would read it as the string "5e-4").
@@ -17,9 +19,10 @@ import yaml
 
 from tuning.errors import UserError
 from tuning.files import read_json, read_text
+from tuning.methods import quantization_conflict
 
 TOP_KEYS = {"data_config", "max_input_length", "max_output_length", "combine", "freezeV", "training_args",
-            "peft_config"}
+            "peft_config", "quantization_bit"}
 DATA_KEYS = {"train_file", "val_file", "test_file", "num_proc"}
 PEFT_TYPES = ("LORA", "PREFIX_TUNING")
 # Keys transformers 5 removed, with what replaced them (old configs and the June-2024 demo use some of them).
@@ -67,6 +70,7 @@ class FinetuningConfig:
     training_args: object            # Seq2SeqTrainingArguments
     peft_config: object | None       # peft PeftConfig, None = full fine-tuning
     freezeV: bool = True
+    quantization_bit: int | None = None  # 4 / 8: QLoRA base (bitsandbytes)
     path: str = ""
     lines: dict = dataclasses.field(default_factory=dict, repr=False)
 
@@ -96,14 +100,29 @@ def _resolve_deepspeed(value: str, config_path: str) -> str:
     return value
 
 
-def _check_deepspeed(ds_path: str, peft: dict | None, fail) -> None:
+def _check_quantization(raw: dict, fail) -> int | None:
+    """quantization_bit: 4, 8 or null; only with an adapter (full fine-tuning cannot train k-bit weights)."""
+    bits = raw.get("quantization_bit")
+    if bits not in (None, 4, 8) or isinstance(bits, bool):
+        fail("quantization_bit", f"expected 4, 8 or null, got {bits!r}")
+    conflict = quantization_conflict(bits, "full" if raw.get("peft_config") is None else "adapter")
+    if conflict:
+        fail("quantization_bit", conflict)
+    return bits
+
+
+def _check_deepspeed(ds_path: str, peft: dict | None, fail, bits: int | None = None) -> None:
     """Combinations that cannot work on this stack, refused before any process group or weight exists."""
     from tuning.distributed import read_deepspeed_config, zero_stage
 
     if not os.path.isfile(ds_path):
         fail("training_args.deepspeed", f"DeepSpeed config not found: {ds_path}")
     ds = read_deepspeed_config(ds_path)
-    if zero_stage(ds_path) != 3 or not isinstance(peft, dict):
+    stage = zero_stage(ds_path)
+    conflict = quantization_conflict(bits, "adapter", stage)
+    if conflict:
+        fail("quantization_bit", conflict)
+    if stage != 3 or not isinstance(peft, dict):
         return
     if peft.get("peft_type") == "PREFIX_TUNING":
         fail("training_args.deepspeed", "ZeRO-3 with P-tuning v2 (prefix tuning) hangs at the first save; use "
@@ -168,12 +187,13 @@ def load_config(path: str) -> FinetuningConfig:
     if not isinstance(generation, dict):
         fail("training_args.generation_config", "missing or not a mapping; expected e.g. {max_new_tokens: 512}")
     training.setdefault("output_dir", "./output")
+    bits = _check_quantization(raw, fail)
     if training.get("deepspeed"):
         training["deepspeed"] = _resolve_deepspeed(training["deepspeed"], path)
         if isinstance(training["deepspeed"], str):
             if not isinstance(read_json(training["deepspeed"]), dict):
                 raise UserError("expected a JSON object (a DeepSpeed config)", path=training["deepspeed"])
-        _check_deepspeed(training["deepspeed"], raw.get("peft_config"), fail)
+        _check_deepspeed(training["deepspeed"], raw.get("peft_config"), fail, bits)
     from tuning.distributed import trainer_arguments
 
     args = _training_args(trainer_arguments(training), generation, fail)  # torchrun / deepspeed, GPU or CPU
@@ -189,7 +209,7 @@ def load_config(path: str) -> FinetuningConfig:
 
     peft = _peft_config(raw.get("peft_config"), fail)
     return FinetuningConfig(DataConfig(**data), raw["max_input_length"], raw["max_output_length"], raw["combine"],
-                            args, peft, raw.get("freezeV", True), path, lines)
+                            args, peft, raw.get("freezeV", True), bits, path, lines)
 
 
 def _training_args(training: dict, generation: dict, fail):

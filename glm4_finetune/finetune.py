@@ -128,8 +128,14 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
     claim_run_folder(args.output_dir, resume, "AUTO_RESUME_FROM_CHECKPOINT yes", model_path)  # locked; checked
 
     # 2. Tokenizer and model (left padding, as the original; no KV cache while training).
+    bits = cfg.quantization_bit  # QLoRA: a frozen 4/8-bit base, loaded straight onto this rank's device
     model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, use_cache=False,
-                                                device="cpu" if args.deepspeed else distributed.local_device())
+                                                device="cpu" if args.deepspeed and not bits
+                                                else distributed.local_device(), quantization_bit=bits)
+    if bits:
+        from tuning.methods import prepare_quantized_base
+
+        prepare_quantized_base(model)
     tokenizer.padding_side = "left"
     from glm4_finetune.trainer import DataCollator, GenerationTrainer, tokenize_split
 

@@ -23,13 +23,15 @@ OBSERVATION = 151338
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
-def load_for_inference(model_dir: str, base_model: str | None = None, dtype: str = "bf16"):
-    """(model, tokenizer) from an adapter folder (base + adapter) or a full model folder, as the original."""
+def load_for_inference(model_dir: str, base_model: str | None = None, dtype: str = "bf16",
+                       quantization_bit: int | None = None):
+    """(model, tokenizer) from an adapter folder (base + adapter) or a full model folder, as the original;
+    `quantization_bit` 4/8 loads the (base) model's linear layers through bitsandbytes."""
     from model_hub.loader import load_model_and_tokenizer
 
     adapter_config = os.path.join(model_dir, "adapter_config.json")
     if not os.path.isfile(adapter_config):
-        model, tokenizer = load_model_and_tokenizer(model_dir, dtype=dtype)
+        model, tokenizer = load_model_and_tokenizer(model_dir, dtype=dtype, quantization_bit=quantization_bit)
         return model.eval(), tokenizer
     from peft import PeftModelForCausalLM
 
@@ -46,7 +48,7 @@ def load_for_inference(model_dir: str, base_model: str | None = None, dtype: str
         if not base:
             raise UserError("base_model_name_or_path is empty; pass --base-model", path=adapter_config)
         resolve_recorded_model_path(base, f"base_model_name_or_path in {adapter_config}", "--base-model PATH")
-    model, tokenizer = load_model_and_tokenizer(base, dtype=dtype)
+    model, tokenizer = load_model_and_tokenizer(base, dtype=dtype, quantization_bit=quantization_bit)
     with refuse_pickled_code(model_dir):
         model = PeftModelForCausalLM.from_pretrained(model, model_dir)
     number_text_from_zero(model)  # P-tuning v2: the text positions it was trained with (no-op for LoRA)
@@ -142,11 +144,13 @@ def main(
     repetition_penalty: Annotated[float, typer.Option()] = 1.2,
     seed: Annotated[int | None, typer.Option(help="fix the sampling")] = None,
     dtype: Annotated[str, typer.Option(help="bf16 (the original), fp32 or auto")] = "bf16",
+    quantization_bit: Annotated[int | None, typer.Option(
+        "--quantization-bit", help="4 (nf4) or 8: the base through bitsandbytes, the adapter on top")] = None,
 ):
     if not model_dir.startswith("tiny:") and not os.path.isdir(model_dir):
         raise UserError("model folder not found", path=model_dir)
     history = system_messages(system, tools)
-    model, tokenizer = load_for_inference(model_dir, base_model, dtype)
+    model, tokenizer = load_for_inference(model_dir, base_model, dtype, quantization_bit)
     if seed is not None:
         from transformers import set_seed
 

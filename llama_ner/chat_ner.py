@@ -101,7 +101,8 @@ def load(args):
     on_gpu = torch.cuda.is_available()
     tokenizer = load_tokenizer(args.tokenizer_path) if _is_model(args.tokenizer_path) else \
         tokenizer_from_folder(args.tokenizer_path)
-    model, _ = load_model_and_tokenizer(args.base_model, dtype="fp16" if on_gpu else "fp32")
+    model, _ = load_model_and_tokenizer(args.base_model, dtype="fp16" if on_gpu else "fp32",
+                                        quantization_bit=args.quantization_bit)
     vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) != vocab:
         if len(tokenizer) < vocab:
@@ -130,6 +131,8 @@ def main():
     parser.add_argument("--gpus", default="0", help="CUDA_VISIBLE_DEVICES")
     parser.add_argument("--only_cpu", action="store_true", help="run on the CPU")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: not fixed, as the original)")
+    parser.add_argument("--quantization_bit", type=int, choices=[4, 8], default=None,
+                        help="load the base in 4 (nf4) or 8 bits (bitsandbytes), the LoRA on top")
     args = parser.parse_args()
     if args.only_cpu:
         args.gpus = ""

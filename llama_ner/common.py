@@ -46,6 +46,7 @@ EXTRA_CONFIG = {
     "lm_head_on_labels_only": False,  # opt-in: LM head + loss only where a label is trained (same loss/grads)
     "pad_to_multiple_of": 1,   # with group_by_length: round the batch length up (fewer shapes, less RSS growth)
     "prefetch_dropout_masks": False,  # opt-in, CPU: LoRA dropout masks drawn on a helper thread (bit-identical)
+    "quantization_bit": None,  # 4 (QLoRA, nf4) or 8: base weights through bitsandbytes, CPU or GPU
 }
 HELP = {
     "model_dir": "LLaMA folder (Chinese-Alpaca-7B), or tiny:chinese-alpaca-7b for a CPU smoke run",
@@ -65,6 +66,9 @@ HELP = {
     "prefetch_dropout_masks": "CPU: draw each step's LoRA dropout masks on a helper thread while the model "
                               "computes (PyTorch draws CPU random numbers on one core); the same masks in the "
                               "same order: bit-identical losses. Not with gradient checkpointing",
+    "quantization_bit": "4: QLoRA (base linear weights in nf4, double quantization, bf16 compute; bitsandbytes, "
+                        "CPU or GPU); 8: LLM.int8; test.py/predict.py load the base the same way (0: full "
+                        "precision). The adapter is a normal PEFT adapter of the full-precision base",
 }
 
 
@@ -147,6 +151,33 @@ def check_speed_flags(args, on_gpu: bool) -> None:
         from tuning.dropout_masks import refuse_off_cpu
 
         refuse_off_cpu("cuda" if on_gpu else "cpu")
+
+
+def check_quantization(args, ds_config: dict | None) -> int | None:
+    """quantization_bit → 4, 8 or None, checked before anything is loaded (ZeRO-3 cannot shard it)."""
+    from model_hub.loader import quantization_bits
+    from tuning.methods import quantization_conflict
+
+    bits = quantization_bits(args.quantization_bit)
+    conflict = quantization_conflict(bits, "lora", int((ds_config or {}).get("zero_optimization", {}).get("stage", 0)))
+    if conflict:
+        raise UserError(conflict, field="quantization_bit")
+    return bits
+
+
+def load_for_lora(args, bits: int | None, dtype: str):
+    """(model, tokenizer) ready for the LoRA adapter: full precision on this rank's device, or a frozen
+    quantized base (QLoRA)."""
+    from model_hub.loader import load_model_and_tokenizer
+    from tuning.distributed import local_device
+    from tuning.methods import prepare_quantized_base
+
+    model, tokenizer = load_model_and_tokenizer(args.model_dir, dtype=dtype, device=local_device(),
+                                                quantization_bit=bits)
+    if bits:
+        prepare_quantized_base(model)
+    model.config.use_cache = False
+    return model, tokenizer
 
 
 def training_inputs(args, tokenizer, model, rows: list[str], rank: int = 0, world: int = 1):

@@ -47,7 +47,8 @@ def find_adapter(save_dir: str) -> str:
 
 
 def load_model(args):
-    """Base model + the trained LoRA, in eval mode (bf16 if the run used it, fp16/bf16 on a GPU, else fp32)."""
+    """Base model + the trained LoRA, in eval mode (bf16 if the run used it, fp16/bf16 on a GPU, else fp32; the
+    base in 4/8 bits if the run was QLoRA, unless --quantization_bit=0)."""
     from peft import PeftModel
 
     from model_hub.loader import load_model_and_tokenizer
@@ -61,7 +62,7 @@ def load_model(args):
 
         resolve_recorded_model_path(args.model_dir, f"model_dir in {args.train_args}", "--model_dir=PATH")
     model, tokenizer = load_model_and_tokenizer(args.model_dir, dtype="bf16" if getattr(args, "bf16", False)
-                                                else "auto")
+                                                else "auto", quantization_bit=getattr(args, "quantization_bit", None))
     with refuse_pickled_code(adapter):
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()

@@ -22,9 +22,9 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, check_speed_flags, check_values, deepspeed_config,
-                              find_deepspeed_json, load_training_rows, resolve_data_paths, save_adapter, show_args,
-                              training_inputs, write_train_args)
+from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, check_quantization, check_speed_flags, check_values,
+                              deepspeed_config, find_deepspeed_json, load_for_lora, load_training_rows,
+                              resolve_data_paths, save_adapter, show_args, training_inputs, write_train_args)
 from llama_ner.config_utils import ConfigParser
 from llama_ner.dataset import load_data
 from model_hub.registry import get_family
@@ -131,6 +131,7 @@ def main():
     check_speed_flags(args, on_gpu)
     conf = deepspeed_config(find_deepspeed_json(args.deepspeed_jaon_path), args, on_gpu)
     conf["steps_per_print"] = args.log_steps
+    bits = check_quantization(args, conf)
     conf["gradient_clipping"] = 1.0  # the original clipped model grads by hand; DeepSpeed clips unscaled grads
     resume = resume_point(args.resume_from_checkpoint, checkpoint_root(args))
     if resume and args.max_steps > 0:  # a finished run changes nothing (not even train_args.json)
@@ -138,7 +139,7 @@ def main():
     resolve_data_paths(args, CONFIG, ("train_path",))
     load_data(args.train_path, (args.instruct_column, args.query_column, args.response_column))  # fail fast
 
-    from model_hub.loader import load_model_and_tokenizer, load_tokenizer, resolve_model_path
+    from model_hub.loader import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(args.model_dir)
     train_data = load_training_rows(args, tokenizer)
@@ -156,9 +157,7 @@ def main():
         write_train_args(args, args.save_dir)
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model_dir, dtype="fp16" if on_gpu else "fp32",
-                                                device=distributed.local_device())
-    model.config.use_cache = False
+    model, tokenizer = load_for_lora(args, bits, dtype="fp16" if on_gpu else "fp32")
     model = apply_lora(model, r=args.lora_r, **get_family("llama").lora())
     distributed.say(trainable_summary(model))
 

@@ -19,9 +19,10 @@ import os
 import torch
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
-from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, adapter_dir, check_speed_flags, check_values,
-                              deepspeed_config, find_deepspeed_json, learning_rate, load_training_rows,
-                              resolve_data_paths, save_adapter, show_args, training_inputs, write_train_args)
+from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, adapter_dir, check_quantization, check_speed_flags,
+                              check_values, deepspeed_config, find_deepspeed_json, learning_rate, load_for_lora,
+                              load_training_rows, resolve_data_paths, save_adapter, show_args, training_inputs,
+                              write_train_args)
 from llama_ner.config_utils import ConfigParser
 from llama_ner.dataset import load_data
 from model_hub.registry import get_family
@@ -63,10 +64,11 @@ def main():
                           "relaunch with `python` (or `torchrun`), not `deepspeed`")
     ds_path = find_deepspeed_json(args.deepspeed_jaon_path)
     ds_config = deepspeed_config(ds_path, args, on_gpu)  # lr and fp16 come from it even without DeepSpeed
+    bits = check_quantization(args, ds_config if use_deepspeed else None)
     resolve_data_paths(args, CONFIG, ("train_path",))
     load_data(args.train_path, (args.instruct_column, args.query_column, args.response_column))  # fail fast
 
-    from model_hub.loader import load_model_and_tokenizer, load_tokenizer, resolve_model_path
+    from model_hub.loader import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(args.model_dir)
     train_data = load_training_rows(args, tokenizer)
@@ -76,8 +78,7 @@ def main():
         write_train_args(args, adapter_dir(args))
 
     # fp32 master weights; the GPU run gets fp16 mixed precision from deepspeed.json, the CPU run bf16 autocast.
-    model, tokenizer = load_model_and_tokenizer(args.model_dir, dtype="fp32", device=distributed.local_device())
-    model.config.use_cache = False
+    model, tokenizer = load_for_lora(args, bits, dtype="fp32")
     set_seed(args.seed)  # the adapter's random init: the same seed gives the same run
     model = apply_lora(model, r=args.lora_r, **get_family("llama").lora())
     distributed.say(trainable_summary(model))

@@ -2,6 +2,7 @@
 
     python -m model_hub.estimate_memory glm-4-9b-chat lora --seq_len 1025 --gradient_checkpointing true
     python -m model_hub.estimate_memory chatglm-6b lora --load_in_8bit --batch_size 6 --seq_len 384 --dtype fp16
+    python -m model_hub.estimate_memory glm-4-9b-chat lora --quantization_bit 4 --seq_len 1025      # QLoRA
     python -m model_hub.estimate_memory glm-4-9b-chat sft --zero_stage 3 --num_gpus 8 --seq_len 769 --json
     python -m model_hub.estimate_memory path/to/config.json ptuning_v2 --prefix_length 512
 
@@ -10,8 +11,12 @@ config vendored in model_hub/tokenizer_files/) or a config.json / model folder. 
 
 Assumptions (all bytes, per GPU):
 - parameters are counted exactly from the config (ChatGLM-6B: 6,173,286,400; GLM-4-9B: 9,399,951,360).
-- frozen base weights: N × dtype bytes; --load_in_8bit: the linear weights of the transformer layers take 1 byte
-  (bitsandbytes LLM.int8), embeddings, output layer, norms and biases stay 16-bit.
+- frozen base weights: N × dtype bytes. --quantization_bit 8 (= --load_in_8bit): the linear weights of the
+  decoder layers in bitsandbytes LLM.int8, 1 byte each + one fp32 scale per output row. --quantization_bit 4
+  (QLoRA: nf4, blocks of 64, double quantization), per linear weight of n = in × out elements: n/2 bytes of
+  packed 4-bit codes + one 8-bit absmax per block + one fp32 scale per 256 blocks + the fp32 offset + the two
+  code tables bitsandbytes keeps with each layer (16 + 256 fp32). Embeddings, output layer, norms and biases
+  stay in --dtype in both cases (the recipes keep them so; peft's upcast to fp32 is not used).
 - LoRA / prefix parameters are fp32 (peft keeps adapters in fp32): 4 weight + 4 gradient + 8 AdamW = 16 B each.
 - full fine-tuning (sft): weight and gradient in --dtype; AdamW states as --optimizer_states: "fp32" = fp32 master
   copy + two fp32 moments (12 B, mixed precision and every DeepSpeed ZeRO optimizer), "model" = two moments in
@@ -43,6 +48,8 @@ from tuning.errors import UserError, parse_bool, run_main
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 METHODS = ("lora", "ptuning_v2", "sft")
 MIB = 2**20
+NF4_BLOCK, ABSMAX_BLOCK = 64, 256        # bitsandbytes: 64 weights per absmax, 256 absmax per fp32 scale
+NF4_CODE, DYNAMIC_CODE = 16 * 4, 256 * 4  # the nf4 and the 8-bit absmax code tables, fp32, per layer
 
 
 @dataclass
@@ -146,6 +153,22 @@ def count_parameters(arch: Arch) -> dict:
     return {"total": linear + other, "layer_linear": linear, "other": other}
 
 
+def quantized_bytes(n_in: int, n_out: int, bits: int) -> int:
+    """Bytes of one bitsandbytes-quantized linear weight (no bias): nf4 with double quantization, or LLM.int8."""
+    n = n_in * n_out
+    if bits == 8:
+        return n + 4 * n_out  # int8 weights + the fp32 scale of each output row
+    blocks = -(-n // NF4_BLOCK)
+    return -(-n // 2) + blocks + 4 * -(-blocks // ABSMAX_BLOCK) + 4 + NF4_CODE + DYNAMIC_CODE
+
+
+def layer_linear_bytes(arch: Arch, bits: int | None, dtype_bytes: int = 2) -> int:
+    """Bytes of every decoder-layer linear weight, quantized (4/8) or at dtype_bytes."""
+    per_layer = sum(n * (quantized_bytes(i, o, bits) if bits else i * o * dtype_bytes)
+                    for i, o, n in linear_shapes(arch).values())
+    return per_layer * arch.layers
+
+
 def lora_parameters(arch: Arch, rank: int, targets: list[str]) -> int:
     shapes = linear_shapes(arch)
     unknown = [t for t in targets if t not in shapes]
@@ -172,13 +195,20 @@ def activation_bytes(arch: Arch, *, batch: int, seq: int, prefix: int, act_bytes
 
 def estimate(arch: Arch, method: str, *, dtype: str = "bf16", batch_size: int = 1, seq_len: int = 512,
              gradient_checkpointing: bool = False, zero_stage: int = 0, num_gpus: int = 1, load_in_8bit: bool = False,
-             lora_rank: int = 8, lora_targets: list[str] | None = None, prefix_length: int = 128,
+             quantization_bit: int | None = None, lora_rank: int = 8, lora_targets: list[str] | None = None, prefix_length: int = 128,
              optimizer_states: str = "fp32", attention: str | None = None, overhead_mib: float = 600) -> dict:
     """Bytes per GPU of each part; see the module docstring for the formulas."""
     if method not in METHODS:
         raise UserError(f"expected one of {', '.join(METHODS)}, got {method!r}", field="METHOD")
-    if load_in_8bit and method == "sft":
-        raise UserError("8-bit weights cannot be fully fine-tuned; use lora or ptuning_v2", field="load_in_8bit")
+    if load_in_8bit and quantization_bit not in (None, 8):
+        raise UserError(f"--load_in_8bit and --quantization_bit {quantization_bit} contradict each other",
+                        field="quantization_bit")
+    bits = 8 if load_in_8bit else quantization_bit
+    if bits not in (None, 4, 8):
+        raise UserError(f"expected 4 or 8, got {bits}", field="quantization_bit")
+    if bits and method == "sft":
+        raise UserError(f"{bits}-bit weights cannot be fully fine-tuned; use lora or ptuning_v2",
+                        field="load_in_8bit" if load_in_8bit else "quantization_bit")
     if zero_stage and method != "sft":
         raise UserError("ZeRO partitioning is modelled for sft only (adapters are tiny)", field="zero_stage")
     if num_gpus < 1 or batch_size < 1 or seq_len < 1 or not 0 <= zero_stage <= 3:
@@ -194,8 +224,8 @@ def estimate(arch: Arch, method: str, *, dtype: str = "bf16", batch_size: int = 
     else:
         trainable = params["total"]
 
-    if load_in_8bit:
-        weights = params["layer_linear"] * 1 + params["other"] * 2
+    if bits:
+        weights = layer_linear_bytes(arch, bits) + params["other"] * wbytes
     else:
         weights = params["total"] * wbytes
     if method == "sft":
@@ -253,6 +283,8 @@ def main(argv=None):
     parser.add_argument("--zero_stage", type=int, default=0, choices=[0, 1, 2, 3])
     parser.add_argument("--num_gpus", type=int, default=1, help="GPUs that ZeRO partitions over")
     parser.add_argument("--load_in_8bit", action="store_true", help="bitsandbytes int8 base (lora/ptuning_v2)")
+    parser.add_argument("--quantization_bit", type=int, choices=[4, 8], default=None,
+                        help="QLoRA base: 4 = nf4 + double quantization, 8 = LLM.int8 (lora/ptuning_v2)")
     parser.add_argument("--lora_rank", type=int, default=8)
     parser.add_argument("--lora_targets", default=None, help="comma-separated module names (default: the recipe's)")
     parser.add_argument("--prefix_length", type=int, default=128, help="P-tuning v2 virtual tokens")
@@ -266,14 +298,16 @@ def main(argv=None):
     arch, path = load_arch(args.model)
     settings = {"model": args.model, "method": args.method, "dtype": args.dtype, "batch_size": args.batch_size,
                 "seq_len": args.seq_len, "gradient_checkpointing": args.gradient_checkpointing,
-                "zero_stage": args.zero_stage, "num_gpus": args.num_gpus, "load_in_8bit": args.load_in_8bit}
+                "zero_stage": args.zero_stage, "num_gpus": args.num_gpus,
+                "quantization_bit": 8 if args.load_in_8bit else args.quantization_bit}
     if args.method == "lora":
         settings.update(lora_rank=args.lora_rank, lora_targets=args.lora_targets or ",".join(default_lora_targets(arch)))
     if args.method == "ptuning_v2":
         settings["prefix_length"] = args.prefix_length
     result = estimate(arch, args.method, dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
                       gradient_checkpointing=args.gradient_checkpointing, zero_stage=args.zero_stage,
-                      num_gpus=args.num_gpus, load_in_8bit=args.load_in_8bit, lora_rank=args.lora_rank,
+                      num_gpus=args.num_gpus, load_in_8bit=args.load_in_8bit,
+                      quantization_bit=args.quantization_bit, lora_rank=args.lora_rank,
                       lora_targets=args.lora_targets.split(",") if args.lora_targets else None,
                       prefix_length=args.prefix_length, optimizer_states=args.optimizer_states,
                       attention=args.attention, overhead_mib=args.overhead_mib)

@@ -5,6 +5,8 @@
   on a GPU "auto" means bf16 where supported, else fp16.
 - `trust_remote_code` stays off unless the user passed --trust_remote_code (tuning.consent): our own classes
   cover ChatGLM-6B, GLM-4 and LLaMA; a folder that needs its own code is refused in one line, never prompted for.
+- `quantization_bit` 4 or 8 (QLoRA): the linear layers of the decoder load through bitsandbytes (4: nf4 with
+  double quantization, bf16 compute; 8: LLM.int8), on the CPU as on a GPU; everything else stays in `dtype`.
 """
 import contextlib
 import os
@@ -150,8 +152,10 @@ def adapter_inside_ignored(path: str):
 
 
 def load_model_and_tokenizer(name_or_path: str, *, dtype=None, device: str | None = None,
-                             trust_remote_code: bool | None = None, load_in_8bit: bool = False, **model_kwargs):
-    """Load (model, tokenizer) for training or inference; the model is on `device` in the chosen dtype.
+                             trust_remote_code: bool | None = None, load_in_8bit: bool = False,
+                             quantization_bit: int | None = None, **model_kwargs):
+    """Load (model, tokenizer) for training or inference; the model is on `device` in the chosen dtype (its decoder
+    linear layers in 4 or 8 bits with `quantization_bit`; `load_in_8bit` = `quantization_bit=8`).
     `trust_remote_code` None: as the user's --trust_remote_code flag (off by default)."""
     from transformers import AutoModelForCausalLM
 
@@ -160,26 +164,42 @@ def load_model_and_tokenizer(name_or_path: str, *, dtype=None, device: str | Non
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    if load_in_8bit:
-        model_kwargs["quantization_config"] = _bnb_8bit_config(dev)
-        model_kwargs.setdefault("device_map", "auto")
+    bits = quantization_bits(quantization_bit, load_in_8bit)
+    if bits:
+        model_kwargs["quantization_config"] = bitsandbytes_config(bits, dev)
+        model_kwargs.setdefault("device_map", "auto" if dev.type == "cuda" else {"": dev})
     with refuse_pickled_code(path), remote_code_refused(path), adapter_inside_ignored(path):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
                                                      **model_kwargs)
-    if not load_in_8bit:
-        model = model.to(dev)
+    if not bits:
+        model = model.to(dev)  # (bitsandbytes placed a quantized model through device_map)
     return model, tokenizer
 
 
-def _bnb_8bit_config(device: torch.device):
-    if device.type != "cuda":
-        raise UserError("8-bit loading needs a CUDA GPU and bitsandbytes; on CPU load in bf16 or fp32",
-                        field="load_in_8bit")
+def quantization_bits(quantization_bit, load_in_8bit: bool = False) -> int | None:
+    """4, 8 or None (full precision) from a recipe's `quantization_bit` (None/0 = off) and `load_in_8bit`."""
+    bits = quantization_bit or None
+    if bits not in (None, 4, 8) or isinstance(bits, bool):
+        raise UserError(f"expected 4, 8 or nothing (full precision), got {quantization_bit!r}",
+                        field="quantization_bit")
+    if load_in_8bit and bits == 4:
+        raise UserError("load_in_8bit and quantization_bit 4 contradict each other; give one of them",
+                        field="quantization_bit")
+    return 8 if load_in_8bit else bits
+
+
+def bitsandbytes_config(bits: int, device: torch.device):
+    """QLoRA's base: nf4 with double quantization and bf16 compute (fp32 on a GPU without bf16), or LLM.int8.
+    bitsandbytes 0.50 runs both on the CPU too (slowly: no int8/nf4 kernels there; tested, not fast)."""
     try:
         import bitsandbytes  # noqa: F401
-    except Exception:
-        raise UserError("8-bit loading needs bitsandbytes: pip install -r requirements/gpu-extras.txt",
-                        field="load_in_8bit") from None
+    except Exception as exc:  # a broken CUDA setup raises more than ImportError
+        raise UserError(f"{bits}-bit loading needs bitsandbytes ({type(exc).__name__}: {exc}); "
+                        "pip install -r requirements/base.txt", field="quantization_bit") from None
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_8bit=True)
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32)

@@ -74,8 +74,50 @@ def test_weights_gradients_optimizer_arithmetic():
     lora = em.estimate(arch, "lora", dtype="fp16", load_in_8bit=True)["parts"]
     t = 3_670_016
     other = n - 28 * (4 * 4096**2 + 2 * 4096 * 16384)
-    assert lora["weights"] == (n - other) + 2 * other + 4 * t
+    row_scales = 28 * 4 * (3 * 4096 + 4096 + 16384 + 4096)  # one fp32 per output row of each int8 layer
+    assert lora["weights"] == (n - other) + row_scales + 2 * other + 4 * t
     assert (lora["gradients"], lora["optimizer_states"]) == (4 * t, 8 * t)
+
+
+def test_4bit_weights_of_llama_7b_by_hand():
+    """QLoRA's base, counted by hand for the real LLaMA-7B config (32 layers, h 4096, f 11008, vocab 32000)."""
+    arch, _ = em.load_arch("llama-7b")
+
+    def nf4(n):  # packed codes + uint8 absmax per 64 + fp32 scale per 256 absmax + offset + code tables (16, 256)
+        blocks = n // 64
+        return n // 2 + blocks + 4 * -(-blocks // 256) + 4 + 4 * 16 + 4 * 256
+
+    attention, mlp = 4096 * 4096, 4096 * 11008
+    assert nf4(attention) == 8_388_608 + 262_144 + 4_096 + 1_092
+    assert nf4(mlp) == 22_544_384 + 704_512 + 11_008 + 1_092
+    quantized = 32 * (4 * nf4(attention) + 3 * nf4(mlp))
+    other = 2 * 32000 * 4096 + (2 * 32 + 1) * 4096  # embeddings + lm_head, norms: bf16
+    lora = em.estimate(arch, "lora", dtype="bf16", quantization_bit=4)
+    trainable = 32 * 8 * (4 * 2 * 4096 + 3 * (4096 + 11008))
+    assert lora["trainable"] == trainable
+    assert lora["parts"]["weights"] == quantized + 2 * other + 4 * trainable
+    assert quantized == 32 * (4 * 8_655_940 + 3 * 23_260_996) == 3_341_015_936 and quantized / (2 * 32 * (4 * attention + 3 * mlp)) < 0.3
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_bytes_equal_a_real_bitsandbytes_layer(bits):
+    """The per-layer formula against the tensors bitsandbytes really keeps (CPU), for an odd-sized layer."""
+    import bitsandbytes as bnb
+
+    n_in, n_out = 320, 200  # 64,000 weights: 1,000 blocks → 4 fp32 scales
+    weight = torch.randn(n_out, n_in, dtype=torch.bfloat16)
+    if bits == 4:
+        layer = bnb.nn.Linear4bit(n_in, n_out, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4")
+        layer = layer.to("cpu")
+        state = layer.weight.quant_state
+        tensors = [layer.weight.data, state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code]
+    else:
+        layer = bnb.nn.Linear8bitLt(n_in, n_out, bias=False, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        layer = layer.to("cpu")
+        tensors = [layer.weight.data, layer.weight.SCB]
+    assert sum(t.numel() * t.element_size() for t in tensors) == em.quantized_bytes(n_in, n_out, bits)
 
 
 def test_activation_model_behaves():
@@ -109,6 +151,8 @@ def test_cli_json_output(capsys):
     (["chatglm-6b", "dpo"], "invalid choice: 'dpo'"),
     (["chatglm-6b", "lora", "--lora_targets", "q_proj"], "lora_targets: unknown module(s) q_proj"),
     (["chatglm-6b", "sft", "--load_in_8bit"], "cannot be fully fine-tuned"),
+    (["glm-4-9b-chat", "sft", "--quantization_bit", "4"], "quantization_bit: 4-bit weights cannot be fully fine-tuned"),
+    (["llama-7b", "lora", "--load_in_8bit", "--quantization_bit", "4"], "contradict each other"),
     (["chatglm-6b", "lora", "--zero_stage", "3"], "modelled for sft only"),
     (["chatglm-6b", "lora", "--batch_size", "0"], "must be ≥ 1"),
 ])

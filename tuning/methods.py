@@ -24,3 +24,40 @@ def freeze_all_but(model, predicate) -> None:
     """Full fine-tuning of a subset (or `lambda name: True` for everything)."""
     for name, param in model.named_parameters():
         param.requires_grad_(bool(predicate(name)))
+
+
+def quantized_bits(model) -> int | None:
+    """4 or 8 when the base weights were loaded through bitsandbytes, None for a full-precision model."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if getattr(base, "is_loaded_in_4bit", False):
+        return 4
+    if getattr(base, "is_loaded_in_8bit", False):
+        return 8
+    return None
+
+
+def prepare_quantized_base(model):
+    """Before an adapter goes on a 4/8-bit base (QLoRA): freeze every base parameter. The unquantized parts
+    (embeddings, output layer, norms, biases) stay in the dtype they were loaded in: peft's
+    prepare_model_for_kbit_training would upcast them to fp32, which on a GPU costs more memory than the
+    quantization saves on the embeddings of a 130k–150k vocabulary. LoRA weights are fp32 either way (peft)."""
+    if quantized_bits(model) is None:
+        raise ValueError("prepare_quantized_base expects a model loaded with quantization_bit 4 or 8")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def quantization_conflict(bits: int | None, method: str, zero_stage: int = 0) -> str | None:
+    """Why a quantized base cannot train this way, or None. `method`: lora, ptuning or full. Full fine-tuning
+    would train the 4/8-bit weights (they have no gradients); ZeRO-3 partitions 16/32-bit weights, not
+    bitsandbytes' packed ones."""
+    if not bits:
+        return None
+    if method == "full":
+        return (f"full fine-tuning cannot train {bits}-bit base weights; use LoRA or P-tuning v2 on the quantized "
+                "base, or drop quantization_bit")
+    if zero_stage == 3:
+        return (f"{bits}-bit base weights (bitsandbytes) cannot be partitioned by ZeRO-3; use a ZeRO-1/2 DeepSpeed "
+                "config or drop quantization_bit")
+    return None
