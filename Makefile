@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup test test-fast data tiny-models bench clean-build help
+.PHONY: setup test test-fast data tiny-models bench serve clean-build help
 
 help:  ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/' | expand -t 18
@@ -38,6 +38,10 @@ test-fast: $(STAMP) data  ## everything but the slow end-to-end and distributed 
 
 bench: $(STAMP) data  ## every bench/bench_*.py side by side → bench/results/*.json + bench/REPORT.md (BENCH_ARGS=--quick for a dry run)
 	$(PY) bench/run_all.py $(BENCH_ARGS)
+
+SERVE_ARGS ?=
+serve: $(STAMP)  ## OpenAI-compatible API on 127.0.0.1:8000 for the model the last `make <recipe>` trained, else a tiny GLM-4 (SERVE_ARGS=--port 9000 …)
+	$(PY) -m serving.api $(SERVE_ARGS)
 
 clean-build:  ## remove generated tiny models, tokenizers and run outputs
 	rm -rf build runs output
