@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup test test-fast data tiny-models bench clean-build help export
+.PHONY: setup test test-fast data tiny-models bench serve clean-build help export
 
 help:  ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/' | expand -t 18
@@ -44,6 +44,10 @@ EXPORT_ARGS ?=
 export: $(STAMP)  ## merge an adapter (or re-shard a full model) into a standalone model: SRC=… OUT=… [EXPORT_ARGS="--dtype bf16 …"]
 	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make export SRC=adapter-or-model-folder OUT=new-folder [EXPORT_ARGS=...]" >&2; exit 2; }
 	$(PY) -m model_hub.export "$(SRC)" "$(OUT)" $(EXPORT_ARGS)
+
+SERVE_ARGS ?=
+serve: $(STAMP)  ## OpenAI-compatible API on 127.0.0.1:8000 for the model the last `make <recipe>` trained, else a tiny GLM-4 (SERVE_ARGS=--port 9000 …)
+	$(PY) -m serving.api $(SERVE_ARGS)
 
 clean-build:  ## remove generated tiny models, tokenizers and run outputs
 	rm -rf build runs output

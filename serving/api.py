@@ -28,6 +28,7 @@ from .engine import Delta, Engine, EngineBusy, EngineClosed, Finished
 from .protocol import ApiError, chunk, completion, parse_chat_request, usage
 
 API_KEY_ENV = "SERVING_API_KEY"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 log = logging.getLogger("serving")
 
 
@@ -188,7 +189,8 @@ async def _stream(events, handle, shaper, chat, request_id, name):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model folder (base, SFT or exported) or tiny:NAME; with "
-                                                      "--adapter, overrides the base in adapter_config.json")
+                        "--adapter, overrides the base in adapter_config.json. Neither: the newest output of a "
+                        "`make <recipe>` run, else tiny:glm-4-9b-chat (what `make serve` does)")
     parser.add_argument("--adapter", default=None, help="LoRA or P-tuning v2 adapter folder a recipe trained")
     parser.add_argument("--prompt_format", default=None, help="override the recorded prompt format "
                         "(chatglm_tuning, llama_ner, alpaca, glm4_chat, chatglm6b_chat)")
@@ -219,6 +221,11 @@ def main(argv=None):
 
     from .loading import load_for_serving
 
+    if args.model is None and args.adapter is None:
+        from .last_trained import last_trained
+
+        args.model, args.adapter = last_trained(REPO)
+        print(f"serving the last trained model: {args.adapter or args.model}", flush=True)
     loaded = load_for_serving(args.model, args.adapter, dtype=args.dtype, device=args.device,
                               prompt_format=args.prompt_format, served_name=args.served_model_name)
     engine = Engine(loaded, max_batch=args.max_batch, max_queue=args.max_queue)

@@ -53,6 +53,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    token_ids: list[int] = field(default_factory=list)   # generated ids (the stop id included, as generate)
 
 
 @dataclass
@@ -236,7 +237,7 @@ class Engine:
         if rest:
             request.on_event(Delta(rest, request.stream.raw))
         request.on_event(Finished(reason, request.stream.text, request.stream.raw, len(request.prompt_ids),
-                                  len(request.output_ids), error))
+                                  len(request.output_ids), error, list(request.output_ids)))
 
     def _drop_finished(self) -> None:
         for request in self._active:

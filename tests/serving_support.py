@@ -96,16 +96,28 @@ WEATHER_TOOLS = [{"type": "function", "function": {
                    "required": ["city"]}}}]
 WEATHER_QUESTION = "上海今天天气怎么样？"
 WEATHER_CALL = {"name": "get_weather", "arguments": {"city": "上海"}}
-TOOL_MODEL_VERSION = "3"
+TOOL_MODEL_VERSION = "4"
 
 
 def glm4_tool_call_model(build_dir: str) -> str:
     """A tiny GLM-4 fully fine-tuned (glm4_finetune/finetune.py, SFT) on one tool-call conversation until it
-    emits the call; cached in build_dir/serving/glm4-tool-call (rebuilt when TOOL_MODEL_VERSION changes)."""
+    emits the call; cached in build_dir/serving/glm4-tool-call (rebuilt when TOOL_MODEL_VERSION changes).
+
+    combine: False, because with combine: True the recipe (as the original) never trains the first token after
+    <|assistant|> — for a tool call, the first piece of the function's name."""
+    import fcntl
+
     out = os.path.join(build_dir, "serving", "glm4-tool-call")
-    stamp = os.path.join(out, "tool_model_version")
-    if os.path.isfile(stamp) and open(stamp).read() == TOOL_MODEL_VERSION:
-        return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test workers: one builds, the others wait and reuse it
+        stamp = os.path.join(out, "tool_model_version")
+        if not (os.path.isfile(stamp) and open(stamp).read() == TOOL_MODEL_VERSION):
+            _train_tool_call_model(out)
+    return out
+
+
+def _train_tool_call_model(out: str) -> None:
     import yaml
 
     from glm4_finetune.finetune import finetune
@@ -122,9 +134,9 @@ def glm4_tool_call_model(build_dir: str) -> str:
         f.write(json.dumps(conversation, ensure_ascii=False) + "\n")
     config = {
         "data_config": {"train_file": "train.jsonl", "num_proc": 1},
-        "combine": True, "freezeV": True, "max_input_length": 512, "max_output_length": 32,
+        "combine": False, "freezeV": True, "max_input_length": 512, "max_output_length": 32,
         "training_args": {
-            "output_dir": os.path.join(work, "model"), "max_steps": 12, "learning_rate": 5e-3, "bf16": True,
+            "output_dir": os.path.join(work, "model"), "max_steps": 8, "learning_rate": 5e-3, "bf16": True,
             "per_device_train_batch_size": 1, "dataloader_num_workers": 0, "remove_unused_columns": False,
             "save_strategy": "no", "logging_steps": 5, "use_cpu": True, "report_to": "none", "seed": 42,
             "log_level": "warning", "disable_tqdm": True, "generation_config": {"max_new_tokens": 32}},
@@ -138,4 +150,3 @@ def glm4_tool_call_model(build_dir: str) -> str:
     shutil.rmtree(out, ignore_errors=True)
     os.replace(os.path.join(work, "model"), out)
     shutil.rmtree(work, ignore_errors=True)
-    return out
