@@ -26,8 +26,8 @@ from .web_chat import Settings, display, error_message, last_tool_call_id, retry
 AUTH_ENV = "WEB_DEMO_AUTH"
 FALLBACK_MODEL = "tiny:glm-4-9b-chat"
 # Where the recipes' tiny CPU runs (make chatglm-alpaca / llama-ner / glm4-*) leave what they trained.
-RECIPE_OUTPUTS = ("build/chatglm-alpaca/output", "build/llama-ner/train_trainer/adapter_model",
-                  "build/llama-ner/train_deepspeed/adapter_model", "output/glm4-*", "output")
+RECIPE_OUTPUTS = ("build/chatglm-alpaca/output", "build/llama-ner/train_trainer/adapter_model", "output/glm4-*",
+                  "output")
 CSS = "#chat .message-wrap { font-size: 15px }"
 
 
