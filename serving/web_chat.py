@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from tuning.errors import UserError
 
 from .chat import AnswerShaper
-from .engine import Delta, EngineBusy, EngineClosed, Finished
+from .engine import Delta, EngineBusy, EngineClosed
 from .sampling import SamplingParams
 
 TOOL_CALL_TITLE = "🛠️ 调用工具 / Tool call: {name}"

@@ -21,6 +21,7 @@ import gradio as gr
 
 from tuning.errors import UserError, run_main
 
+from .model_args import add_model_arguments
 from .web_chat import Settings, display, error_message, last_tool_call_id, retry_point, stream_reply
 
 AUTH_ENV = "WEB_DEMO_AUTH"
@@ -50,8 +51,8 @@ def last_trained(root: str = ".") -> tuple[str | None, str | None]:
 class WebDemo:
     """The page's event handlers around one engine (shared by every browser tab: the engine batches them)."""
 
-    def __init__(self, engine, defaults: Settings = Settings()):
-        self.engine, self.defaults = engine, defaults
+    def __init__(self, engine, defaults: Settings | None = None):
+        self.engine, self.defaults = engine, defaults or Settings()
         self.is_glm4 = engine.loaded.prompt_format == "glm4_chat"
         self._running: dict[str, object] = {}          # browser session → its engine request (for stop)
         self._lock = threading.Lock()
@@ -144,7 +145,7 @@ class WebDemo:
             regenerate.click(self.regenerate, [history, *settings], [history, chatbot])
             stop.click(self.stop, None, None, queue=False)
             clear.click(lambda: ([], []), None, [history, chatbot], queue=False)
-            chatbot.clear(lambda: [], None, history, queue=False)  # the chat's own trash icon
+            chatbot.clear(list, None, history, queue=False)  # the chat's own trash icon
         # Every tab at once: the engine decodes their replies in one batch.
         page.queue(default_concurrency_limit=self.engine.max_batch)
         return page
@@ -175,20 +176,14 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model folder (base, SFT or exported) or tiny:NAME; with "
-                                                      "--adapter, overrides the base in adapter_config.json")
-    parser.add_argument("--adapter", default=None, help="LoRA or P-tuning v2 adapter folder a recipe trained")
+    add_model_arguments(parser)
     parser.add_argument("--last_trained", action="store_true",
                         help=f"serve the newest output of `make <recipe>` ({', '.join(RECIPE_OUTPUTS)}), "
                              f"else {FALLBACK_MODEL}")
-    parser.add_argument("--prompt_format", default=None, help="override the recorded prompt format "
-                        "(chatglm_tuning, llama_ner, alpaca, glm4_chat, chatglm6b_chat)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes the page: set --auth)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--auth", default=None, help=f"require this user:password to open the page "
                                                      f"(default: ${AUTH_ENV})")
-    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16/fp16 on GPU), fp32, bf16, fp16")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--max_batch", type=int, default=8, help="replies decoded together")
     parser.add_argument("--max_tokens", type=int, default=512, help="the max new tokens slider's start value")
     parser.add_argument("--temperature", type=float, default=0.6, help="the temperature slider's start value")

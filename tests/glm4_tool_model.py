@@ -20,8 +20,10 @@ WEATHER_ARGUMENTS = {"city": "北京"}
 def build_tool_call_model(folder: str = os.path.join(REPO, "build", "tests", "glm4-tool-call")) -> str:
     """The SFT output folder (config.json, weights, tokenizer, prompt_format.json)."""
     stamp = os.path.join(folder, "tool_model_version")
-    if os.path.isfile(stamp) and open(stamp, encoding="utf-8").read() == VERSION:
-        return folder
+    if os.path.isfile(stamp):
+        with open(stamp, encoding="utf-8") as f:
+            if f.read() == VERSION:
+                return folder
     from glm4_finetune.finetune import finetune
 
     work = folder + ".building"

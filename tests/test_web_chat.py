@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from serving.web_chat import (TOOL_CALL_TITLE, display, escape, last_tool_call_id, parse_tools, retry_point)
+from serving.web_chat import TOOL_CALL_TITLE, display, escape, last_tool_call_id, parse_tools, retry_point
 from tuning.errors import UserError
 
 

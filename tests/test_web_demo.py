@@ -13,7 +13,6 @@ import tempfile
 import time
 
 import pytest
-
 from glm4_tool_model import WEATHER_ARGUMENTS, WEATHER_QUESTION, WEATHER_TOOLS, build_tool_call_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
