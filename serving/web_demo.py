@@ -113,7 +113,7 @@ class WebDemo:
             chatbot = gr.Chatbot(elem_id="chat", height=460, latex_delimiters=[], feedback_options=None,
                                  label="对话 / Chat", buttons=["copy", "copy_all"])
             with gr.Row():
-                message = gr.Textbox(elem_id="message", show_label=False, scale=6, lines=2,
+                message = gr.Textbox(elem_id="message", show_label=False, scale=6, lines=1, max_lines=8,
                                      placeholder="输入消息，回车发送 / Type a message, Enter sends")
                 send = gr.Button("发送 / Send", variant="primary", elem_id="send", scale=1)
             with gr.Row():

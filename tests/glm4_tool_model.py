@@ -43,6 +43,7 @@ def build_tool_call_model(folder: str = os.path.join(REPO, "build", "tests", "gl
     config["max_output_length"] = 32
     config["training_args"].update({
         "output_dir": os.path.join(work, "model"), "max_steps": 30, "learning_rate": 1e-2,
+        "lr_scheduler_type": "constant",
         "per_device_train_batch_size": 1, "save_strategy": "no", "eval_strategy": "no", "bf16": False,
         "predict_with_generate": False, "log_level": "warning", "disable_tqdm": True})
     config_file = os.path.join(work, "sft.yaml")
