@@ -263,3 +263,32 @@ def test_cli_refuses_a_malformed_auth_in_one_line(capsys):
         run_main(lambda: main(argv), argv)
     assert exit_code.value.code == 2
     assert capsys.readouterr().err.strip() == "error: auth: expected user:password"
+
+
+def test_auth_keeps_the_page_closed_until_login(tiny_demo):
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from serving.web_demo import WebDemo, launch
+
+    port = free_port()
+    page = launch(WebDemo(tiny_demo.engine).build(), port=port, auth=("demo", "s3cret"), block=False)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{base}/config", timeout=10)
+        assert refused.value.code == 401
+
+        def login(password):
+            form = urllib.parse.urlencode({"username": "demo", "password": password}).encode()
+            return urllib.request.urlopen(urllib.request.Request(f"{base}/login", data=form), timeout=10)
+        with pytest.raises(urllib.error.HTTPError):
+            login("wrong")
+        answer = login("s3cret")
+        cookies = "; ".join(c.split(";", 1)[0] for c in answer.headers.get_all("Set-Cookie"))
+        config = urllib.request.urlopen(urllib.request.Request(f"{base}/config", headers={"Cookie": cookies}),
+                                        timeout=10)
+        assert config.status == 200
+    finally:
+        page.close()
