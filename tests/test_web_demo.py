@@ -248,6 +248,7 @@ def test_glm4_tool_call_is_its_own_message_and_the_result_goes_back_as_observati
         assert demo.engine.loaded.tokenizer.convert_tokens_to_ids("<|observation|>") in request.prompt_ids
         wait_for(lambda: any(result.replace(" ", "") in t.replace(" ", "") for t in demo.messages("user")), 10,
                  "the tool result in the chat")
+        time.sleep(1)  # let the page draw the last reply before the picture
         os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
         demo.driver.save_screenshot(SCREENSHOT)
     finally:
