@@ -57,7 +57,7 @@ class WebDemo:
         self._running: dict[str, object] = {}          # browser session → its engine request (for stop)
         self._lock = threading.Lock()
 
-    def _reply(self, history, settings, session):
+    def _reply(self, history, settings: Settings, session: str):
         def remember(request):
             with self._lock:
                 self._running[session] = request
@@ -67,33 +67,34 @@ class WebDemo:
             with self._lock:
                 self._running.pop(session, None)
 
-    def send(self, text, history, max_tokens, temperature, top_p, system, tools,
-             request: gr.Request):
+    def send(self, text, history, max_tokens, temperature, top_p, system, tools, request: gr.Request):
         if not text.strip():
             yield "", history, display(history)
             return
         history = history + [{"role": "user", "content": text}]
-        for history_now, shown in self._reply(history, Settings(max_tokens, temperature, top_p, system, tools), request.session_hash):
+        settings = Settings(max_tokens, temperature, top_p, system, tools)
+        for history_now, shown in self._reply(history, settings, request.session_hash):
             yield "", history_now, shown
 
     def send_tool_result(self, text, history, max_tokens, temperature, top_p, system, tools,
-             request: gr.Request):
+                         request: gr.Request):
         try:
             call_id = last_tool_call_id(history)
         except UserError as exc:
             yield text, history, display(history) + [error_message(str(exc))]
             return
         history = history + [{"role": "tool", "content": text, "tool_call_id": call_id}]
-        for history_now, shown in self._reply(history, Settings(max_tokens, temperature, top_p, system, tools), request.session_hash):
+        settings = Settings(max_tokens, temperature, top_p, system, tools)
+        for history_now, shown in self._reply(history, settings, request.session_hash):
             yield "", history_now, shown
 
-    def regenerate(self, history, max_tokens, temperature, top_p, system, tools,
-             request: gr.Request):
+    def regenerate(self, history, max_tokens, temperature, top_p, system, tools, request: gr.Request):
         history = retry_point(history)
         if not history:
             yield history, display(history)
             return
-        yield from self._reply(history, Settings(max_tokens, temperature, top_p, system, tools), request.session_hash)
+        yield from self._reply(history, Settings(max_tokens, temperature, top_p, system, tools),
+                               request.session_hash)
 
     def stop(self, request: gr.Request):
         with self._lock:
