@@ -5,12 +5,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 REQS := requirements/base.txt requirements/chatglm_lora.txt requirements/llama_ner.txt \
-        requirements/glm4_finetune.txt requirements/serving.txt requirements/dev.txt
+        requirements/glm4_finetune.txt requirements/serving.txt requirements/web_demo.txt \
+        requirements/dev.txt
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+WEB_DEMO_ARGS ?=
 
-.PHONY: setup test test-fast data tiny-models bench serve clean-build help export
+.PHONY: setup test test-fast data tiny-models bench serve web-demo clean-build help export
 
 help:  ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/' | expand -t 18
@@ -48,6 +50,9 @@ export: $(STAMP)  ## merge an adapter (or re-shard a full model) into a standalo
 SERVE_ARGS ?=
 serve: $(STAMP)  ## OpenAI-compatible API on 127.0.0.1:8000 for the model the last `make <recipe>` trained, else a tiny GLM-4 (SERVE_ARGS=--port 9000 …)
 	$(PY) -m serving.api $(SERVE_ARGS)
+
+web-demo: $(STAMP)  ## chat in the browser (http://127.0.0.1:7860) with what the last `make <recipe>` trained, else a tiny GLM-4 (WEB_DEMO_ARGS=--port 7861 …)
+	$(PY) -m serving.web_demo --last_trained $(WEB_DEMO_ARGS)
 
 clean-build:  ## remove generated tiny models, tokenizers and run outputs
 	rm -rf build runs output

@@ -25,6 +25,7 @@ from tuning.errors import UserError, run_main
 
 from .chat import AnswerShaper
 from .engine import Delta, Engine, EngineBusy, EngineClosed, Finished
+from .model_args import add_model_arguments
 from .protocol import ApiError, chunk, completion, parse_chat_request, usage
 
 API_KEY_ENV = "SERVING_API_KEY"
@@ -188,19 +189,12 @@ async def _stream(events, handle, shaper, chat, request_id, name):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model folder (base, SFT or exported) or tiny:NAME; with "
-                        "--adapter, overrides the base in adapter_config.json. Neither: the newest output of a "
-                        "`make <recipe>` run, else tiny:glm-4-9b-chat (what `make serve` does)")
-    parser.add_argument("--adapter", default=None, help="LoRA or P-tuning v2 adapter folder a recipe trained")
-    parser.add_argument("--prompt_format", default=None, help="override the recorded prompt format "
-                        "(chatglm_tuning, llama_ner, alpaca, glm4_chat, chatglm6b_chat)")
+    add_model_arguments(parser)
     parser.add_argument("--served_model_name", default=None, help="the name clients pass as `model` "
                         "(default: the adapter folder's name, else --model)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes the server: set a key)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api_key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
-    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16/fp16 on GPU), fp32, bf16, fp16")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--max_batch", type=int, default=16, help="requests decoded together (1: one at a time)")
     parser.add_argument("--max_queue", type=int, default=64, help="requests waiting beyond the batch; more get 429")
     parser.add_argument("--max_tokens", type=int, default=256, help="default max_tokens of a request")
