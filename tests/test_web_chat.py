@@ -1,8 +1,6 @@
 """The web demo's conversation logic without a browser: what the page shows for a history, the tools box, what
-regenerate retries, and which model `make web-demo` serves."""
+regenerate retries."""
 import json
-import os
-import time
 
 import pytest
 
