@@ -17,9 +17,7 @@ import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import REPO, bench_name, parse_args, peer_llama_76m, write_result  # noqa: E402
+from bench.common import REPO, bench_name, parse_args, peer_llama_76m, write_result
 
 ALPACA = os.path.join(REPO, "data", "stanford_alpaca", "alpaca_data.json")
 CONCURRENCY = (1, 8, 16)

@@ -94,7 +94,7 @@ def single_process_env() -> None:
 
 
 def cap_dataloader_workers(kwargs: dict) -> dict:
-    """dataloader_num_workers beyond the cores this process may use (the original GLM-4 configs ask for 16) is
+    """dataloader_num_workers beyond the cores this process may use (some original configs ask for 16) is
     lowered to them, with one note instead of torch's warning at every epoch."""
     asked = kwargs.get("dataloader_num_workers") or 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
