@@ -57,6 +57,19 @@ def test_without_tools_the_same_text_is_plain_content(client):
     assert answer.finish_reason in ("stop", "length") and answer.message.tool_calls is None
 
 
+def test_tool_choice_naming_the_function_makes_the_call(client, server):
+    answer = ask(client, [{"role": "user", "content": WEATHER_QUESTION}], tools=WEATHER_TOOLS,
+                 tool_choice={"type": "function", "function": {"name": "get_weather"}}).choices[0]
+    assert answer.finish_reason == "tool_calls" and answer.message.tool_calls[0].function.name == "get_weather"
+    assert json.loads(answer.message.tool_calls[0].function.arguments) == WEATHER_CALL["arguments"]
+    for choice, message in (("required", '"required" is not supported'),
+                            ({"type": "function", "function": {"name": "nope"}}, "'nope', which is not in tools")):
+        status, _, body = server.request("POST", "/v1/chat/completions", {
+            "model": "glm4-tools", "messages": [{"role": "user", "content": "hi"}], "tools": WEATHER_TOOLS,
+            "tool_choice": choice})
+        assert status == 400 and message in body["error"]["message"], body
+
+
 def test_the_tool_result_is_fed_back_as_the_observation_turn(client, golden_dir, glm4_tokenizer):
     """Conversation 4 of the golden GLM-4 vectors (same tool, same question, same call) + the tool's result: the
     server's prompt has exactly the tokens of the golden rendering + GLM-4's call and observation turns."""
