@@ -19,6 +19,7 @@ import re
 
 from chatglm_lora.cover_alpaca2jsonl import format_example
 from model_hub.chatglm6b.text import VOCAB_FILE, ChatGLMTextEncoder
+from tuning.data_check import DataReport
 from tuning.datasets_folder import save_table, token_rows_table
 from tuning.errors import UserError, parse_bool, run_main
 from tuning.files import atomic_dir, read_jsonl, read_text, require_output_parent, require_str
@@ -145,22 +146,50 @@ def tokenize_rows_fast(encoder: ChatGLMTextEncoder, contexts, targets, max_seq_l
     return rows
 
 
+def fit_row(input_ids: list[int], seq_len: int, max_seq_length: int, skip_overlength: bool):
+    """(the row's ids cut to max_seq_length, or None when dropped; what happened: None, "truncated" or a drop)."""
+    if len(input_ids) <= max_seq_length:
+        return input_ids, None
+    if skip_overlength:
+        return None, "skipped_overlength"
+    if max_seq_length <= seq_len:  # the prompt fills the row: nothing left to learn
+        return None, "dropped_no_target"
+    return input_ids[:max_seq_length], "truncated"
+
+
 @cyclic_gc_paused()
 def fit_rows(tokenized, max_seq_length: int, skip_overlength: bool):
     """Keep, truncate or skip each row by length; returns (kept rows, counts)."""
     kept, counts = [], {"truncated": 0, "skipped_overlength": 0, "dropped_no_target": 0}
     for input_ids, seq_len in tokenized:
-        if len(input_ids) > max_seq_length:
-            if skip_overlength:
-                counts["skipped_overlength"] += 1
-                continue
-            input_ids = input_ids[:max_seq_length]
-            if len(input_ids) <= seq_len:  # the prompt filled the row: nothing left to learn
-                counts["dropped_no_target"] += 1
-                continue
-            counts["truncated"] += 1
-        kept.append({"input_ids": input_ids, "seq_len": seq_len})
+        input_ids, what = fit_row(input_ids, seq_len, max_seq_length, skip_overlength)
+        if what:
+            counts[what] += 1
+        if input_ids is not None:
+            kept.append({"input_ids": input_ids, "seq_len": seq_len})
     return kept, counts
+
+
+def check_rows(path: str, contexts, targets, empty: int, encoder, args) -> None:
+    """--check_only: the training step's counts and the full (uncut) token lengths, nothing written.
+
+    The rows are tokenized without a length limit; cutting them afterwards classifies every row exactly as
+    tokenizing at max_seq_length does (a row is over length, or its prompt fills the row, in both or neither).
+    """
+    report = DataReport(path, args.max_seq_length, "--max_seq_length")
+    report.rows_read = len(contexts) + empty
+    report.drop("empty target", empty)
+    reasons = {"skipped_overlength": "over --max_seq_length, --skip_overlength true",
+               "dropped_no_target": "prompt fills --max_seq_length, no target left"}
+    for input_ids, seq_len in tokenize_rows_fast(encoder, contexts, targets, 10 ** 9, args.num_proc):
+        kept, what = fit_row(input_ids, seq_len, args.max_seq_length, args.skip_overlength)
+        if kept is None:
+            report.drop(reasons[what])
+        else:
+            report.keep(len(input_ids), what == "truncated")
+    report.print()
+    if not report.kept:
+        raise UserError("no rows left to train on", path=path)
 
 
 def main():
@@ -185,6 +214,9 @@ def main():
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --save_path even when it is a non-empty folder that is not an earlier output "
                              "of this command (its files are deleted); an earlier output is replaced without it")
+    parser.add_argument("--check_only", type=parse_bool, default=False,
+                        help="true: validate and tokenize --jsonl_path as training would and print rows read, kept, "
+                             "dropped (by reason), truncated and the token-length distribution; write nothing")
     args = parser.parse_args()
 
     if args.version == "v2":
@@ -194,12 +226,16 @@ def main():
         raise UserError("must be at least 4 (prompt + [gMASK] <sop> + eos)", field="max_seq_length")
     if args.num_proc < 1:
         raise UserError(f"must be at least 1, got {args.num_proc}", field="num_proc")
-    require_output_parent(args.save_path, "folder")
-    check_output_folder(args.save_path, "datasets", inputs=[args.jsonl_path, args.chatglm_path],
-                        overwrite=args.overwrite)
+    if not args.check_only:
+        require_output_parent(args.save_path, "folder")
+        check_output_folder(args.save_path, "datasets", inputs=[args.jsonl_path, args.chatglm_path],
+                            overwrite=args.overwrite)
     rows = read_rows(args.jsonl_path)  # validate the whole file before loading anything heavy
     empty = [line for line, _, target in rows if not target.strip()]
     rows = [row for row in rows if row[2].strip()]
+    if args.check_only:
+        encoder = ChatGLMTextEncoder(tokenizer_folder(args.chatglm_path))
+        return check_rows(args.jsonl_path, [r[1] for r in rows], [r[2] for r in rows], len(empty), encoder, args)
     if not rows:  # (not a length problem: raising --max_seq_length would not help)
         raise UserError("every row's target is empty: nothing to train on", path=args.jsonl_path, field="target")
     contexts, targets = [r[1] for r in rows], [r[2] for r in rows]
