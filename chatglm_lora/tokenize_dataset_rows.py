@@ -1,7 +1,9 @@
 """ChatGLM-Tuning's tokenizer step: {"context","target"} jsonl → a `datasets` folder of (input_ids, seq_len) rows.
 
 Row layout (ChatGLM-6B, --version v1):  [prompt ids][gMASK][<sop>][target ids][<eop>],  seq_len = len(prompt + 2).
-Also reads the older {"text": "### Instruction:…### Response:…END"} lines of the repo's committed jsonl.
+Also reads alpaca records (JSON list or lines), multi-turn rows with a `history`, and the older
+{"text": "### Instruction:…### Response:…END"} lines (chatglm_lora/data_formats.py). `--check_only true` prints
+what training would get from the file (rows kept, dropped, truncated, token lengths) and writes nothing.
 By default all texts go through SentencePiece in one multi-threaded call and the rows are written with pyarrow
 (no torch, no `datasets` import); `--one_row_at_a_time true` is the original's row-by-row design. Both give the
 same rows and the same saved folder (tests/test_tokenize_fast.py).
@@ -12,62 +14,15 @@ same rows and the same saved folder (tests/test_tokenize_fast.py).
 import argparse
 import contextlib
 import gc
-import json
 import os
-import re
 
-
-from chatglm_lora.cover_alpaca2jsonl import format_example
+from chatglm_lora.data_formats import OLD_TEXT, read_rows  # noqa: F401  (OLD_TEXT: tests and benchmarks)
 from model_hub.chatglm6b.text import VOCAB_FILE, ChatGLMTextEncoder
 from tuning.data_check import DataReport
 from tuning.datasets_folder import save_table, token_rows_table
 from tuning.errors import UserError, parse_bool, run_main
-from tuning.files import atomic_dir, read_jsonl, read_text, require_output_parent, require_str
+from tuning.files import atomic_dir, require_output_parent
 from tuning.outputs import check_output_folder
-
-# The March-2023 format of ChatGLM-Tuning's committed data/alpaca_data.jsonl (Input block optional).
-OLD_TEXT = re.compile(r"\A### Instruction:\n(?P<instruction>.*?)(?:\n\n### Input:\n(?P<input>.*?))?"
-                      r"\n\n### Response:\n(?P<output>.*)\nEND\n?\Z", re.S)
-
-
-CONVERT_FIRST = ("convert the alpaca data first: python chatglm_lora/cover_alpaca2jsonl.py --data_path {path} "
-                 "--save_path data/alpaca_data.jsonl, then tokenize that")
-
-
-def refuse_alpaca_list(path: str) -> None:
-    """alpaca_data.json itself (one JSON list, not JSON lines) given as --jsonl_path: say which step comes first."""
-    with contextlib.suppress(OSError), open(path, "rb") as f:
-        if not f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
-            return
-        with contextlib.suppress(ValueError):
-            data = json.loads(read_text(path))
-            if isinstance(data, list) and data and isinstance(data[0], dict) and "instruction" in data[0]:
-                raise UserError(f"an alpaca JSON list ({len(data)} {{instruction, input, output}} records), not "
-                                f"{{context, target}} JSON lines; {CONVERT_FIRST.format(path=path)}", path=path)
-
-
-def read_rows(path: str) -> list[tuple[int, str, str]]:
-    """(line, context, target) for every line, in either the current or the old ChatGLM-Tuning format."""
-    refuse_alpaca_list(path)
-    rows = []
-    for line, record in read_jsonl(path):
-        if "context" in record or "target" in record:
-            context = require_str(record, "context", path, line)
-            target = require_str(record, "target", path, line, allow_empty=True)
-        elif "text" in record:
-            match = OLD_TEXT.match(require_str(record, "text", path, line))
-            if not match:
-                raise UserError('expected "### Instruction:\\n…\\n\\n### Response:\\n…\\nEND"', path=path,
-                                line=line, field="text")
-            example = format_example({k: v or "" for k, v in match.groupdict().items()})
-            context, target = example["context"], example["target"]
-        elif "instruction" in record:
-            raise UserError('an alpaca record ({instruction, input, output}), not the fields "context" and "target"; '
-                            + CONVERT_FIRST.format(path="ALPACA.json"), path=path, line=line)
-        else:
-            raise UserError('expected the fields "context" and "target" (or the old "text")', path=path, line=line)
-        rows.append((line, context, target))
-    return rows
 
 
 def tokenize_rows(tokenizer, eos_id: int, contexts, targets, max_seq_length: int):
