@@ -12,6 +12,7 @@ Accepted (one file, any mix of the record kinds in a JSON-lines file):
   single-turn row, as chat() builds it.
 """
 import json
+import random
 import re
 
 from chatglm_lora.cover_alpaca2jsonl import format_example
@@ -93,3 +94,14 @@ def read_rows(path: str) -> list[tuple[int, str, str]]:
             raise UserError(f"expected an object, got {type(record).__name__}", path=where)
         rows.append((i + 1, *record_row(record, where, None)))
     return rows
+
+
+def held_out(n_rows: int, fraction: float, seed: int) -> set[int]:
+    """Indices of the dev rows: round(fraction * n) of them (at least 1), drawn with a fixed seed. The tokenizer
+    step leaves them out of training with the same --eval_fraction and --seed, evaluate.py scores them."""
+    if not 0 < fraction < 1:
+        raise UserError(f"expected a fraction between 0 and 1, got {fraction}", field="eval_fraction")
+    count = max(1, round(fraction * n_rows))
+    if count >= n_rows:
+        raise UserError(f"{n_rows} rows: holding out {count} leaves nothing to train on", field="eval_fraction")
+    return set(random.Random(seed).sample(range(n_rows), count))

@@ -16,7 +16,7 @@ import contextlib
 import gc
 import os
 
-from chatglm_lora.data_formats import OLD_TEXT, read_rows  # noqa: F401  (OLD_TEXT: tests and benchmarks)
+from chatglm_lora.data_formats import OLD_TEXT, held_out, read_rows  # noqa: F401  (OLD_TEXT: tests and benchmarks)
 from model_hub.chatglm6b.text import VOCAB_FILE, ChatGLMTextEncoder
 from tuning.data_check import DataReport
 from tuning.datasets_folder import save_table, token_rows_table
@@ -172,6 +172,10 @@ def main():
     parser.add_argument("--check_only", type=parse_bool, default=False,
                         help="true: validate and tokenize --jsonl_path as training would and print rows read, kept, "
                              "dropped (by reason), truncated and the token-length distribution; write nothing")
+    parser.add_argument("--eval_fraction", type=float, default=0.0,
+                        help="> 0: leave this fraction of the rows out of training (drawn with --seed); "
+                             "evaluate.py --eval_fraction with the same values scores exactly those rows")
+    parser.add_argument("--seed", type=int, default=42, help="seed of --eval_fraction's draw (default: 42)")
     args = parser.parse_args()
 
     if args.version == "v2":
@@ -186,6 +190,10 @@ def main():
         check_output_folder(args.save_path, "datasets", inputs=[args.jsonl_path, args.chatglm_path],
                             overwrite=args.overwrite)
     rows = read_rows(args.jsonl_path)  # validate the whole file before loading anything heavy
+    if args.eval_fraction:
+        dev = held_out(len(rows), args.eval_fraction, args.seed)
+        rows = [row for i, row in enumerate(rows) if i not in dev]
+        print(f"held out {len(dev)} rows for evaluation (--eval_fraction {args.eval_fraction}, --seed {args.seed})")
     empty = [line for line, _, target in rows if not target.strip()]
     rows = [row for row in rows if row[2].strip()]
     if args.check_only:
