@@ -124,7 +124,7 @@ def main():
     args = parser.parse_args()
 
     if not os.path.isfile(os.path.join(args.lora_path, "adapter_config.json")):
-        check_adapter_args(args.chatglm_path, args.lora_path)
+        check_adapter_args(args.chatglm_path, args.lora_path)  # a wrong adapter folder is said before bad data
     examples = None if args.interactive else read_alpaca(alpaca_path(args.data_path))[:args.num]
     check_adapter_args(args.chatglm_path, args.lora_path)
     if args.batch_size < 1 or args.num < 1:
