@@ -37,6 +37,7 @@ def alpaca_file(tmp_path_factory):
     return str(path), records
 
 
+@pytest.mark.slow
 def test_held_out_rows_are_left_out_of_training_and_scored(tmp_path, adapter, alpaca_file, tiny_model,
                                                             glm4_tokenizer):
     from datasets import load_from_disk
@@ -73,7 +74,9 @@ def test_held_out_rows_are_left_out_of_training_and_scored(tmp_path, adapter, al
     # The glm4 recipe's own metric path (token ids → decoded texts → scores) on the same texts gives the same numbers.
     predictions = [p["prediction"] for p in result["predictions"]]
     references = [p["reference"] for p in result["predictions"]]
-    encode = lambda texts: [glm4_tokenizer.encode(t, add_special_tokens=False) for t in texts]  # noqa: E731
+    def encode(texts):
+        return [glm4_tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
     glm4_scores = generation_metrics(glm4_tokenizer, encode(predictions), encode([r.strip() for r in references]))
     assert glm4_scores == pytest.approx(result["scores"], abs=1e-9)
     assert result["scores"]["bleu-4"] > 0  # the tiny model says something; the match above is not 0 == 0 only
@@ -83,6 +86,7 @@ def test_held_out_rows_are_left_out_of_training_and_scored(tmp_path, adapter, al
     assert 0 < score_corpus(half_right, references)["rouge-1"] < 100
 
 
+@pytest.mark.slow
 def test_eval_file_with_multi_turn_rows_and_one_line_errors(tmp_path, adapter, tiny_model):
     from chatglm_lora.evaluate import main as evaluate_main
 
@@ -94,7 +98,8 @@ def test_eval_file_with_multi_turn_rows_and_one_line_errors(tmp_path, adapter, t
     code, out, err = run_in_process(evaluate_main, ["--chatglm_path", folder, "--lora_path", adapter,
                                                     "--eval_file", dev, "--max_length", 64])
     assert code == 0, err
-    result = json.loads(open(os.path.join(adapter, "eval_results.json"), encoding="utf-8").read())
+    with open(os.path.join(adapter, "eval_results.json"), encoding="utf-8") as f:
+        result = json.load(f)
     assert result["rows"] == 2
     assert result["predictions"][0]["prompt"] == "[Round 0]\n问：你好\n答：你好！\n[Round 1]\n问：1+1等于几\n答："
 

@@ -120,8 +120,8 @@ def test_glm4_check_data_counts_and_lengths(tmp_path, glm4_tokenizer):
     assert code == 0, err
     assert lengths[2] > 129 >= max(lengths[:2])
     assert out.splitlines() == [
-        f"{tmp_path}/train.jsonl: rows read 3, kept 3, dropped 0, truncated 1 "
-        "(at max_input_length + max_output_length + 1=129)",
+        (f"{tmp_path}/train.jsonl: rows read 3, kept 3, dropped 0, truncated 1 "
+         "(at max_input_length + max_output_length + 1=129)"),
         f"  tokens per kept row (before the cut): {figures(lengths)}",
         "  conversations per split: train 3, validation 2, test 2"]
 

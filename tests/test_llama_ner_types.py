@@ -6,7 +6,8 @@ import os
 import pytest
 from conftest import REPO, run_in_process
 
-from llama_ner.process import convert, main as process_main
+from llama_ner.process import convert
+from llama_ner.process import main as process_main
 
 ORIGINAL_PROMPT = ("你现在是一个实体识别模型，你需要提取文本里面的人名、地名、机构名，如果存在结果，返回'实体_实体类型'，"
                    "不同实体间用\n分隔。如果没有结果，回答'没有'。")

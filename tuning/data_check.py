@@ -45,9 +45,9 @@ class DataReport:
 
     def lines(self) -> list[str]:
         f = self.figures()
-        out = [f"{self.path}: rows read {f['rows_read']}, kept {f['kept']}, "
-               f"dropped {sum(self.dropped.values())}, truncated {f['truncated']} "
-               f"(at {self.length_flag}={self.max_length})"]
+        out = [(f"{self.path}: rows read {f['rows_read']}, kept {f['kept']}, "
+                f"dropped {sum(self.dropped.values())}, truncated {f['truncated']} "
+                f"(at {self.length_flag}={self.max_length})")]
         out += [f"  dropped ({reason}): {count}" for reason, count in f["dropped"].items()]
         out.append(f"  tokens per kept row (before the cut): p50 {f['tokens_p50']}, p95 {f['tokens_p95']}, "
                    f"max {f['tokens_max']}")
