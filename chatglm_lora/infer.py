@@ -54,6 +54,32 @@ def generate_answers(model, tokenizer, prompts: list[str], max_length: int = 150
             for ids in generate_ids(model, tokenizer, prompts, max_length, batch_size)]
 
 
+def check_adapter_args(chatglm_path: str, lora_path: str) -> None:
+    """One-line errors for an adapter folder that is not one and a default base folder that is not there."""
+    if not os.path.isfile(os.path.join(lora_path, "adapter_config.json")):
+        raise UserError("not a PEFT adapter folder (no adapter_config.json); give finetune.py's output_dir "
+                        "or one of its checkpoint-N folders", path=lora_path)
+    if chatglm_path == DEFAULT_BASE and not os.path.isdir(DEFAULT_BASE):
+        recorded = read_json(os.path.join(lora_path, "adapter_config.json")).get("base_model_name_or_path")
+        raise UserError("model folder not found (the default of --chatglm_path); pass --chatglm_path PATH" +
+                        (f" (the adapter was trained on {recorded})" if recorded else ""), path=DEFAULT_BASE)
+
+
+def load_with_adapter(chatglm_path: str, lora_path: str, bf16: bool = False, quantization_bit: int | None = None):
+    """(base ChatGLM-6B, quantized with `quantization_bit`, + the LoRA adapter in eval mode, tokenizer)."""
+    read_adapter_folder(lora_path)  # whole (an interrupted save finished), weights there: no Hub lookup
+
+    from peft import PeftModel
+
+    from model_hub.loader import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(chatglm_path, dtype="bf16" if bf16 else None,
+                                                quantization_bit=quantization_bit)
+    with refuse_pickled_code(lora_path):  # an old adapter_model.bin: tensors only
+        model = PeftModel.from_pretrained(model, lora_path).eval()
+    return model, tokenizer
+
+
 def interactive(model, tokenizer, max_length: int = 2048, max_new_tokens: int | None = None):
     print("ChatGLM-6B + LoRA. Type a message; 'clear' forgets the history, 'exit' quits.")
     history = []
@@ -101,25 +127,12 @@ def main():
     args = parser.parse_args()
 
     if not os.path.isfile(os.path.join(args.lora_path, "adapter_config.json")):
-        raise UserError("not a PEFT adapter folder (no adapter_config.json); give finetune.py's output_dir "
-                        "or one of its checkpoint-N folders", path=args.lora_path)
+        check_adapter_args(args.chatglm_path, args.lora_path)  # a wrong adapter folder is said before bad data
     examples = None if args.interactive else read_alpaca(alpaca_path(args.data_path))[:args.num]
-    if args.chatglm_path == DEFAULT_BASE and not os.path.isdir(DEFAULT_BASE):
-        recorded = read_json(os.path.join(args.lora_path, "adapter_config.json")).get("base_model_name_or_path")
-        raise UserError("model folder not found (the default of --chatglm_path); pass --chatglm_path PATH" +
-                        (f" (the adapter was trained on {recorded})" if recorded else ""), path=DEFAULT_BASE)
+    check_adapter_args(args.chatglm_path, args.lora_path)
     if args.batch_size < 1 or args.num < 1:
         raise UserError("must be at least 1", field="batch_size" if args.batch_size < 1 else "num")
-    read_adapter_folder(args.lora_path)  # whole (an interrupted save finished), weights there: no Hub lookup
-
-    from peft import PeftModel
-
-    from model_hub.loader import load_model_and_tokenizer
-
-    model, tokenizer = load_model_and_tokenizer(args.chatglm_path, dtype="bf16" if args.bf16 else None,
-                                                quantization_bit=args.quantization_bit)
-    with refuse_pickled_code(args.lora_path):  # an old adapter_model.bin: tensors only
-        model = PeftModel.from_pretrained(model, args.lora_path).eval()
+    model, tokenizer = load_with_adapter(args.chatglm_path, args.lora_path, args.bf16, args.quantization_bit)
     if args.interactive:
         return interactive(model, tokenizer, args.chat_max_length, args.max_new_tokens)
 

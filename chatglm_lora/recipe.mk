@@ -7,16 +7,21 @@ CHATGLM_ROWS := 0
 CHATGLM_MAXLEN := 384
 CHATGLM_TRAIN := --per_device_train_batch_size 6 --gradient_accumulation_steps 1 --max_steps 52000 \
     --save_steps 1000 --save_total_limit 2 --learning_rate 1e-4 --fp16 --logging_steps 50
+# the original trains on every row: these 200 were trained on (a fit check, not a held-out score)
+CHATGLM_DEV := tail -n 200
+CHATGLM_EVAL := --batch_size 16 --max_length 512
 else
 CHATGLM_MODEL := tiny:chatglm-6b
 CHATGLM_ROWS := 2000
 CHATGLM_MAXLEN := 128
 CHATGLM_TRAIN := --per_device_train_batch_size 4 --max_steps 40 --save_steps 20 --save_total_limit 2 \
     --learning_rate 1e-2 --logging_steps 5 --use_cpu --seed 0 --dataloader_num_workers 0
+CHATGLM_DEV := sed -n 2001,2006p  # 6 rows after the training subset: held out
+CHATGLM_EVAL := --batch_size 3 --max_length 96
 endif
 
 .PHONY: chatglm-alpaca
-chatglm-alpaca: $(STAMP) data  ## ChatGLM-Tuning: alpaca → jsonl → tokenized rows → LoRA → infer (MODEL_DIR=… for real weights)
+chatglm-alpaca: $(STAMP) data  ## ChatGLM-Tuning: alpaca → jsonl → tokenized rows → LoRA → infer → BLEU/ROUGE (MODEL_DIR=… for real weights)
 	@mkdir -p $(CHATGLM_WORK)
 	$(PY) chatglm_lora/cover_alpaca2jsonl.py --data_path data/stanford_alpaca/alpaca_data.json \
 	    --save_path $(CHATGLM_WORK)/alpaca_data.jsonl
@@ -28,6 +33,10 @@ chatglm-alpaca: $(STAMP) data  ## ChatGLM-Tuning: alpaca → jsonl → tokenized
 	    --chatglm_path $(CHATGLM_MODEL) --output_dir $(CHATGLM_WORK)/output $(CHATGLM_TRAIN)
 	$(PY) chatglm_lora/infer.py --chatglm_path $(CHATGLM_MODEL) --lora_path $(CHATGLM_WORK)/output \
 	    --data_path data/stanford_alpaca/alpaca_data.json --num 3
+	$(CHATGLM_DEV) $(CHATGLM_WORK)/alpaca_data.jsonl > $(CHATGLM_WORK)/dev.jsonl
+	$(PY) chatglm_lora/evaluate.py --chatglm_path $(CHATGLM_MODEL) --lora_path $(CHATGLM_WORK)/output \
+	    --eval_file $(CHATGLM_WORK)/dev.jsonl --output $(CHATGLM_WORK)/output/eval_results.json $(CHATGLM_EVAL)
 	@echo "adapter:     $(CHATGLM_WORK)/output"
 	@echo "tensorboard: $(CHATGLM_WORK)/output/runs"
 	@echo "loss curve:  $(CHATGLM_WORK)/output/loss.png"
+	@echo "BLEU/ROUGE:  $(CHATGLM_WORK)/output/eval_results.json"

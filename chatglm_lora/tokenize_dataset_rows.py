@@ -1,7 +1,9 @@
 """ChatGLM-Tuning's tokenizer step: {"context","target"} jsonl → a `datasets` folder of (input_ids, seq_len) rows.
 
 Row layout (ChatGLM-6B, --version v1):  [prompt ids][gMASK][<sop>][target ids][<eop>],  seq_len = len(prompt + 2).
-Also reads the older {"text": "### Instruction:…### Response:…END"} lines of the repo's committed jsonl.
+Also reads alpaca records (JSON list or lines), multi-turn rows with a `history`, and the older
+{"text": "### Instruction:…### Response:…END"} lines (chatglm_lora/data_formats.py). `--check_only true` prints
+what training would get from the file (rows kept, dropped, truncated, token lengths) and writes nothing.
 By default all texts go through SentencePiece in one multi-threaded call and the rows are written with pyarrow
 (no torch, no `datasets` import); `--one_row_at_a_time true` is the original's row-by-row design. Both give the
 same rows and the same saved folder (tests/test_tokenize_fast.py).
@@ -12,61 +14,15 @@ same rows and the same saved folder (tests/test_tokenize_fast.py).
 import argparse
 import contextlib
 import gc
-import json
 import os
-import re
 
-
-from chatglm_lora.cover_alpaca2jsonl import format_example
+from chatglm_lora.data_formats import OLD_TEXT, held_out, read_rows  # noqa: F401  (OLD_TEXT: tests and benchmarks)
 from model_hub.chatglm6b.text import VOCAB_FILE, ChatGLMTextEncoder
+from tuning.data_check import DataReport
 from tuning.datasets_folder import save_table, token_rows_table
 from tuning.errors import UserError, parse_bool, run_main
-from tuning.files import atomic_dir, read_jsonl, read_text, require_output_parent, require_str
+from tuning.files import atomic_dir, require_output_parent
 from tuning.outputs import check_output_folder
-
-# The March-2023 format of ChatGLM-Tuning's committed data/alpaca_data.jsonl (Input block optional).
-OLD_TEXT = re.compile(r"\A### Instruction:\n(?P<instruction>.*?)(?:\n\n### Input:\n(?P<input>.*?))?"
-                      r"\n\n### Response:\n(?P<output>.*)\nEND\n?\Z", re.S)
-
-
-CONVERT_FIRST = ("convert the alpaca data first: python chatglm_lora/cover_alpaca2jsonl.py --data_path {path} "
-                 "--save_path data/alpaca_data.jsonl, then tokenize that")
-
-
-def refuse_alpaca_list(path: str) -> None:
-    """alpaca_data.json itself (one JSON list, not JSON lines) given as --jsonl_path: say which step comes first."""
-    with contextlib.suppress(OSError), open(path, "rb") as f:
-        if not f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
-            return
-        with contextlib.suppress(ValueError):
-            data = json.loads(read_text(path))
-            if isinstance(data, list) and data and isinstance(data[0], dict) and "instruction" in data[0]:
-                raise UserError(f"an alpaca JSON list ({len(data)} {{instruction, input, output}} records), not "
-                                f"{{context, target}} JSON lines; {CONVERT_FIRST.format(path=path)}", path=path)
-
-
-def read_rows(path: str) -> list[tuple[int, str, str]]:
-    """(line, context, target) for every line, in either the current or the old ChatGLM-Tuning format."""
-    refuse_alpaca_list(path)
-    rows = []
-    for line, record in read_jsonl(path):
-        if "context" in record or "target" in record:
-            context = require_str(record, "context", path, line)
-            target = require_str(record, "target", path, line, allow_empty=True)
-        elif "text" in record:
-            match = OLD_TEXT.match(require_str(record, "text", path, line))
-            if not match:
-                raise UserError('expected "### Instruction:\\n…\\n\\n### Response:\\n…\\nEND"', path=path,
-                                line=line, field="text")
-            example = format_example({k: v or "" for k, v in match.groupdict().items()})
-            context, target = example["context"], example["target"]
-        elif "instruction" in record:
-            raise UserError('an alpaca record ({instruction, input, output}), not the fields "context" and "target"; '
-                            + CONVERT_FIRST.format(path="ALPACA.json"), path=path, line=line)
-        else:
-            raise UserError('expected the fields "context" and "target" (or the old "text")', path=path, line=line)
-        rows.append((line, context, target))
-    return rows
 
 
 def tokenize_rows(tokenizer, eos_id: int, contexts, targets, max_seq_length: int):
@@ -145,22 +101,50 @@ def tokenize_rows_fast(encoder: ChatGLMTextEncoder, contexts, targets, max_seq_l
     return rows
 
 
+def fit_row(input_ids: list[int], seq_len: int, max_seq_length: int, skip_overlength: bool):
+    """(the row's ids cut to max_seq_length, or None when dropped; what happened: None, "truncated" or a drop)."""
+    if len(input_ids) <= max_seq_length:
+        return input_ids, None
+    if skip_overlength:
+        return None, "skipped_overlength"
+    if max_seq_length <= seq_len:  # the prompt fills the row: nothing left to learn
+        return None, "dropped_no_target"
+    return input_ids[:max_seq_length], "truncated"
+
+
 @cyclic_gc_paused()
 def fit_rows(tokenized, max_seq_length: int, skip_overlength: bool):
     """Keep, truncate or skip each row by length; returns (kept rows, counts)."""
     kept, counts = [], {"truncated": 0, "skipped_overlength": 0, "dropped_no_target": 0}
     for input_ids, seq_len in tokenized:
-        if len(input_ids) > max_seq_length:
-            if skip_overlength:
-                counts["skipped_overlength"] += 1
-                continue
-            input_ids = input_ids[:max_seq_length]
-            if len(input_ids) <= seq_len:  # the prompt filled the row: nothing left to learn
-                counts["dropped_no_target"] += 1
-                continue
-            counts["truncated"] += 1
-        kept.append({"input_ids": input_ids, "seq_len": seq_len})
+        input_ids, what = fit_row(input_ids, seq_len, max_seq_length, skip_overlength)
+        if what:
+            counts[what] += 1
+        if input_ids is not None:
+            kept.append({"input_ids": input_ids, "seq_len": seq_len})
     return kept, counts
+
+
+def check_rows(path: str, contexts, targets, empty: int, encoder, args) -> None:
+    """--check_only: the training step's counts and the full (uncut) token lengths, nothing written.
+
+    The rows are tokenized without a length limit; cutting them afterwards classifies every row exactly as
+    tokenizing at max_seq_length does (a row is over length, or its prompt fills the row, in both or neither).
+    """
+    report = DataReport(path, args.max_seq_length, "--max_seq_length")
+    report.rows_read = len(contexts) + empty
+    report.drop("empty target", empty)
+    reasons = {"skipped_overlength": "over --max_seq_length, --skip_overlength true",
+               "dropped_no_target": "prompt fills --max_seq_length, no target left"}
+    for input_ids, seq_len in tokenize_rows_fast(encoder, contexts, targets, 10 ** 9, args.num_proc):
+        kept, what = fit_row(input_ids, seq_len, args.max_seq_length, args.skip_overlength)
+        if kept is None:
+            report.drop(reasons[what])
+        else:
+            report.keep(len(input_ids), what == "truncated")
+    report.print()
+    if not report.kept:
+        raise UserError("no rows left to train on", path=path)
 
 
 def main():
@@ -185,6 +169,13 @@ def main():
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --save_path even when it is a non-empty folder that is not an earlier output "
                              "of this command (its files are deleted); an earlier output is replaced without it")
+    parser.add_argument("--check_only", type=parse_bool, default=False,
+                        help="true: validate and tokenize --jsonl_path as training would and print rows read, kept, "
+                             "dropped (by reason), truncated and the token-length distribution; write nothing")
+    parser.add_argument("--eval_fraction", type=float, default=0.0,
+                        help="> 0: leave this fraction of the rows out of training (drawn with --seed); "
+                             "evaluate.py --eval_fraction with the same values scores exactly those rows")
+    parser.add_argument("--seed", type=int, default=42, help="seed of --eval_fraction's draw (default: 42)")
     args = parser.parse_args()
 
     if args.version == "v2":
@@ -194,12 +185,20 @@ def main():
         raise UserError("must be at least 4 (prompt + [gMASK] <sop> + eos)", field="max_seq_length")
     if args.num_proc < 1:
         raise UserError(f"must be at least 1, got {args.num_proc}", field="num_proc")
-    require_output_parent(args.save_path, "folder")
-    check_output_folder(args.save_path, "datasets", inputs=[args.jsonl_path, args.chatglm_path],
-                        overwrite=args.overwrite)
+    if not args.check_only:
+        require_output_parent(args.save_path, "folder")
+        check_output_folder(args.save_path, "datasets", inputs=[args.jsonl_path, args.chatglm_path],
+                            overwrite=args.overwrite)
     rows = read_rows(args.jsonl_path)  # validate the whole file before loading anything heavy
+    if args.eval_fraction:
+        dev = held_out(len(rows), args.eval_fraction, args.seed)
+        rows = [row for i, row in enumerate(rows) if i not in dev]
+        print(f"held out {len(dev)} rows for evaluation (--eval_fraction {args.eval_fraction}, --seed {args.seed})")
     empty = [line for line, _, target in rows if not target.strip()]
     rows = [row for row in rows if row[2].strip()]
+    if args.check_only:
+        encoder = ChatGLMTextEncoder(tokenizer_folder(args.chatglm_path))
+        return check_rows(args.jsonl_path, [r[1] for r in rows], [r[2] for r in rows], len(empty), encoder, args)
     if not rows:  # (not a length problem: raising --max_seq_length would not help)
         raise UserError("every row's target is empty: nothing to train on", path=args.jsonl_path, field="target")
     contexts, targets = [r[1] for r in rows], [r[2] for r in rows]

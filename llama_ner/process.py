@@ -5,6 +5,8 @@ Input: one JSON object per line, {"text": str, "entity_list": [{"entity_index": 
 {"instruct", "query": "文本：" + text, "answer": "实体_类型\\n…" or "没有"}, no trailing newline.
 Mode `train` writes every sentence with entities, then every sentence without; mode `dev` writes only the
 sentences with entities. Entity types become 人名/地名/机构名; a repeated (entity, type) is kept once.
+The instruction names the entity types of the data: MSRA's (PER/LOC/ORG) give exactly the original prompt;
+another dataset's types are listed in a stable order (ordered_types), or as given with --entity_types.
 
 With no arguments it does what the original's __main__ did, on the data we have (the original's
 msra_train.txt is not vendored; msra_1000.txt is the first 1,000 sentences of that train split):
@@ -26,8 +28,25 @@ from tuning.outputs import check_output_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TYPE_NAMES = {"PER": "人名", "ORG": "机构名", "LOC": "地名"}
-INSTRUCT = ("你现在是一个实体识别模型，你需要提取文本里面的{}，如果存在结果，返回'实体_实体类型'，不同实体间用\n分隔。"
-            "如果没有结果，回答'没有'。").format("、".join(["人名", "地名", "机构名"]))
+MSRA_TYPES = ["人名", "地名", "机构名"]  # the original prompt's order
+INSTRUCTION = ("你现在是一个实体识别模型，你需要提取文本里面的{}，如果存在结果，返回'实体_实体类型'，不同实体间用\n分隔。"
+               "如果没有结果，回答'没有'。")
+INSTRUCT = INSTRUCTION.format("、".join(MSRA_TYPES))  # the original's prompt (MSRA)
+
+
+def ordered_types(types) -> list[str]:
+    """The entity types a prompt or a report lists: MSRA's three when the data has no other type (so MSRA gives
+    exactly the original prompt), else the types found, MSRA's first in their order, then the rest sorted."""
+    types = set(types)
+    if types <= set(MSRA_TYPES):
+        return list(MSRA_TYPES)
+    return [t for t in MSRA_TYPES if t in types] + sorted(types - set(MSRA_TYPES))
+
+
+def instruction_for(types) -> str:
+    return INSTRUCTION.format("、".join(ordered_types(types)))
+
+
 NO_ENTITY = "没有"
 
 
@@ -51,9 +70,12 @@ def _entities(record: dict, path: str, line: int) -> list[tuple[str, str]]:
     return found
 
 
-def convert(path: str) -> tuple[list[dict], list[dict], list[int]]:
-    """(rows with entities, rows without, lines skipped); empty texts are skipped as the original did."""
-    has_entity, no_entity, skipped = [], [], []
+def convert(path: str, types=None) -> tuple[list[dict], list[dict], list[int]]:
+    """(rows with entities, rows without, lines skipped); empty texts are skipped as the original did.
+
+    The instruction names `types` (names such as 人名, or codes such as PER), else the types found in the file
+    (see ordered_types: MSRA data gets the original prompt)."""
+    records, skipped = [], []
     for line, record in read_jsonl(path):
         text = record.get("text")
         if not isinstance(text, str):
@@ -61,8 +83,19 @@ def convert(path: str) -> tuple[list[dict], list[dict], list[int]]:
         entities = _entities(record, path, line)
         if not text:
             skipped.append(line)
-            continue
-        row = {"instruct": INSTRUCT, "query": "文本：" + text, "answer": NO_ENTITY}
+        else:
+            records.append((text, entities))
+    found = {kind for _, entities in records for _, kind in entities}
+    if types is not None:
+        types = [TYPE_NAMES.get(t, t) for t in types]
+        missing = sorted(found - set(types))
+        if missing:
+            raise UserError(f"the data has entity types the instruction would not name: {', '.join(missing)}; "
+                            "add them", path=path, field="entity_types")
+    instruct = instruction_for(found if types is None else types)
+    has_entity, no_entity = [], []
+    for text, entities in records:
+        row = {"instruct": instruct, "query": "文本：" + text, "answer": NO_ENTITY}
         items = list(dict.fromkeys(f"{entity}_{kind}" for entity, kind in entities))  # dedupe, keep order
         if items:
             row["answer"] = "\n".join(items)
@@ -72,13 +105,16 @@ def convert(path: str) -> tuple[list[dict], list[dict], list[int]]:
     return has_entity, no_entity, skipped
 
 
-def process_msra(in_file: str, out_file: str, mode: str = "train") -> int:
+def process_msra(in_file: str, out_file: str, mode: str = "train", types=None) -> int:
     """The original's function: convert `in_file` and write `out_file`; returns the number of rows written."""
     if mode not in ("train", "dev"):
         raise UserError(f"expected train or dev, got {mode!r}", field="mode")
     check_output_file(out_file, [in_file])
-    has_entity, no_entity, skipped = convert(in_file)
+    has_entity, no_entity, skipped = convert(in_file, types)
     print(f"{in_file}: 有实体的句子 {len(has_entity)}，没有实体的句子 {len(no_entity)}")
+    if has_entity or no_entity:
+        instruct = (has_entity or no_entity)[0]["instruct"]
+        print(f"entity types in the instruction: {instruct.split('提取文本里面的')[1].split('，')[0]}")
     rows = has_entity + no_entity if mode == "train" else has_entity
     with atomic_file(out_file) as f:
         f.write("\n".join(json.dumps(row, ensure_ascii=False) for row in rows))
@@ -97,13 +133,22 @@ def main():
     parser.add_argument("--out_file", help="where to write the instruction rows")
     parser.add_argument("--mode", choices=["train", "dev"], default="train",
                         help="train: positives then negatives; dev: positives only (default: train)")
+    parser.add_argument("--entity_types", default=None,
+                        help="comma-separated types the instruction names (e.g. 人名,地名 or PER,LOC); default: the "
+                             "types found in --in_file (MSRA: the original prompt). Give dev/test files the list "
+                             "printed for the training file, so all splits share one prompt")
     parser.add_argument("--out_dir", default=os.path.join(REPO, "build", "llama_ner", "instruct_data"),
                         help="output folder of the default runs (default: build/llama_ner/instruct_data)")
     args = parser.parse_args()
     if bool(args.in_file) != bool(args.out_file):
         raise UserError("give both --in_file and --out_file, or neither", field="in_file")
     if args.in_file:
-        process_msra(args.in_file, args.out_file, args.mode)
+        types = None
+        if args.entity_types is not None:
+            types = [t.strip() for t in args.entity_types.split(",") if t.strip()]
+            if not types:
+                raise UserError("expected comma-separated entity types, e.g. 人名,地名", field="entity_types")
+        process_msra(args.in_file, args.out_file, args.mode, types)
         return
     ori = os.path.join(REPO, "data", "llama_ner_msra", "ori_data")
     train_in = os.path.join(ori, "msra_train.txt")  # the original's full train split, if the user added it

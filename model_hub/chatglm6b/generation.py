@@ -14,6 +14,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging
 
 from .masks import next_position_ids
+from .text import build_prompt  # noqa: F401  (torch-free: the data step uses it too)
 
 logger = logging.get_logger(__name__)
 
@@ -30,14 +31,6 @@ class InvalidScoreLogitsProcessor(LogitsProcessor):
             scores.zero_()
             scores[..., 5] = 5e4
         return scores
-
-
-def build_prompt(query: str, history=None) -> str:
-    """The query alone without history; otherwise "[Round i]\\n问：q\\n答：r\\n" per turn, then the open round."""
-    if not history:
-        return query
-    turns = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))
-    return turns + f"[Round {len(history)}]\n问：{query}\n答："
 
 
 def process_response(response: str) -> str:

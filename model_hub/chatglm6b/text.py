@@ -110,3 +110,11 @@ class ChatGLMTextEncoder:
         for i, ids in zip(plain, encoded):
             out[i] = ids
         return out
+
+
+def build_prompt(query: str, history=None) -> str:
+    """The query alone without history; otherwise "[Round i]\\n问：q\\n答：r\\n" per turn, then the open round."""
+    if not history:
+        return query
+    turns = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))
+    return turns + f"[Round {len(history)}]\n问：{query}\n答："
