@@ -111,7 +111,7 @@ class WebDemo:
                            "\n\n这个模型的提示是单轮的：只用最后一条消息。/ This model's prompt is single-turn: "
                            "only the last message is used."))
             history = gr.State([])
-            chatbot = gr.Chatbot(elem_id="chat", height=460, latex_delimiters=[], feedback_options=None,
+            chatbot = gr.Chatbot(elem_id="chat", height=600, latex_delimiters=[], feedback_options=None,
                                  label="对话 / Chat", buttons=["copy", "copy_all"])
             with gr.Row():
                 message = gr.Textbox(elem_id="message", show_label=False, scale=6, lines=1, max_lines=8,
