@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 WEB_DEMO_ARGS ?=
 
-.PHONY: setup test test-fast data tiny-models bench web-demo clean-build help
+.PHONY: setup test test-fast data tiny-models bench serve web-demo clean-build help
 
 help:  ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/' | expand -t 18
@@ -41,8 +41,12 @@ test-fast: $(STAMP) data  ## everything but the slow end-to-end and distributed 
 bench: $(STAMP) data  ## every bench/bench_*.py side by side → bench/results/*.json + bench/REPORT.md (BENCH_ARGS=--quick for a dry run)
 	$(PY) bench/run_all.py $(BENCH_ARGS)
 
+SERVE_ARGS ?=
+serve: $(STAMP)  ## OpenAI-compatible API on 127.0.0.1:8000 for the model the last `make <recipe>` trained, else a tiny GLM-4 (SERVE_ARGS=--port 9000 …)
+	$(PY) -m serving.api $(SERVE_ARGS)
+
 web-demo: $(STAMP)  ## chat in the browser (http://127.0.0.1:7860) with what the last `make <recipe>` trained, else a tiny GLM-4 (WEB_DEMO_ARGS=--port 7861 …)
-	$(PY) -m serving.web_demo --last_trained $(WEB_DEMO_ARGS)
+	$(PY) -m serving.web_demo $(WEB_DEMO_ARGS)
 
 clean-build:  ## remove generated tiny models, tokenizers and run outputs
 	rm -rf build runs output

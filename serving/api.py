@@ -29,6 +29,7 @@ from .model_args import add_model_arguments
 from .protocol import ApiError, chunk, completion, parse_chat_request, usage
 
 API_KEY_ENV = "SERVING_API_KEY"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 log = logging.getLogger("serving")
 
 
@@ -119,7 +120,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         except ValueError as exc:
             raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
         except EngineBusy as exc:
-            raise ApiError(429, f"too many requests waiting ({exc}); retry shortly", headers={"Retry-After": "1"})
+            raise ApiError(429, f"{exc}; retry shortly", headers={"Retry-After": "1"}) from None
         except EngineClosed:
             raise ApiError(503, "the server is shutting down", headers={"Retry-After": "5"}) from None
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -214,6 +215,11 @@ def main(argv=None):
 
     from .loading import load_for_serving
 
+    if args.model is None and args.adapter is None:
+        from .last_trained import last_trained
+
+        args.model, args.adapter = last_trained(REPO)
+        print(f"serving the last trained model: {args.adapter or args.model}", flush=True)
     loaded = load_for_serving(args.model, args.adapter, dtype=args.dtype, device=args.device,
                               prompt_format=args.prompt_format, served_name=args.served_model_name)
     engine = Engine(loaded, max_batch=args.max_batch, max_queue=args.max_queue)

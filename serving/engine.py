@@ -53,6 +53,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    token_ids: list[int] = field(default_factory=list)   # generated ids (the stop id included, as generate)
 
 
 @dataclass
@@ -81,6 +82,7 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self._waiting: list[Request] = []
         self._active: list[Request] = []
+        self._joining: list[Request] = []   # taken from the queue, being prefilled
         self._batch = KVBatch(loaded)
         self._cond = threading.Condition()
         self._closed = False
@@ -108,8 +110,9 @@ class Engine:
         with self._cond:
             if self._closed:
                 raise EngineClosed("the server is shutting down")
-            if len(self._waiting) >= self.max_queue + max(0, self.max_batch - len(self._active)):
-                raise EngineBusy(f"{len(self._waiting)} requests are waiting")
+            if len(self._waiting) >= self.max_queue + max(0, self.max_batch - self._running()):
+                raise EngineBusy(f"all {self.max_batch} slots are busy and {len(self._waiting)} requests wait "
+                                 f"(queue limit {self.max_queue})")
             self._waiting.append(request)
             self._cond.notify_all()
         return request
@@ -129,9 +132,12 @@ class Engine:
         finally:
             request.cancel()
 
+    def _running(self) -> int:
+        return len(self._active) + len(self._joining)
+
     def stats(self) -> dict:
         with self._cond:
-            return {"active": len(self._active), "waiting": len(self._waiting), "closed": self._closed,
+            return {"active": self._running(), "waiting": len(self._waiting), "closed": self._closed,
                     "steps": self.steps, "step_rows": self.step_rows}
 
     def close(self, timeout: float = 30.0) -> bool:
@@ -143,15 +149,15 @@ class Engine:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._cond:
-                if not self._waiting and not self._active:
+                if not self._waiting and not self._running():
                     break
             time.sleep(0.02)
         else:
             with self._cond:
-                for request in self._waiting + self._active:
+                for request in self._waiting + self._joining + self._active:
                     request.cancel()
         with self._cond:
-            clean = not self._waiting and not self._active
+            clean = not self._waiting and not self._running()
             self._stopping = True
             self._cond.notify_all()
         self._thread.join(timeout=10)
@@ -169,6 +175,7 @@ class Engine:
                     return
                 room = self.max_batch - len(self._active)
                 joining, self._waiting = self._waiting[:room], self._waiting[room:]
+                self._joining = list(joining)
             try:
                 for request in joining:
                     self._join(request)
@@ -180,16 +187,21 @@ class Engine:
                 log.exception("generation failed")
                 for request in joining + self._active:
                     self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
+                with self._cond:
+                    self._joining = []
                 self._drop_finished()
                 self._batch = KVBatch(self.loaded)
 
     def _join(self, request: Request) -> None:
         if request.cancelled.is_set():
             self._finish(request, "cancelled")
+            with self._cond:
+                self._joining.remove(request)
             return
         logits, layers, state = self._batch.prefill(request.prompt_ids)
         with self._cond:
             self._active.append(request)
+            self._joining.remove(request)
         self._batch.add(layers, state)
         self._accept(request, logits)
 
@@ -225,7 +237,7 @@ class Engine:
         if rest:
             request.on_event(Delta(rest, request.stream.raw))
         request.on_event(Finished(reason, request.stream.text, request.stream.raw, len(request.prompt_ids),
-                                  len(request.output_ids), error))
+                                  len(request.output_ids), error, list(request.output_ids)))
 
     def _drop_finished(self) -> None:
         for request in self._active:

@@ -12,6 +12,11 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from tuning.generation import vocab_projection_as_tall_matmul
+
+SPARE_COLUMNS = 64
 
 
 @dataclass
@@ -23,10 +28,44 @@ class RowState:
     context_length: int = 0      # ChatGLM-6B: index of <sop>
 
 
+class BufferLayer(DynamicLayer):
+    """A cache layer over buffers with spare columns: a decoding step writes its key/value in place, where
+    DynamicLayer concatenates (a copy of the whole batch cache at every step)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.length = 0
+        self._keys = self._values = None
+        self._grow(keys.shape, keys.shape[2] + SPARE_COLUMNS)
+        self._write(keys, values)
+
+    def _grow(self, shape, capacity: int) -> None:
+        old = (self._keys, self._values)
+        shape = (shape[0], shape[1], capacity, shape[3])
+        self._keys = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self._values = torch.empty(shape, dtype=self.dtype, device=self.device)
+        if old[0] is not None:
+            self._keys[:, :, :self.length] = old[0][:, :, :self.length]
+            self._values[:, :, :self.length] = old[1][:, :, :self.length]
+
+    def _write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        end = self.length + keys.shape[2]
+        if end > self._keys.shape[2]:
+            self._grow(self._keys.shape, 2 * end)
+        self._keys[:, :, self.length:end] = keys
+        self._values[:, :, self.length:end] = values
+        self.length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self._write(key_states, value_states)
+        return self.keys, self.values
+
+
 def _cache_of(layers) -> DynamicCache:
     cache = DynamicCache()
-    for i, (key, value) in enumerate(layers):
-        cache.update(key, value, i)
+    cache.layers = [BufferLayer(key, value) for key, value in layers]
     return cache
 
 
@@ -48,12 +87,16 @@ class KVBatch:
         self.glm6b = loaded.family == "chatglm6b"
         self.config = loaded.core.config
         self.prefix = loaded.prefix
-        self.layers: list | None = None   # per layer [keys, values], each [B, heads, width, head_dim]
+        self.cache: DynamicCache | None = None   # per layer [B, heads, width, head_dim], rows left-padded
         self.rows: list[RowState] = []
 
     @property
+    def layers(self) -> list | None:
+        return None if self.cache is None else _layers_of(self.cache)
+
+    @property
     def width(self) -> int:
-        return 0 if self.layers is None else self.layers[0][0].shape[2]
+        return 0 if self.cache is None else self.cache.layers[0].keys.shape[2]
 
     @torch.no_grad()
     def prefill(self, ids: list[int]) -> tuple[torch.Tensor, list, RowState]:
@@ -77,13 +120,14 @@ class KVBatch:
     def add(self, layers: list, state: RowState) -> None:
         """Pad the new row's cache (or the batch's) to a common width and append the row."""
         grow = max(0, state.length - self.width)
-        if self.layers is None:
-            self.layers = [[k, v] for k, v in layers]
+        if self.cache is None:
+            self.cache = _cache_of(layers)
         else:
             state.pad = self.width + grow - state.length
-            for mine, (key, value) in zip(self.layers, layers):
-                mine[0] = torch.cat((_left_pad(mine[0], grow), _left_pad(key, state.pad)), dim=0)
-                mine[1] = torch.cat((_left_pad(mine[1], grow), _left_pad(value, state.pad)), dim=0)
+            self.cache = _cache_of(
+                [(torch.cat((_left_pad(k, grow), _left_pad(key, state.pad)), dim=0),
+                  torch.cat((_left_pad(v, grow), _left_pad(value, state.pad)), dim=0))
+                 for (k, v), (key, value) in zip(self.layers, layers)])
             for row in self.rows:
                 row.pad += grow
         self.rows.append(state)
@@ -91,22 +135,26 @@ class KVBatch:
     def keep(self, indices: list[int]) -> None:
         """Keep only these rows (in this order), then drop the columns that are padding in all of them."""
         if not indices:
-            self.layers, self.rows = None, []
+            self.cache, self.rows = None, []
             return
-        if indices != list(range(len(self.rows))):
-            index = torch.tensor(indices, device=self.layers[0][0].device)
-            self.layers = [[k.index_select(0, index), v.index_select(0, index)] for k, v in self.layers]
+        layers = self.layers
+        changed = indices != list(range(len(self.rows)))
+        if changed:
+            index = torch.tensor(indices, device=layers[0][0].device)
+            layers = [[k.index_select(0, index), v.index_select(0, index)] for k, v in layers]
             self.rows = [self.rows[i] for i in indices]
         cut = min(row.pad for row in self.rows)
         if cut:
-            self.layers = [[k[:, :, cut:], v[:, :, cut:]] for k, v in self.layers]
+            layers = [[k[:, :, cut:], v[:, :, cut:]] for k, v in layers]
             for row in self.rows:
                 row.pad -= cut
+        if changed or cut:
+            self.cache = _cache_of(layers)
 
     @torch.no_grad()
     def step(self, tokens: list[int]) -> torch.Tensor:
         """Feed one token per row; the logits [B, vocab] of the next token of every row."""
-        device = self.layers[0][0].device
+        device = self.cache.layers[0].keys.device
         batch, width = len(self.rows), self.width
         input_ids = torch.tensor(tokens, device=device)[:, None]
         columns = torch.arange(width + 1, device=device)[None]
@@ -119,12 +167,12 @@ class KVBatch:
         else:
             position_ids = torch.tensor([[row.next_position] for row in self.rows], device=device)
             attention_mask = visible.long()
-        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                         past_key_values=_cache_of(self.layers), use_cache=True,
-                         **({} if self.glm6b else {"logits_to_keep": 1}))
-        self.layers = _layers_of(out.past_key_values)
+        with vocab_projection_as_tall_matmul(self.model):  # a faster CPU gemm for a few rows x the vocab
+            out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                             past_key_values=self.cache, use_cache=True,
+                             **({} if self.glm6b else {"logits_to_keep": 1}))
         for row in self.rows:
             row.length += 1
             row.next_position += 1
-        assert self.width == width + 1 and batch == self.layers[0][0].shape[0]
+        assert self.width == width + 1 and batch == self.cache.layers[0].keys.shape[0]
         return out.logits[:, -1].float()

@@ -49,6 +49,22 @@ def _prefix_cache(peft_model) -> list:
     return [(k.detach(), v.detach()) for k, v in prompt]
 
 
+def wrap_loaded(model, tokenizer, prompt_format: str, name: str = "local") -> LoadedModel:
+    """An already loaded model (plain, or a PEFT LoRA / P-tuning model) for the engine (the recipes' CLIs)."""
+    from peft import PeftModel
+
+    prefix, core = None, model
+    if isinstance(model, PeftModel):
+        if model.active_peft_config.is_prompt_learning:
+            with torch.no_grad():
+                prefix = _prefix_cache(model)
+        core = model.get_base_model()
+    family = family_of_config(core.config)
+    return LoadedModel(core=core.eval(), tokenizer=tokenizer, family=family, prompt_format=prompt_format,
+                       stop_ids=stop_ids_of_family(family), context_length=_context_length(core.config),
+                       name=name, prefix=prefix)
+
+
 def load_for_serving(model: str | None, adapter: str | None = None, *, dtype: str | None = None,
                      device: str | None = None, prompt_format: str | None = None,
                      served_name: str | None = None) -> LoadedModel:

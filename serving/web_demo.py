@@ -3,7 +3,7 @@
     python -m serving.web_demo --model tiny:glm-4-9b-chat               # a tiny model, nothing downloaded
     python -m serving.web_demo --adapter output/glm4-lora                # base from adapter_config.json
     python -m serving.web_demo --model runs/export --port 7860 --auth me:secret
-    python -m serving.web_demo --last_trained                           # what the last `make <recipe>` wrote
+    python -m serving.web_demo                                          # what the last `make <recipe>` trained
 
 Replies stream in; the history goes back to the model each turn (single-turn recipe prompts use the last
 message, as they were trained). Buttons: send, stop, regenerate, clear; sliders: max new tokens, top_p,
@@ -12,7 +12,6 @@ paste goes back to the model as the observation turn. Bound to 127.0.0.1 unless 
 shared through Gradio's tunnel.
 """
 import argparse
-import glob
 import os
 import sys
 import threading
@@ -25,27 +24,8 @@ from .model_args import add_model_arguments
 from .web_chat import Settings, display, error_message, last_tool_call_id, retry_point, stream_reply
 
 AUTH_ENV = "WEB_DEMO_AUTH"
-FALLBACK_MODEL = "tiny:glm-4-9b-chat"
-# Where the recipes' tiny CPU runs (make chatglm-alpaca / llama-ner / glm4-*) leave what they trained.
-RECIPE_OUTPUTS = ("build/chatglm-alpaca/output", "build/llama-ner/train_trainer/adapter_model", "output/glm4-*",
-                  "output")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSS = "#chat .message-wrap { font-size: 15px }"
-
-
-def last_trained(root: str = ".") -> tuple[str | None, str | None]:
-    """(model, adapter) of the newest recipe output under `root`, else (FALLBACK_MODEL, None)."""
-    found = []
-    for pattern in RECIPE_OUTPUTS:
-        for folder in glob.glob(os.path.join(root, pattern)):
-            for marker, kind in (("adapter_config.json", "adapter"), ("config.json", "model")):
-                path = os.path.join(folder, marker)
-                if os.path.isfile(path):
-                    found.append((os.path.getmtime(path), folder, kind))
-                    break
-    if not found:
-        return FALLBACK_MODEL, None
-    _, folder, kind = max(found)
-    return (None, folder) if kind == "adapter" else (folder, None)
 
 
 class WebDemo:
@@ -178,9 +158,6 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
-    parser.add_argument("--last_trained", action="store_true",
-                        help=f"serve the newest output of `make <recipe>` ({', '.join(RECIPE_OUTPUTS)}), "
-                             f"else {FALLBACK_MODEL}")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes the page: set --auth)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--auth", default=None, help=f"require this user:password to open the page "
@@ -203,8 +180,11 @@ def main(argv=None):
     if not (0 <= args.temperature <= 2 and 0 < args.top_p <= 1):
         raise UserError("temperature must be in [0, 2] and top_p in (0, 1]", field="temperature / top_p")
     model, adapter = args.model, args.adapter
-    if args.last_trained and not (model or adapter):
-        model, adapter = last_trained()
+    if model is None and adapter is None:
+        from .last_trained import last_trained
+
+        model, adapter = last_trained(REPO)
+        print(f"serving the last trained model: {adapter or model}", flush=True)
     from .engine import Engine
     from .loading import load_for_serving
 

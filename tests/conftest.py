@@ -25,3 +25,14 @@ def glm4_tokenizer():
     from model_hub.glm4_tokenizer import load_glm4_tokenizer
 
     return load_glm4_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def glm4_tool_call_model():
+    """Folder of a tiny GLM-4 the glm4 recipe overfitted on one tool-call conversation (tests/serving_support.py);
+    trained once into build/serving/glm4-tool-call, reused by later runs (serving and web-demo tests)."""
+    from serving_support import glm4_tool_call_model as build
+
+    from model_hub import BUILD_DIR
+
+    return build(BUILD_DIR)

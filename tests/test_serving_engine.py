@@ -47,6 +47,7 @@ def generate_alone(loaded, ids, n):
     return out[0, len(ids):].tolist()
 
 
+@pytest.mark.slow
 def test_concurrent_greedy_requests_get_the_tokens_generate_gives_each_alone(engine):
     loaded = engine.loaded
     expected = {}
@@ -80,6 +81,7 @@ def test_concurrent_greedy_requests_get_the_tokens_generate_gives_each_alone(eng
         assert "".join(e.text for e in results[q][:-1]) == finished.text
 
 
+@pytest.mark.slow
 def test_stop_string_cuts_the_answer_and_nothing_after_it_is_streamed(engine):
     full = run(engine, QUESTIONS[1], SamplingParams(max_tokens=16, temperature=0))[-1].text
     assert len(full) >= 6, full
@@ -90,6 +92,7 @@ def test_stop_string_cuts_the_answer_and_nothing_after_it_is_streamed(engine):
     assert "".join(e.text for e in events[:-1]) == events[-1].text
 
 
+@pytest.mark.slow
 def test_seeded_sampling_does_not_depend_on_the_neighbours(engine):
     params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=7)
     alone = run(engine, QUESTIONS[0], params)[-1].text
@@ -103,6 +106,7 @@ def test_seeded_sampling_does_not_depend_on_the_neighbours(engine):
     assert dict(results)[QUESTIONS[0]] == alone
 
 
+@pytest.mark.slow
 def test_cancel_frees_the_slot_at_the_next_step(engine):
     events = []
     request = engine.submit(engine.prompt_ids([{"role": "user", "content": "你好"}]),
@@ -118,6 +122,7 @@ def test_cancel_frees_the_slot_at_the_next_step(engine):
     wait_idle(engine)
 
 
+@pytest.mark.slow
 def test_the_prompt_longer_than_the_context_is_refused_with_both_lengths(engine):
     too_long = list(range(10, 10 + engine.loaded.context_length + 1))
     with pytest.raises(ValueError, match=f"{len(too_long)} tokens.*context is {engine.loaded.context_length}"):
@@ -185,6 +190,7 @@ def _random_adapter(base_name, config, out_dir):
     return str(out_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base_name, kind", [("tiny:glm-4-9b-chat", "ptuning"), ("tiny:chatglm-6b", "lora"),
                                              ("tiny:chinese-alpaca-7b", "lora")])
 def test_adapters_are_served_with_their_base_and_their_training_positions(base_name, kind, tmp_path):

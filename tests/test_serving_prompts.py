@@ -100,3 +100,20 @@ def test_the_recorded_format_wins_and_older_folders_are_recognised(tmp_path):
     (adapter / "prompt_format.json").write_text('{"prompt_format": "nope"}')
     with pytest.raises(UserError, match="prompt_format.json: prompt_format: expected one of"):
         detect_prompt_format("llama", None, str(adapter))
+
+
+def test_make_serve_serves_the_newest_recipe_output(tmp_path):
+    from serving.last_trained import last_trained
+
+    assert last_trained(str(tmp_path)) == ("tiny:glm-4-9b-chat", None)
+    adapter = tmp_path / "build" / "llama-ner" / "train_trainer" / "adapter_model"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"0")
+    os.utime(adapter / "adapter_model.safetensors", (1_000, 1_000))
+    assert last_trained(str(tmp_path)) == (None, str(adapter))
+    sft = tmp_path / "output" / "glm4-sft"
+    sft.mkdir(parents=True)
+    (sft / "config.json").write_text("{}")
+    (sft / "model.safetensors").write_bytes(b"0")
+    assert last_trained(str(tmp_path)) == (str(sft), None)

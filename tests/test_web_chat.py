@@ -1,8 +1,6 @@
 """The web demo's conversation logic without a browser: what the page shows for a history, the tools box, what
-regenerate retries, and which model `make web-demo` serves."""
+regenerate retries."""
 import json
-import os
-import time
 
 import pytest
 
@@ -60,18 +58,3 @@ def test_regenerate_retries_from_the_last_user_or_tool_turn():
     assert retry_point([user]) == [user]
     assert retry_point([]) == []
 
-
-def test_last_trained_picks_the_newest_recipe_output(tmp_path):
-    from serving.web_demo import FALLBACK_MODEL, last_trained
-
-    assert last_trained(str(tmp_path)) == (FALLBACK_MODEL, None)
-    adapter = tmp_path / "output" / "glm4-lora"
-    adapter.mkdir(parents=True)
-    (adapter / "adapter_config.json").write_text("{}")
-    sft = tmp_path / "output" / "glm4-sft"
-    sft.mkdir()
-    (sft / "config.json").write_text("{}")
-    os.utime(adapter / "adapter_config.json", (time.time() - 60, time.time() - 60))
-    assert last_trained(str(tmp_path)) == (str(sft), None)
-    os.utime(adapter / "adapter_config.json", (time.time() + 60, time.time() + 60))
-    assert last_trained(str(tmp_path)) == (None, str(adapter))

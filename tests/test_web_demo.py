@@ -13,7 +13,7 @@ import tempfile
 import time
 
 import pytest
-from glm4_tool_model import WEATHER_ARGUMENTS, WEATHER_QUESTION, WEATHER_TOOLS, build_tool_call_model
+from serving_support import WEATHER_CALL, WEATHER_QUESTION, WEATHER_TOOLS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -220,8 +220,8 @@ def test_generation_errors_are_shown_in_the_page(tiny_demo):
     demo.click("clear")
 
 
-def test_glm4_tool_call_is_its_own_message_and_the_result_goes_back_as_observation(browser):
-    demo = Demo(build_tool_call_model(), browser, name="glm4-tool-call (tiny GLM-4, glm4 recipe SFT)")
+def test_glm4_tool_call_is_its_own_message_and_the_result_goes_back_as_observation(browser, glm4_tool_call_model):
+    demo = Demo(glm4_tool_call_model, browser, name="glm4-tool-call (tiny GLM-4, glm4 recipe SFT)")
     try:
         demo.set_number("temperature", 0)
         demo.set_number("max_tokens", 32)
@@ -230,8 +230,8 @@ def test_glm4_tool_call_is_its_own_message_and_the_result_goes_back_as_observati
         demo.type("message", WEATHER_QUESTION)
         demo.click("send")
         demo.answered(before)
-        arguments = json.dumps(WEATHER_ARGUMENTS, ensure_ascii=False)
-        pretty = normalized(json.dumps(WEATHER_ARGUMENTS, ensure_ascii=False, indent=2))
+        arguments = json.dumps(WEATHER_CALL["arguments"], ensure_ascii=False)
+        pretty = normalized(json.dumps(WEATHER_CALL["arguments"], ensure_ascii=False, indent=2))
         try:  # the title first, then the arguments as a JSON block under it
             wait_for(lambda: any("Tool call: get_weather" in t and pretty in normalized(t)
                                  for t in demo.messages("bot")), 15, "the tool-call message")

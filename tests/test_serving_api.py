@@ -1,0 +1,201 @@
+"""python -m serving.api as users run it: a live server on 127.0.0.1 (tiny Chinese-Alpaca, real tokenizer) and the
+official `openai` client. Stream and non-stream agree, concurrent requests get their lone answers, bad requests
+get OpenAI's error shape with the right status and the server keeps answering, the key is enforced, a client
+that goes away frees its slot, a full queue answers 429, SIGTERM drains and exits 0."""
+import os
+import signal
+import threading
+import time
+
+import pytest
+from serving_support import Server
+
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.slow
+MODEL = "tiny:chinese-alpaca-7b"
+KEY = "test-key-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+PROMPTS = [f"第{i}个问题：{q}" for i, q in enumerate(["天空为什么是蓝色的？", "写一首诗", "1+1=?", "你好",
+                                                   "介绍一下北京", "How are you?", "讲个笑话", "今天星期几？"])]
+
+
+@pytest.fixture(scope="module")
+def server():
+    # the key comes from the environment variable; at most 8 run together and none wait (429 test)
+    server = Server("--model", MODEL, "--max_batch", "8", "--max_queue", "0", "--max_body_mb", "0.01",
+                    "--max_tokens", "32", env={"SERVING_API_KEY": KEY})
+    yield server
+    assert server.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, timeout=120)
+
+
+def ask(client, prompt, **kwargs):
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                          temperature=0, max_tokens=12, **kwargs)
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert server.health()["status"] == "ok"
+
+
+def test_stream_and_non_stream_greedy_answers_are_equal(client):
+    whole = ask(client, PROMPTS[0])
+    choice = whole.choices[0]
+    assert choice.finish_reason == "length" and choice.message.role == "assistant" and choice.message.content
+    assert whole.usage.completion_tokens == 12 and whole.usage.total_tokens == whole.usage.prompt_tokens + 12
+    chunks = list(ask(client, PROMPTS[0], stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_eight_concurrent_requests_each_get_their_answer_alone(server, client):
+    alone = [ask(client, p).choices[0].message.content for p in PROMPTS]
+    before = server.health()
+    together = [None] * len(PROMPTS)
+
+    def run(i):
+        together[i] = "".join(c.choices[0].delta.content or "" for c in ask(client, PROMPTS[i], stream=True)
+                              if c.choices)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert together == alone
+    after = server.wait_idle()
+    # they shared forward passes: far fewer decoding steps than rows decoded
+    assert after["step_rows"] - before["step_rows"] >= 2 * (after["steps"] - before["steps"])
+
+
+def test_stop_strings_and_seeds(client):
+    text = ask(client, PROMPTS[1]).choices[0].message.content
+    stop = text[4:6]
+    cut = ask(client, PROMPTS[1], stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == text[:text.index(stop)]
+    sampled = [client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPTS[2]}],
+                                              temperature=1.0, top_p=0.9, seed=5, max_tokens=10)
+               .choices[0].message.content for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+LONG = "很长的问题" * 3000
+BAD_REQUESTS = [  # (body, extra headers, status, message fragment)
+    (b"{not json", {}, 400, "not valid JSON"),
+    (b"[1, 2]", {}, 400, "must be a JSON object, got list"),
+    ({"model": MODEL}, {}, 400, "messages: expected a list of messages, got NoneType"),
+    ({"model": MODEL, "messages": []}, {}, 400, "messages: must not be empty"),
+    ({"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}, {}, 400,
+     "messages[0].role: expected one of system, user, assistant, tool, got 'robot'"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, {}, 400, "messages[0].content: expected a string"),
+    ({"model": MODEL, "messages": ["hi"]}, {}, 400, "messages[0]: expected an object, got str"),
+    ({"model": MODEL, "messages": [{"role": "system", "content": "x"}]}, {}, 400, "needs at least one user message"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, {}, 400,
+     "temperature: expected a number, got str"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 2.5}, {}, 400,
+     "temperature: must be between 0 and 2, got 2.5"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, {}, 400,
+     "top_p: must be between 0 and 1, got 1.5"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, {}, 400,
+     "max_tokens: must be at least 1, got 0"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": "9"}, {}, 400,
+     "max_tokens: expected an integer, got str"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}, {}, 400, "only n=1 is served"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, {}, 400,
+     "stream: expected true or false"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": 7}, {}, 400,
+     "stop: expected a string or a list of strings"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "seed": 1.5}, {}, 400,
+     "seed: expected an integer, got float"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {
+        "name": "f"}}]}, {}, 400, "tools need a GLM-4 model"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "1," * 2500}]}, {}, 400,  # 5,000 bytes
+     "the prompt is 5038 tokens; the model's context is 2048"),
+    ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, {}, 404, "'gpt-4' does not exist"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": LONG}]}, {}, 413, "at most 10485 are accepted"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, {"Authorization": "Bearer wrong"}, 401,
+     "missing or wrong API key"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, {"Authorization": ""}, 401,
+     "missing or wrong API key"),
+]
+
+
+@pytest.mark.parametrize("body, headers, status, message", BAD_REQUESTS,
+                         ids=[f"{i}-{s}" for i, (_, _, s, _) in enumerate(BAD_REQUESTS)])
+def test_bad_request_gets_its_status_and_message_in_openai_shape(server, body, headers, status, message):
+    got_status, _, got = server.request("POST", "/v1/chat/completions", body, {**AUTH, **headers})
+    assert got_status == status, got
+    assert set(got["error"]) == {"message", "type", "param", "code"}
+    assert message in got["error"]["message"], got
+
+
+def test_after_the_bad_requests_the_server_still_answers(server, client):
+    for body, headers, _, _ in BAD_REQUESTS:
+        server.request("POST", "/v1/chat/completions", body, {**AUTH, **headers})
+    assert server.request("GET", "/nowhere", headers=AUTH)[0] == 404
+    assert server.request("GET", "/v1/chat/completions", headers=AUTH)[0] == 405
+    assert ask(client, PROMPTS[3]).choices[0].message.content
+    assert "Traceback" not in server.output()
+
+
+def test_the_key_is_required_and_checked(server):
+    assert server.request("GET", "/v1/models")[0] == 401
+    assert server.request("GET", "/v1/models", headers={"Authorization": f"Bearer {KEY}x"})[0] == 401
+    assert server.request("GET", "/v1/models", headers=AUTH)[0] == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.base_url, api_key="nope", max_retries=0).models.list()
+
+
+def _open_stream(client, max_tokens):
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "你好"}],
+                                          temperature=0, max_tokens=max_tokens, stream=True)
+
+
+def test_a_client_that_goes_away_frees_its_slot_and_a_full_batch_answers_429(server, client):
+    streams = [_open_stream(client, 1900) for _ in range(8)]
+    for stream in streams:
+        next(iter(stream))
+    for _ in range(600):  # bounded: until all 8 are prefilled and decoding
+        if server.health()["active"] == 8:
+            break
+        time.sleep(0.05)
+    assert server.health()["active"] == 8
+    status, headers, body = server.request("POST", "/v1/chat/completions", {
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, AUTH)
+    assert status == 429 and headers.get("retry-after") == "1", body
+    assert "all 8 slots are busy" in body["error"]["message"]
+    for stream in streams:
+        stream.close()  # the clients disconnect mid-stream
+    health = server.wait_idle(seconds=30)
+    steps = health["steps"]
+    time.sleep(0.5)
+    assert server.health()["steps"] == steps  # nothing is decoded for the clients that left
+    assert ask(client, PROMPTS[4]).choices[0].message.content
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits_0():
+    server = Server("--model", MODEL, "--api_key", KEY, "--drain_timeout", "60")
+    try:
+        client = openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, timeout=120)
+        stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "你好"}],
+                                                temperature=0, max_tokens=60, stream=True,
+                                                stream_options={"include_usage": True})
+        chunks = [next(iter(stream))]
+        server.process.send_signal(signal.SIGTERM)
+        chunks += list(stream)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+        assert chunks[-1].usage.completion_tokens == 60
+        assert server.process.wait(timeout=60) == 0
+        with pytest.raises(OSError):
+            server.request("GET", "/health", timeout=5)
+        assert "server stopped" in server.output()
+    finally:
+        server.stop()
