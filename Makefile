@@ -52,7 +52,7 @@ serve: $(STAMP)  ## OpenAI-compatible API on 127.0.0.1:8000 for the model the la
 	$(PY) -m serving.api $(SERVE_ARGS)
 
 web-demo: $(STAMP)  ## chat in the browser (http://127.0.0.1:7860) with what the last `make <recipe>` trained, else a tiny GLM-4 (WEB_DEMO_ARGS=--port 7861 …)
-	$(PY) -m serving.web_demo --last_trained $(WEB_DEMO_ARGS)
+	$(PY) -m serving.web_demo $(WEB_DEMO_ARGS)
 
 clean-build:  ## remove generated tiny models, tokenizers and run outputs
 	rm -rf build runs output

@@ -5,7 +5,7 @@ import argparse
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model folder (base, SFT or exported) or tiny:NAME; with "
                         "--adapter, overrides the base in adapter_config.json. Neither: the newest output of a "
-                        "`make <recipe>` run, else tiny:glm-4-9b-chat")
+                        "`make <recipe>` run, else tiny:glm-4-9b-chat (what `make serve` / `make web-demo` do)")
     parser.add_argument("--adapter", default=None, help="LoRA or P-tuning v2 adapter folder a recipe trained")
     parser.add_argument("--prompt_format", default=None, help="override the recorded prompt format "
                         "(chatglm_tuning, llama_ner, alpaca, glm4_chat, chatglm6b_chat)")

@@ -18,9 +18,9 @@ from .chat import AnswerShaper
 from .engine import Delta, EngineBusy, EngineClosed
 from .sampling import SamplingParams
 
-TOOL_CALL_TITLE = "🛠️ 调用工具 / Tool call: {name}"
-TOOL_RESULT_TITLE = "📎 工具结果 / Tool result"
-ERROR_TITLE = "⚠️ 出错 / Error"
+TOOL_CALL_TITLE = "调用工具 / Tool call: {name}"
+TOOL_RESULT_TITLE = "工具结果 / Tool result:"
+ERROR_TITLE = "出错 / Error"
 _MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()#+\-.!|~=$>])")
 
 

@@ -3,7 +3,7 @@
     python -m serving.web_demo --model tiny:glm-4-9b-chat               # a tiny model, nothing downloaded
     python -m serving.web_demo --adapter output/glm4-lora                # base from adapter_config.json
     python -m serving.web_demo --model runs/export --port 7860 --auth me:secret
-    python -m serving.web_demo --last_trained                           # what the last `make <recipe>` wrote
+    python -m serving.web_demo                                          # what the last `make <recipe>` trained
 
 Replies stream in; the history goes back to the model each turn (single-turn recipe prompts use the last
 message, as they were trained). Buttons: send, stop, regenerate, clear; sliders: max new tokens, top_p,
@@ -20,7 +20,6 @@ import gradio as gr
 
 from tuning.errors import UserError, run_main
 
-from .last_trained import FALLBACK, RECIPE_OUTPUTS, last_trained
 from .model_args import add_model_arguments
 from .web_chat import Settings, display, error_message, last_tool_call_id, retry_point, stream_reply
 
@@ -92,7 +91,7 @@ class WebDemo:
                            "\n\n这个模型的提示是单轮的：只用最后一条消息。/ This model's prompt is single-turn: "
                            "only the last message is used."))
             history = gr.State([])
-            chatbot = gr.Chatbot(elem_id="chat", height=460, latex_delimiters=[], feedback_options=None,
+            chatbot = gr.Chatbot(elem_id="chat", height=600, latex_delimiters=[], feedback_options=None,
                                  label="对话 / Chat", buttons=["copy", "copy_all"])
             with gr.Row():
                 message = gr.Textbox(elem_id="message", show_label=False, scale=6, lines=1, max_lines=8,
@@ -159,9 +158,6 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
-    parser.add_argument("--last_trained", action="store_true",
-                        help=f"serve the newest output of `make <recipe>` ({', '.join(RECIPE_OUTPUTS)}), "
-                             f"else {FALLBACK} (also what happens without --model and --adapter)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes the page: set --auth)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--auth", default=None, help=f"require this user:password to open the page "
@@ -184,8 +180,11 @@ def main(argv=None):
     if not (0 <= args.temperature <= 2 and 0 < args.top_p <= 1):
         raise UserError("temperature must be in [0, 2] and top_p in (0, 1]", field="temperature / top_p")
     model, adapter = args.model, args.adapter
-    if not (model or adapter):  # --last_trained, or nothing chosen
+    if model is None and adapter is None:
+        from .last_trained import last_trained
+
         model, adapter = last_trained(REPO)
+        print(f"serving the last trained model: {adapter or model}", flush=True)
     from .engine import Engine
     from .loading import load_for_serving
 

@@ -58,4 +58,3 @@ def test_regenerate_retries_from_the_last_user_or_tool_turn():
     assert retry_point([user]) == [user]
     assert retry_point([]) == []
 
-
