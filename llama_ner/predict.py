@@ -10,7 +10,8 @@ import json
 
 
 from llama_ner.common import collate_for, show_args
-from llama_ner.evaluation import ENTITY_TYPES, generate_answers, load_model, parse_eval_args, teacher_forced
+from llama_ner.evaluation import generate_answers, load_model, parse_eval_args, teacher_forced
+from llama_ner.process import MSRA_TYPES  # the three samples are MSRA sentences
 from llama_ner.process import INSTRUCT
 from tuning.errors import run_main
 from tuning.ner_metrics import format_table, ner_scores
@@ -37,7 +38,7 @@ def main():
         print("预测 >>> ", pred)
         print("真实 >>> ", true)
         print("生成 >>> ", gen)
-    print(format_table(ner_scores(generated, [t["answer"] for t in TEXTS], ENTITY_TYPES),
+    print(format_table(ner_scores(generated, [t["answer"] for t in TEXTS], MSRA_TYPES),
                        "== the three samples (free generation) =="))
 
 
