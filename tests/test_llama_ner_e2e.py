@@ -204,6 +204,7 @@ def test_chat_ner_interactive_ends_quietly_at_end_of_input(data, monkeypatch, ca
     import io
 
     monkeypatch.setitem(chat_ner.GENERATION_CONFIG, "max_new_tokens", 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # chat_ner sets it from --gpus; restored after the test
     monkeypatch.setattr(sys, "stdin", io.StringIO("北京是中国的首都\n"))
     assert run(chat_ner, ["--base_model", MODEL, "--with_prompt", "--only_cpu", "--seed", "1", "--interactive"],
                monkeypatch) is None
