@@ -2,6 +2,7 @@
 base: the LoRA weights change, the nf4 base weights stay byte-identical, the loss is finite, the adapter resumes
 exactly, and it is a normal PEFT adapter that loads onto the full-precision base. Plus the loader's 4/8-bit
 settings and the one-line refusals."""
+import functools
 import json
 import os
 import subprocess
@@ -41,6 +42,7 @@ def packed_base(model) -> dict[str, bytes]:
     return found
 
 
+@functools.cache
 def fresh_packed_base(name: str, dtype="fp32") -> dict[str, bytes]:
     model, _ = load_model_and_tokenizer(name, dtype=dtype, quantization_bit=4)
     return packed_base(model)
