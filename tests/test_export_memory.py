@@ -24,7 +24,11 @@ HIDDEN, FFN, LAYERS, RANK = 256, 2048, 32, 8
 # that over exec from the parent (the large pytest process), so it would report the parent's peak.
 MEASURE = r"""
 import json, sys
-from model_hub.export import export  # imports torch, transformers, safetensors before the baseline
+from model_hub.export import export
+# torch, transformers' tokenizer code and our registered classes are loaded before the baseline (model_hub registers
+# them when transformers is first imported), so the growth measured is the export's data, not module code.
+import transformers.models.llama.modeling_llama, model_hub.loader
+from transformers import AutoConfig, AutoTokenizer
 
 def status(key):
     with open("/proc/self/status") as f:
