@@ -111,8 +111,16 @@ class Demo:
         self.find(f"#{elem_id}").click()
 
     def messages(self, who: str) -> list[str]:
-        """The text of each user / bot message shown in the chat."""
-        return [e.text for e in self.driver.find_elements("css selector", f'#chat [data-testid="{who}"]')]
+        """The text of each user / bot message shown in the chat (read again when a streamed update replaced an
+        element while it was being read)."""
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        for _ in range(50):
+            try:
+                return [e.text for e in self.driver.find_elements("css selector", f'#chat [data-testid="{who}"]')]
+            except StaleElementReferenceException:
+                time.sleep(0.05)
+        raise AssertionError(f"the {who} messages kept changing while being read")
 
     # ---- the engine ----------------------------------------------------------------------------------------
     def answered(self, before: int, seconds: float = 60):
