@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from tuning.errors import UserError, run_main
 from tuning.files import atomic_dir, read_json
+from tuning.outputs import refuse_inputs
 
 from .lora_merge import Adapter, read_adapter_config
 from .registry import FAMILIES
@@ -193,10 +194,9 @@ def prefix_encoder_only(folder: str) -> bool:
     return bool(names) and all(n.startswith("transformer.prefix_encoder.") for n in names)
 
 
-def check_out(out: str, plan: Plan, overwrite: bool) -> None:
-    for other in (plan.src, plan.weights_dir, plan.original_dir):
-        if other and os.path.abspath(other) == os.path.abspath(out):
-            raise UserError("OUT must be a new folder, not one of the inputs", path=out)
+def check_out(out: str, inputs: list[str], overwrite: bool) -> None:
+    """Before any work: OUT neither is nor holds an input, and is new or empty unless --overwrite."""
+    refuse_inputs(out, inputs)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
         raise UserError("already exists and is not empty (use --overwrite to replace it)", path=out)
 
@@ -302,11 +302,11 @@ def export(src: str, out: str, *, base: str | None = None, dtype: str | None = N
            command: str | None = None) -> str:
     max_bytes = parse_size(max_shard_size)
     plan = Plan(src, base, layout, original_dir)
-    check_out(out, plan, overwrite)
+    inputs = [p for p in (plan.src, plan.weights_dir, plan.original_dir) if p]
+    check_out(out, inputs, overwrite)
     torch_dtype = DTYPES[dtype] if dtype else None
     config = export_config(plan, torch_dtype)
     command = command or "python -m model_hub.export " + shlex.join([src, out] + (["--base", base] if base else []))
-    inputs = [p for p in (plan.src, plan.weights_dir, plan.original_dir) if p]
     with atomic_dir(out, "model", inputs=inputs, overwrite=overwrite) as tmp:
         copy_tokenizer(plan, tmp)
         write_weights(plan, tmp, torch_dtype, max_bytes)
