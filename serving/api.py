@@ -25,11 +25,10 @@ from tuning.errors import UserError, run_main
 
 from .chat import AnswerShaper
 from .engine import Delta, Engine, EngineBusy, EngineClosed, Finished
-from .model_args import add_model_arguments
+from .model_args import add_model_arguments, chosen_model
 from .protocol import ApiError, chunk, completion, parse_chat_request, usage
 
 API_KEY_ENV = "SERVING_API_KEY"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 log = logging.getLogger("serving")
 
 
@@ -215,11 +214,7 @@ def main(argv=None):
 
     from .loading import load_for_serving
 
-    if args.model is None and args.adapter is None:
-        from .last_trained import last_trained
-
-        args.model, args.adapter = last_trained(REPO)
-        print(f"serving the last trained model: {args.adapter or args.model}", flush=True)
+    args.model, args.adapter = chosen_model(args)
     loaded = load_for_serving(args.model, args.adapter, dtype=args.dtype, device=args.device,
                               prompt_format=args.prompt_format, served_name=args.served_model_name)
     engine = Engine(loaded, max_batch=args.max_batch, max_queue=args.max_queue)

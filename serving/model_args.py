@@ -1,5 +1,8 @@
 """The command-line flags that choose what to serve, shared by the API server and the web demo."""
 import argparse
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -11,3 +14,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "(chatglm_tuning, llama_ner, alpaca, glm4_chat, chatglm6b_chat)")
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16/fp16 on GPU), fp32, bf16, fp16")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+
+
+def chosen_model(args) -> tuple[str | None, str | None]:
+    """(model, adapter) to load: the flags, or with neither the newest `make <recipe>` output (else the tiny GLM-4)."""
+    if args.model is not None or args.adapter is not None:
+        return args.model, args.adapter
+    from .last_trained import last_trained
+
+    model, adapter = last_trained(REPO)
+    print(f"serving the last trained model: {adapter or model}", flush=True)
+    return model, adapter

@@ -20,11 +20,10 @@ import gradio as gr
 
 from tuning.errors import UserError, run_main
 
-from .model_args import add_model_arguments
+from .model_args import add_model_arguments, chosen_model
 from .web_chat import Settings, display, error_message, last_tool_call_id, retry_point, stream_reply
 
 AUTH_ENV = "WEB_DEMO_AUTH"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSS = "#chat .message-wrap { font-size: 15px }"
 
 
@@ -179,12 +178,7 @@ def main(argv=None):
         raise UserError("must be at least 1", field="max_batch / max_tokens")
     if not (0 <= args.temperature <= 2 and 0 < args.top_p <= 1):
         raise UserError("temperature must be in [0, 2] and top_p in (0, 1]", field="temperature / top_p")
-    model, adapter = args.model, args.adapter
-    if model is None and adapter is None:
-        from .last_trained import last_trained
-
-        model, adapter = last_trained(REPO)
-        print(f"serving the last trained model: {adapter or model}", flush=True)
+    model, adapter = chosen_model(args)  # --last_trained is what happens without --model and --adapter
     from .engine import Engine
     from .loading import load_for_serving
 

@@ -13,9 +13,9 @@ import tempfile
 import time
 
 import pytest
+from conftest import REPO
 from serving_support import WEATHER_CALL, WEATHER_QUESTION, WEATHER_TOOLS
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOT = os.environ.get("WEB_DEMO_SCREENSHOT", os.path.join(REPO, "build", "tests", "web_demo.png"))
 pytestmark = [pytest.mark.slow,
