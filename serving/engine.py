@@ -1,7 +1,7 @@
 """The serving engine: one model, one worker thread, many concurrent requests sharing forward passes.
 
-Continuous batching: a waiting request joins the running batch at the next decoding step (prefilled alone, its
-cache padded in: serving/kv_batch.py) and leaves as soon as it ends (stop id, stop string, max_tokens, cancel).
+Continuous batching: waiting requests join the running batch at the next decoding step (those arriving together
+prefilled together, their cache padded in: serving/kv_batch.py) and leaves as soon as it ends (stop id, stop string, max_tokens, cancel).
 Every request gets its own events: text deltas that never split a character, then one `Finished`.
 
 Plain Python API (the HTTP server, the web demo and the recipes' CLIs all use it):
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kv_batch import KVBatch
+from .kv_batch import KVBatch, prefill_groups
 from .prompts import build_prompt_ids
 from .sampling import SamplingParams, sample_next
 from .textstream import TextStream
@@ -89,6 +89,8 @@ class Engine:
         self._ids = itertools.count(1)
         self.steps = 0                     # decoding steps run (batch sizes are in step_rows)
         self.step_rows = 0
+        self.prefills = 0                  # prefill forwards run (the prompts they carried are in prefill_rows)
+        self.prefill_rows = 0
         self._thread = threading.Thread(target=self._run, name="serving-engine", daemon=True)
         self._thread.start()
 
@@ -138,7 +140,8 @@ class Engine:
     def stats(self) -> dict:
         with self._cond:
             return {"active": self._running(), "waiting": len(self._waiting), "closed": self._closed,
-                    "steps": self.steps, "step_rows": self.step_rows}
+                    "steps": self.steps, "step_rows": self.step_rows, "prefills": self.prefills,
+                    "prefill_rows": self.prefill_rows}
 
     def close(self, timeout: float = 30.0) -> bool:
         """Take no new requests, let the running ones finish for up to `timeout` s, cancel the rest, stop.
@@ -177,8 +180,7 @@ class Engine:
                 joining, self._waiting = self._waiting[:room], self._waiting[room:]
                 self._joining = list(joining)
             try:
-                for request in joining:
-                    self._join(request)
+                self._join(joining)
                 self._drop_finished()
                 if self._active:
                     self._step()
@@ -192,18 +194,35 @@ class Engine:
                 self._drop_finished()
                 self._batch = KVBatch(self.loaded)
 
-    def _join(self, request: Request) -> None:
-        if request.cancelled.is_set():
-            self._finish(request, "cancelled")
+    def _join(self, joining: list[Request]) -> None:
+        """Prefill the joining requests (together where the model allows), add them to the batch, send first tokens."""
+        live = []
+        for request in joining:
+            if request.cancelled.is_set():
+                self._finish(request, "cancelled")
+                with self._cond:
+                    self._joining.remove(request)
+            else:
+                live.append(request)
+        if self._batch.prefills_together and len(live) > 1:
+            groups = [[live[i] for i in group] for group in prefill_groups([len(r.prompt_ids) for r in live])]
+        else:
+            groups = [[request] for request in live]
+        for group in groups:
+            if len(group) == 1:
+                logits, layers, state = self._batch.prefill(group[0].prompt_ids)
+                logits, states = logits[None], [state]
+            else:
+                logits, layers, states = self._batch.prefill_together([r.prompt_ids for r in group])
+            self.prefills += 1
+            self.prefill_rows += len(group)
             with self._cond:
-                self._joining.remove(request)
-            return
-        logits, layers, state = self._batch.prefill(request.prompt_ids)
-        with self._cond:
-            self._active.append(request)
-            self._joining.remove(request)
-        self._batch.add(layers, state)
-        self._accept(request, logits)
+                self._active.extend(group)
+                for request in group:
+                    self._joining.remove(request)
+            self._batch.add(layers, states)
+            for row, request in enumerate(group):
+                self._accept(request, logits[row])
 
     def _step(self) -> None:
         logits = self._batch.step([r.next_token for r in self._active])

@@ -2,7 +2,9 @@
 
 Every row's cache is left-padded to the batch's width; the attention mask hides the padding and each row carries
 its own positions, so a row's tokens do not depend on its neighbours (tests/test_serving_engine.py checks the
-greedy tokens). A new request is prefilled alone (batch 1, no padding), then its cache is padded in. When rows
+greedy tokens). Requests that arrive together are prefilled together: LLaMA / GLM-4 prompts in one left-padded
+forward (`prefill_together`, groups of similar length within a token budget); ChatGLM-6B (its prefix-LM mask) and a
+P-tuning prefix (it sits in front of the padding) one at a time. The new rows' cache is then padded in. When rows
 leave, the columns that are padding in every remaining row are cut off.
 
 Two layouts: transformers' LLaMA / GLM-4 (2-D 0/1 mask, [B, L] positions counting the text from 0, also after a
@@ -17,6 +19,7 @@ from transformers.cache_utils import DynamicLayer
 from tuning.generation import vocab_projection_as_tall_matmul
 
 SPARE_COLUMNS = 64
+PREFILL_TOKENS = 2048        # padded prompt tokens per batched prefill forward (bounds its activations)
 
 
 @dataclass
@@ -61,6 +64,18 @@ class BufferLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         self._write(key_states, value_states)
         return self.keys, self.values
+
+
+def prefill_groups(lengths: list[int], budget: int = PREFILL_TOKENS) -> list[list[int]]:
+    """Indices of prompts to prefill together: similar lengths side by side (little padding), at most `budget`
+    padded tokens per group (a prompt longer than that goes alone)."""
+    groups, group = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if group and (len(group) + 1) * lengths[i] > budget:
+            groups.append(group)
+            group = []
+        group.append(i)
+    return groups + ([group] if group else [])
 
 
 def _cache_of(layers) -> DynamicCache:
@@ -117,20 +132,50 @@ class KVBatch:
             state = RowState(length=n_prefix + len(ids), next_position=len(ids))
         return out.logits[0, -1].float(), _layers_of(out.past_key_values), state
 
-    def add(self, layers: list, state: RowState) -> None:
-        """Pad the new row's cache (or the batch's) to a common width and append the row."""
-        grow = max(0, state.length - self.width)
+    @property
+    def prefills_together(self) -> bool:
+        return not self.glm6b and not self.prefix
+
+    @torch.no_grad()
+    def prefill_together(self, prompts: list[list[int]]) -> tuple[torch.Tensor, list, list[RowState]]:
+        """Run several prompts in one forward, left-padded to the longest: (last logits [k, vocab], cache layers
+        [k, heads, longest, head_dim], their states). The padding is masked and every row is numbered from 0, so each
+        row gets what `prefill` gives it alone (tests/test_serving_engine.py)."""
+        device = next(self.model.parameters()).device
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        position_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        states = []
+        for row, ids in enumerate(prompts):
+            pad = width - len(ids)
+            input_ids[row, pad:] = torch.tensor(ids)
+            attention_mask[row, pad:] = 1
+            position_ids[row, pad:] = torch.arange(len(ids))
+            states.append(RowState(pad=pad, length=len(ids), next_position=len(ids)))
+        out = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                         position_ids=position_ids.to(device), past_key_values=DynamicCache(), use_cache=True,
+                         logits_to_keep=1)
+        return out.logits[:, -1].float(), _layers_of(out.past_key_values), states
+
+    def add(self, layers: list, states: list[RowState]) -> None:
+        """Append new rows (their cache [k, heads, w, head_dim], left-padded among themselves as `states` say):
+        the narrower of the batch and the new block is left-padded to the other's width."""
+        new_width = layers[0][0].shape[2]
+        grow = max(0, new_width - self.width)
         if self.cache is None:
             self.cache = _cache_of(layers)
         else:
-            state.pad = self.width + grow - state.length
+            extra = self.width + grow - new_width
             self.cache = _cache_of(
-                [(torch.cat((_left_pad(k, grow), _left_pad(key, state.pad)), dim=0),
-                  torch.cat((_left_pad(v, grow), _left_pad(value, state.pad)), dim=0))
+                [(torch.cat((_left_pad(k, grow), _left_pad(key, extra)), dim=0),
+                  torch.cat((_left_pad(v, grow), _left_pad(value, extra)), dim=0))
                  for (k, v), (key, value) in zip(self.layers, layers)])
             for row in self.rows:
                 row.pad += grow
-        self.rows.append(state)
+            for state in states:
+                state.pad += extra
+        self.rows.extend(states)
 
     def keep(self, indices: list[int]) -> None:
         """Keep only these rows (in this order), then drop the columns that are padding in all of them."""

@@ -82,6 +82,43 @@ def test_concurrent_greedy_requests_get_the_tokens_generate_gives_each_alone(eng
 
 
 @pytest.mark.slow
+def test_requests_arriving_together_are_prefilled_together_with_the_tokens_each_gets_alone(engine):
+    """Five prompts of different lengths queued while the worker waits (the engine's lock held): LLaMA and GLM-4
+    prefill the four admitted in one left-padded forward, ChatGLM-6B one by one; greedy tokens as `generate` alone."""
+    loaded = engine.loaded
+    prompts = {q: engine.prompt_ids([{"role": "user", "content": q}]) for q in QUESTIONS}
+    assert len({len(ids) for ids in prompts.values()}) > 2
+    expected = {q: generate_alone(loaded, ids, GREEDY.max_tokens) for q, ids in prompts.items()}
+    wait_idle(engine)
+    before = engine.stats()
+    finished = {}
+    with engine._cond:  # the worker cannot take any of them until all five wait
+        for q, ids in prompts.items():
+            engine.submit(ids, GREEDY, lambda e, q=q: finished.update({q: e}) if isinstance(e, Finished) else None)
+    stats = wait_idle(engine)
+    forwards, rows = stats["prefills"] - before["prefills"], stats["prefill_rows"] - before["prefill_rows"]
+    assert rows == len(QUESTIONS)
+    assert forwards == (len(QUESTIONS) if loaded.family == "chatglm6b" else 2)  # 4 slots: 4 together, then 1
+    for q in QUESTIONS:
+        assert finished[q].token_ids == expected[q], q
+
+
+def test_prefill_together_gives_each_row_its_logits_alone():
+    from serving.kv_batch import KVBatch, prefill_groups
+
+    loaded = load_for_serving("tiny:chinese-alpaca-7b")
+    batch = KVBatch(loaded)
+    prompts = [[5, 6, 7], list(range(100, 140)), [9] * 11]
+    logits, layers, states = batch.prefill_together(prompts)
+    assert [s.pad for s in states] == [37, 0, 29] and layers[0][0].shape[2] == 40
+    for row, ids in enumerate(prompts):
+        alone, alone_layers, _ = batch.prefill(ids)
+        torch.testing.assert_close(logits[row], alone, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layers[0][0][row, :, states[row].pad:], alone_layers[0][0][0], rtol=1e-5, atol=1e-5)
+    assert prefill_groups([30, 5, 10, 400], budget=64) == [[1, 2], [0], [3]]
+
+
+@pytest.mark.slow
 def test_stop_string_cuts_the_answer_and_nothing_after_it_is_streamed(engine):
     full = run(engine, QUESTIONS[1], SamplingParams(max_tokens=16, temperature=0))[-1].text
     assert len(full) >= 6, full
