@@ -6,6 +6,9 @@
     peft_config: peft keywords (peft_type LORA or PREFIX_TUNING); absent = full fine-tuning
     quantization_bit: 4 or 8 (not in the original; LLaMA-Factory's key): the base model's linear layers frozen in
         nf4 / int8 (bitsandbytes), the adapter on top (QLoRA); LoRA or P-tuning v2 only, not with ZeRO-3
+    weights_dtype: bf16 or fp32 (not in the original): the dtype the model is loaded in. Absent = as the original:
+        bf16, or fp32 master weights under training_args.bf16 / fp16 (autocast). fp32 with both off trains in plain
+        fp32: for CPUs without native bf16 matmuls (AVX2 only), where a bf16 matmul runs up to ~100x slower
 
 Every mistake is one line `config.yaml:LINE: field: what was expected`. Numbers follow YAML 1.2 as in the
 original's ruamel loader: `5e-4` is a float (plain PyYAML would read it as the string "5e-4").
@@ -22,7 +25,8 @@ from tuning.files import read_json, read_text
 from tuning.methods import quantization_conflict
 
 TOP_KEYS = {"data_config", "max_input_length", "max_output_length", "combine", "freezeV", "training_args",
-            "peft_config", "quantization_bit"}
+            "peft_config", "quantization_bit", "weights_dtype"}
+WEIGHTS_DTYPES = ("bf16", "fp32")
 DATA_KEYS = {"train_file", "val_file", "test_file", "num_proc"}
 PEFT_TYPES = ("LORA", "PREFIX_TUNING")
 # Keys transformers 5 removed, with what replaced them (old configs and the June-2024 demo use some of them).
@@ -71,6 +75,7 @@ class FinetuningConfig:
     peft_config: object | None       # peft PeftConfig, None = full fine-tuning
     freezeV: bool = True
     quantization_bit: int | None = None  # 4 / 8: QLoRA base (bitsandbytes)
+    weights_dtype: str | None = None     # bf16 / fp32; None = as the original (see glm4_finetune.finetune)
     path: str = ""
     lines: dict = dataclasses.field(default_factory=dict, repr=False)
 
@@ -176,6 +181,8 @@ def load_config(path: str) -> FinetuningConfig:
     for key in ("combine", "freezeV"):
         if key in raw and not isinstance(raw[key], bool):
             fail(key, f"expected true or false, got {raw[key]!r}")
+    if raw.get("weights_dtype", "bf16") not in WEIGHTS_DTYPES:
+        fail("weights_dtype", f"expected {' or '.join(WEIGHTS_DTYPES)}, got {raw['weights_dtype']!r}")
     if "combine" not in raw:
         fail("combine", "missing; expected true (train only the last assistant turn, as the shipped configs) "
                         "or false (train every assistant turn)")
@@ -209,7 +216,7 @@ def load_config(path: str) -> FinetuningConfig:
 
     peft = _peft_config(raw.get("peft_config"), fail)
     return FinetuningConfig(DataConfig(**data), raw["max_input_length"], raw["max_output_length"], raw["combine"],
-                            args, peft, raw.get("freezeV", True), bits, path, lines)
+                            args, peft, raw.get("freezeV", True), bits, raw.get("weights_dtype"), path, lines)
 
 
 def _training_args(training: dict, generation: dict, fail):

@@ -75,8 +75,8 @@ def check_method_fits(cfg, model_config) -> None:
 
 
 def weights_dtype(cfg) -> str:
-    """bf16 weights as the original ("Must use BFloat 16"), unless mixed precision keeps fp32 master weights.
-    fp16 on a CPU is refused at its line of the YAML (there are no --fp16/--bf16 flags here)."""
+    """bf16 weights as the original ("Must use BFloat 16"), unless mixed precision keeps fp32 master weights or the
+    YAML's weights_dtype says which. fp16 on a CPU is refused at its line of the YAML (no --fp16/--bf16 flags here)."""
     from tuning.training import check_precision
 
     args = cfg.training_args
@@ -84,6 +84,8 @@ def weights_dtype(cfg) -> str:
         check_precision(args.fp16, args.bf16, args.use_cpu, lambda key: f"training_args.{key}: true")
     except UserError as exc:
         raise cfg.error(f"training_args.{exc.field}", exc.message) from None
+    if cfg.weights_dtype:
+        return cfg.weights_dtype
     return "fp32" if (args.bf16 or args.fp16) else "bf16"
 
 

@@ -96,7 +96,7 @@ WEATHER_TOOLS = [{"type": "function", "function": {
                    "required": ["city"]}}}]
 WEATHER_QUESTION = "上海今天天气怎么样？"
 WEATHER_CALL = {"name": "get_weather", "arguments": {"city": "上海"}}
-TOOL_MODEL_VERSION = "4"
+TOOL_MODEL_VERSION = "5"
 
 
 def glm4_tool_call_model(build_dir: str) -> str:
@@ -134,9 +134,9 @@ def _train_tool_call_model(out: str) -> None:
         f.write(json.dumps(conversation, ensure_ascii=False) + "\n")
     config = {
         "data_config": {"train_file": "train.jsonl", "num_proc": 1},
-        "combine": False, "freezeV": True, "max_input_length": 512, "max_output_length": 32,
+        "combine": False, "freezeV": True, "weights_dtype": "fp32", "max_input_length": 512, "max_output_length": 32,
         "training_args": {
-            "output_dir": os.path.join(work, "model"), "max_steps": 8, "learning_rate": 5e-3, "bf16": True,
+            "output_dir": os.path.join(work, "model"), "max_steps": 8, "learning_rate": 5e-3, "bf16": False,
             "per_device_train_batch_size": 1, "dataloader_num_workers": 0, "remove_unused_columns": False,
             "save_strategy": "no", "logging_steps": 5, "use_cpu": True, "report_to": "none", "seed": 42,
             "log_level": "warning", "disable_tqdm": True, "generation_config": {"max_new_tokens": 32}},

@@ -53,11 +53,11 @@ def llama_argv(data, out, resume=None):
 def glm4_argv(data, out, resume=None):
     config = {
         "data_config": {"train_file": "train.jsonl", "num_proc": 1}, "combine": True, "max_input_length": 32,
-        "max_output_length": 32,
+        "max_output_length": 32, "weights_dtype": "fp32",
         "training_args": {"output_dir": str(out), "max_steps": 6, "learning_rate": 3e-1,
                           "per_device_train_batch_size": 2, "dataloader_num_workers": 0,
                           "remove_unused_columns": False, "save_strategy": "steps", "save_steps": 2,
-                          "save_total_limit": 2, "logging_steps": 1, "bf16": True, "use_cpu": True,
+                          "save_total_limit": 2, "logging_steps": 1, "bf16": False, "use_cpu": True,
                           "report_to": "none", "seed": 42, "disable_tqdm": True, "predict_with_generate": True,
                           "generation_config": {"max_new_tokens": 8}},
         "peft_config": {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 8,

@@ -86,6 +86,7 @@ training_args:
     (("combine: true", "combine: true\npeft_config:\n  peft_type: LORA\n  rank: 8"),
      r"peft_config: .*unexpected keyword argument 'rank'"),
     (("combine: true\n", ""), r"c.yaml: combine: missing"),
+    (("combine: true", "combine: true\nweights_dtype: fp16"), r"c.yaml:5: weights_dtype: expected bf16 or fp32"),
     (("max_output_length: 8", "max_output_length: [8"), r"c.yaml:\d+: invalid YAML"),
 ])
 def test_config_errors_name_file_line_and_field(tmp_path, change, message):
@@ -101,6 +102,23 @@ def test_yaml_numbers_and_eval_switch(tmp_path):
     cfg = load_config(str(path))
     assert cfg.training_args.learning_rate == 1e-4  # a float, as ruamel read it (PyYAML alone: the string "1e-4")
     assert not cfg.training_args.do_eval and cfg.training_args.eval_strategy == "no"
+
+
+@pytest.mark.parametrize("top, bf16, expected", [
+    (None, False, "bf16"),    # the original: bf16 weights
+    (None, True, "fp32"),     # fp32 master weights under bf16 autocast
+    ("fp32", False, "fp32"),  # plain fp32 (CPUs without native bf16 matmuls)
+    ("fp32", True, "fp32"),
+    ("bf16", False, "bf16"),
+])
+def test_weights_dtype(tmp_path, top, bf16, expected):
+    from glm4_finetune.finetune import weights_dtype
+
+    text = BASE.format(out=tmp_path / "out").replace("  learning_rate: 1e-4", f"  learning_rate: 1e-4\n  bf16: {bf16}"
+                                                                                f"\n  use_cpu: true")
+    path = tmp_path / "c.yaml"
+    path.write_text(text + (f"weights_dtype: {top}\n" if top else ""), encoding="utf-8")
+    assert weights_dtype(load_config(str(path))) == expected
 
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "天气",

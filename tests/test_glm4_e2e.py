@@ -46,12 +46,12 @@ def write_config(path, method, output_dir, evaluate=True):
     config = {
         "data_config": {"train_file": "train.jsonl", "num_proc": 1,
                         **({"val_file": "dev.jsonl", "test_file": "dev.jsonl"} if evaluate else {})},
-        "combine": True, "freezeV": True, "max_input_length": 32, "max_output_length": 32,
+        "combine": True, "freezeV": True, "weights_dtype": "fp32", "max_input_length": 32, "max_output_length": 32,
         "training_args": {
             "output_dir": str(output_dir), "max_steps": 6, "learning_rate": LEARNING_RATE[method],
             "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2, "dataloader_num_workers": 0,
             "remove_unused_columns": False, "save_strategy": "steps", "save_steps": 3, "logging_steps": 1,
-            "eval_strategy": "steps", "eval_steps": 6, "bf16": True, "use_cpu": True, "report_to": "none",
+            "eval_strategy": "steps", "eval_steps": 6, "bf16": False, "use_cpu": True, "report_to": "none",
             "seed": 42, "log_level": "warning", "disable_tqdm": True, "predict_with_generate": True,
             "generation_config": {"max_new_tokens": 8},
         },

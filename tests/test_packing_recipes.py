@@ -61,7 +61,7 @@ def test_chatglm_lora_trains_packed_and_grouped(tmp_path, monkeypatch, capsys):
 
 def write_config(path, out, peft):
     config = {"data_config": {"train_file": "train.jsonl", "num_proc": 1}, "combine": True, "freezeV": True,
-              "max_input_length": 64, "max_output_length": 64,
+              "weights_dtype": "fp32", "max_input_length": 64, "max_output_length": 64,
               "training_args": {"output_dir": str(out), "max_steps": 2, "learning_rate": 1e-3,
                                 "per_device_train_batch_size": 2, "dataloader_num_workers": 0,
                                 "remove_unused_columns": False, "save_strategy": "no", "logging_steps": 1,
