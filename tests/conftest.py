@@ -56,6 +56,30 @@ def run_in_process(main, argv: list[str], script: str = "script.py") -> tuple[in
     return code, out.getvalue(), err.getvalue()
 
 
+# DeepSpeed JIT-compiles its CPU ops on first use (~2.5 min for the three on 2 cores), inside whichever test
+# launches DeepSpeed first. When such tests are collected, one background process compiles them (one compiler job)
+# while the first test files run: a test that needs an op before it is ready waits on torch's build lock.
+DEEPSPEED_OPS = ("ShareMemCommBuilder", "FusedAdamBuilder", "CPUAdamBuilder")
+_deepspeed_build = None
+
+
+def pytest_collection_finish(session):
+    global _deepspeed_build
+    if not any(item.get_closest_marker("distributed") for item in session.items):
+        return
+    script = ("from deepspeed.accelerator import get_accelerator\n"
+              f"for name in {DEEPSPEED_OPS!r}:\n"
+              "    get_accelerator().create_op_builder(name).load(verbose=False)\n")
+    _deepspeed_build = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, env={**os.environ, "MAX_JOBS": "1",
+                                                                         "DS_ACCELERATOR": "cpu"})
+
+
+def pytest_sessionfinish(session):
+    if _deepspeed_build is not None:  # never killed mid-build: torch's build lock would be left behind
+        _deepspeed_build.wait(timeout=900)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """tiny_model(NAME) → the folder of the tiny twin of a registered model (built once, cached in build/tiny/)."""
