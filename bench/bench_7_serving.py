@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 
-from bench.common import REPO, bench_name, parse_args, peer_llama_76m, write_result
+from bench.common import REPO, bench_name, parse_args, peer_llama_76m, repeat, write_result
 
 ALPACA = os.path.join(REPO, "data", "stanford_alpaca", "alpaca_data.json")
 CONCURRENCY = (1, 8, 16)
@@ -123,13 +123,7 @@ def prefill_times(model: str, prompts: list[str], threads: int, repeats: int = 5
     batch = KVBatch(loaded)
 
     def median_ms(run):
-        run()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1000
+        return statistics.median(repeat(run, repeats)) * 1000
 
     return {"one_ms": median_ms(lambda: batch.prefill(ids[0])), "eight_ms": median_ms(lambda: batch.prefill_together(ids)),
             "prompt_tokens": [len(i) for i in ids]}
