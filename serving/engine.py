@@ -1,7 +1,8 @@
 """The serving engine: one model, one worker thread, many concurrent requests sharing forward passes.
 
 Continuous batching: waiting requests join the running batch at the next decoding step (those arriving together
-prefilled together, their cache padded in: serving/kv_batch.py) and leaves as soon as it ends (stop id, stop string, max_tokens, cancel).
+prefilled together, their cache padded in: serving/kv_batch.py); a request leaves as soon as it ends (stop id, stop
+string, max_tokens, cancel).
 Every request gets its own events: text deltas that never split a character, then one `Finished`.
 
 Plain Python API (the HTTP server, the web demo and the recipes' CLIs all use it):
