@@ -8,6 +8,7 @@ import pytest
 
 from tuning import publish
 from tuning.checkpoints import save_pretrained_atomically
+from tuning.errors import UserError
 from tuning.files import atomic_dir
 
 
@@ -108,3 +109,74 @@ def test_an_adapter_save_interrupted_midway_is_finished_by_the_loader(tmp_path, 
     weights = open(os.path.join(folder, "adapter_model.safetensors")).read()
     assert weights == f"weights of r={config['r']}", "weights and config of two different saves"
     assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors", "checkpoint-1"]
+
+
+# Issue 29, item 1: the journal is read back from a folder anyone may have written; what it names is checked
+# before anything is moved or deleted.
+CRAFTED = {
+    "absolute staged folder": lambda victim: {"staged": str(victim), "names": []},
+    "staged folder up and out": lambda victim: {"staged": f"../{victim.name}", "names": []},
+    "staged folder below and out": lambda victim: {"staged": f".saving-x/../../{victim.name}", "names": []},
+    "staged folder not ours": lambda victim: {"staged": "mine", "names": []},
+    "a name that leaves the folder": lambda victim: {"staged": ".saving-final", "names": [f"../{victim.name}"]},
+    "not an object": lambda victim: [str(victim)],
+}
+
+
+def crafted_folder(tmp_path, journal: dict):
+    victim = tmp_path / "victim"  # a folder of the user's beside the adapter folder
+    (victim / "sub").mkdir(parents=True)
+    (victim / "sub" / "keep.txt").write_text("mine")
+    folder = tmp_path / "adapter"
+    save_adapter(8)(str(folder))
+    (folder / ".saving-final").mkdir()
+    (folder / ".saving-final" / "x").write_text("staged")
+    (folder / publish.JOURNAL).write_text(json.dumps(journal))
+    return folder, victim
+
+
+def tree(folder) -> dict:
+    return {os.path.relpath(os.path.join(root, n), folder): open(os.path.join(root, n), "rb").read()
+            for root, _, files in os.walk(folder) for n in files}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_a_crafted_journal_is_refused_and_nothing_is_deleted(tmp_path, case):
+    victim = tmp_path / "victim"
+    folder, victim = crafted_folder(tmp_path, CRAFTED[case](victim))
+    before_victim, before_folder = tree(victim), tree(folder)
+    with pytest.raises(UserError) as refused:
+        publish.read_adapter_folder(str(folder))  # what every adapter loader calls first
+    message = str(refused.value)
+    assert "\n" not in message and "refused" in message and publish.JOURNAL in message
+    assert tree(victim) == before_victim, "the journal deleted a folder outside the output"
+    assert tree(folder) == before_folder, "the refused journal moved or deleted files"
+
+
+def test_a_journal_naming_a_linked_staging_folder_moves_nothing(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "adapter_config.json").write_text("the user's")
+    folder = tmp_path / "adapter"
+    save_adapter(8)(str(folder))
+    os.symlink(victim, folder / ".saving-final")
+    (folder / publish.JOURNAL).write_text(json.dumps({"staged": ".saving-final", "names": ["adapter_config.json"]}))
+    with pytest.raises(UserError, match="symbolic link"):
+        publish.finish_publish(str(folder))
+    assert (victim / "adapter_config.json").read_text() == "the user's"
+
+
+def test_export_refuses_a_crafted_journal_in_one_line(tmp_path):
+    """Through a user's entry point: `python -m model_hub.export SRC OUT` with SRC holding a crafted journal."""
+    from conftest import run_in_process
+    from model_hub import export as export_module
+
+    victim = tmp_path / "victim"
+    folder, victim = crafted_folder(tmp_path, {"staged": str(victim), "names": []})
+    before = tree(victim)
+    code, _, err = run_in_process(export_module.main, [str(folder), str(tmp_path / "out")],
+                                  script="python -m model_hub.export")
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"error: {folder}: refused: {publish.JOURNAL}")
+    assert tree(victim) == before
+    assert not (tmp_path / "out").exists()

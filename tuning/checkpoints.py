@@ -26,11 +26,11 @@ from transformers import Trainer
 
 from .errors import TrainingStopped
 from .files import refuse_pickled_code
-from .publish import finish_publish, publish_pending, replace_files, swap_in
+from .publish import STAGING, finish_publish, publish_pending, replace_files, swap_in
 from .run_folder import claim_checkpoints, lock_output_dir
 from .training import TRAINER_CHECKPOINTS, list_checkpoints
 
-STAGING, DELETING, REPLACED = ".saving-", ".deleting-", ".replaced-"
+DELETING, REPLACED = ".deleting-", ".replaced-"
 
 
 def fsync_tree(folder: str) -> None:

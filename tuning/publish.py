@@ -23,6 +23,7 @@ from .errors import UserError
 
 JOURNAL = ".publishing.json"
 OLD = ".tuning-old-"  # prefix of a replaced folder on its way out (sibling of the output)
+STAGING = ".saving-"  # prefix of the folder a save is written into before its files move in (a direct child)
 _RENAME_EXCHANGE, _AT_FDCWD = 2, -100
 
 
@@ -116,17 +117,45 @@ def publish_pending(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, JOURNAL))
 
 
+def _plain_name(value) -> bool:
+    """A single entry name: no folder separator, not "." or "..", not empty."""
+    return (isinstance(value, str) and value not in ("", ".", "..") and "/" not in value and os.sep not in value
+            and "\0" not in value)
+
+
+def _journal_refused(folder: str, why: str) -> UserError:
+    return UserError(f"refused: {JOURNAL} here {why}; this code only ever stages into a {STAGING}… folder directly "
+                     f"inside the output, so the file was not written by it. Nothing was moved or deleted: look at "
+                     f"the folder and remove {JOURNAL} yourself", path=folder)
+
+
+def read_journal(folder: str) -> tuple[str, list[str]]:
+    """(staged folder, names) of an interrupted publish, checked before anything is trusted: the staged folder must
+    be a direct child named like the ones `save_pretrained_atomically` stages (never a link), every name a plain
+    entry name. A journal that says otherwise (a crafted or corrupted file) is refused in one line."""
+    from .files import read_json
+
+    info = read_json(os.path.join(folder, JOURNAL))
+    if not isinstance(info, dict):
+        raise _journal_refused(folder, f"is a JSON {type(info).__name__}, not an object")
+    staged, names = info.get("staged"), info.get("names", [])
+    if not (_plain_name(staged) and staged.startswith(STAGING)):
+        raise _journal_refused(folder, f"names {str(staged)[:120]!r} as its staged folder")
+    if not isinstance(names, list) or not all(_plain_name(n) and n != JOURNAL for n in names):
+        raise _journal_refused(folder, "lists names that are not plain file names of the folder")
+    path = os.path.join(folder, staged)
+    if os.path.islink(path):
+        raise _journal_refused(folder, f"names {staged}, which is a symbolic link")
+    return path, names
+
+
 def finish_publish(folder: str) -> None:
     """If a publish into `folder` was interrupted, move the rest of its files in (or explain in one line)."""
     journal = os.path.join(folder, JOURNAL)
     if not os.path.isfile(journal):
         return
-    from .files import read_json
-
-    info = read_json(journal)
-    staged = os.path.join(folder, str(info.get("staged", "")))
-    names = info.get("names") or []
-    if not os.path.isdir(staged) or os.path.normpath(staged) == os.path.normpath(folder):
+    staged, names = read_journal(folder)
+    if not os.path.isdir(staged):
         raise UserError(f"a save into this folder was interrupted and its staged files are gone ({JOURNAL} is "
                         "left): its files may come from two saves; save again or restore them", path=folder)
     _move_in(staged, folder, names)

@@ -33,7 +33,9 @@ def lock_output_dir(path: str) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        holder = os.read(fd, 300).decode("utf-8", "replace").strip() or "another process"
+        # The lock file is read back from a folder anyone may write: shown as one line of printable text.
+        text = os.read(fd, 300).decode("utf-8", "replace")
+        holder = "".join(c if c.isprintable() else " " for c in text).strip()[:200] or "another process"
         os.close(fd)
         raise UserError(f"another run is writing to this output folder ({holder}); wait for it to end or give "
                         "another output folder", path=path) from None
