@@ -51,6 +51,9 @@ class FinetuneArguments:
     packing: bool = field(default=False, metadata={
         "help": "opt-in: pack several rows into each training row (own positions and attention per row; "
                 "same loss as unpacked, far less padding; fewer, fuller steps per epoch)"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "allow an output_dir that is not empty and not an earlier training output (its README.md, loss.png, "
+                "adapter files may be replaced); never the home folder, the current folder or the data's folder"})
     lm_head_on_labels_only: bool = field(default=False, metadata={
         "help": "opt-in: compute the LM head and the loss only at trained positions (the answer tokens): same loss "
                 "and gradients, far less work with ChatGLM's 130k vocabulary"})
@@ -171,7 +174,8 @@ def main():
     from model_hub.registry import get_family, packed_layout
 
     model_path = resolve_model_path(finetune_args.chatglm_path)  # a wrong path: one line before anything is written
-    claim_run_folder(training_args.output_dir, resume, model_dir=model_path)  # locked; not inside the model
+    claim_run_folder(training_args.output_dir, resume, model_dir=model_path, inputs=[finetune_args.dataset_path],
+                     overwrite=finetune_args.overwrite_output_dir)  # locked; not inside the model or over user files
 
     device = distributed.local_device()
     load_in_8bit = finetune_args.load_in_8bit

@@ -104,7 +104,7 @@ def read_data(cfg, data_dir: str) -> dict:
 
 
 def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_checkpoint: str = "",
-             group_by_length: bool = False, packing: bool = False):
+             group_by_length: bool = False, packing: bool = False, overwrite_output_dir: bool = False):
     """The whole recipe; returns the Trainer (its model is the trained one)."""
     # 1. Config, data and resume point: every user mistake surfaces here, before any weight is loaded.
     cfg = load_config(config_file)
@@ -127,7 +127,8 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
     check_method_fits(cfg, load_model_config(model_path))
     from tuning.checkpoints import claim_run_folder
 
-    claim_run_folder(args.output_dir, resume, "AUTO_RESUME_FROM_CHECKPOINT yes", model_path)  # locked; checked
+    claim_run_folder(args.output_dir, resume, "AUTO_RESUME_FROM_CHECKPOINT yes", model_path,  # locked; checked
+                     inputs=[data_dir, config_file], overwrite=overwrite_output_dir)
 
     # 2. Tokenizer and model (left padding, as the original; no KV cache while training).
     bits = cfg.quantization_bit  # QLoRA: a frozen 4/8-bit base, loaded straight onto this rank's device
@@ -227,8 +228,13 @@ def main(
     packing: Annotated[bool, typer.Option(
         "--packing", help="opt-in: several rows per training row, each with its own positions and attention "
                           "(same loss, far less padding; LoRA and full fine-tuning)")] = False,
+    overwrite_output_dir: Annotated[bool, typer.Option(
+        "--overwrite_output_dir", help="allow an output_dir that is not empty and not an earlier training output "
+                                       "(its README.md, loss.png, model files may be replaced); never the home "
+                                       "folder, the current folder or the data's folder")] = False,
 ):
-    finetune(data_dir, model_dir, config_file, auto_resume_from_checkpoint, group_by_length, packing)
+    finetune(data_dir, model_dir, config_file, auto_resume_from_checkpoint, group_by_length, packing,
+             overwrite_output_dir)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ EXTRA_CONFIG = {
     "pad_to_multiple_of": 1,   # with group_by_length: round the batch length up (fewer shapes, less RSS growth)
     "prefetch_dropout_masks": False,  # opt-in, CPU: LoRA dropout masks drawn on a helper thread (bit-identical)
     "quantization_bit": None,  # 4 (QLoRA, nf4) or 8: base weights through bitsandbytes, CPU or GPU
+    "overwrite_output_dir": False,  # true: train into a save_dir that holds other files (never ~, . or the data's)
 }
 HELP = {
     "model_dir": "LLaMA folder (Chinese-Alpaca-7B), or tiny:chinese-alpaca-7b for a CPU smoke run",
@@ -55,6 +56,9 @@ HELP = {
     "local_rank": "set by the deepspeed launcher; != -1 means DeepSpeed",
     "learning_rate": "None: the lr of deepspeed.json (1e-5)",
     "resume_from_checkpoint": "path, step number or last",
+    "overwrite_output_dir": "true: allow a save_dir that is not empty and not an earlier training output (its "
+                            "README.md, loss.png, adapter files may be replaced); never the home folder, the "
+                            "current folder or a folder that holds the data",
     "group_by_length": "batches of rows of similar length, padded to the batch's longest row (not to max_seq_length)",
     "packing": "pack rows into training rows of max_seq_length tokens, each row with its own positions and "
                "attention: same loss, far less padding, fewer steps per epoch",

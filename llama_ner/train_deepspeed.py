@@ -31,8 +31,8 @@ from model_hub.registry import get_family
 from tuning import distributed
 from tuning.errors import TrainingStopped, UserError, run_main
 from tuning.methods import apply_lora, trainable_summary
-from tuning.outputs import refuse_output_in_model
-from tuning.run_folder import claim_checkpoints, lock_output_dir
+from tuning.outputs import check_training_folder, refuse_output_in_model
+from tuning.run_folder import claim_checkpoints, is_earlier_run, lock_output_dir
 from tuning.training import (DEEPSPEED_CHECKPOINTS, list_checkpoints, print_data_notes, resolve_resume,
                              stop_at_end)
 
@@ -129,7 +129,8 @@ def main():
                         field="bf16")
     check_values(args)
     check_speed_flags(args, on_gpu)
-    conf = deepspeed_config(find_deepspeed_json(args.deepspeed_jaon_path), args, on_gpu)
+    ds_path = find_deepspeed_json(args.deepspeed_jaon_path)
+    conf = deepspeed_config(ds_path, args, on_gpu)
     conf["steps_per_print"] = args.log_steps
     bits = check_quantization(args, conf)
     conf["gradient_clipping"] = 1.0  # the original clipped model grads by hand; DeepSpeed clips unscaled grads
@@ -150,6 +151,8 @@ def main():
 
     refuse_output_in_model(args.save_dir, resolve_model_path(args.model_dir))
     claim_own_checkpoints()  # refused: nothing written yet
+    check_training_folder(args.save_dir, inputs=[args.train_path, ds_path], overwrite=args.overwrite_output_dir,
+                          flag="--overwrite_output_dir=true", earlier_run=is_earlier_run)
     if distributed.is_main():
         lock_output_dir(args.save_dir)
     claim = claim_own_checkpoints()  # again, under the lock

@@ -70,16 +70,19 @@ def publish(staged: str, final: str) -> None:
 
 
 def claim_run_folder(output_dir: str, resume: str | None, hint: str = "--resume_from_checkpoint last",
-                     model_dir: str | None = None):
-    """Before anything is written: refuse an output folder inside the base `model_dir`, lock `output_dir` (main
-    process) and check that every checkpoint-N in it is this run's to replace or rotate (tuning.run_folder).
+                     model_dir: str | None = None, *, inputs=(), overwrite: bool = False,
+                     flag: str = "--overwrite_output_dir"):
+    """Before anything is written: refuse an output folder inside the base `model_dir` or one that holds the user's
+    own files (tuning.outputs.check_training_folder: `inputs`, `overwrite` = `flag` given), lock `output_dir`
+    (main process) and check that every checkpoint-N in it is this run's to replace or rotate (tuning.run_folder).
     Called early by the recipes and again by the Trainer."""
     from .distributed import is_main
-    from .outputs import refuse_output_in_model
+    from .outputs import check_training_folder, refuse_output_in_model
+    from .run_folder import is_earlier_run
 
     refuse_output_in_model(output_dir, model_dir)
-
     claim_checkpoints(output_dir, resume, TRAINER_CHECKPOINTS, hint)  # refused: nothing written
+    check_training_folder(output_dir, inputs=inputs, overwrite=overwrite, flag=flag, earlier_run=is_earlier_run)
     if is_main():
         lock_output_dir(output_dir)
         finish_publish(output_dir)  # a final save interrupted while its files moved in

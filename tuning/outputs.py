@@ -93,6 +93,34 @@ def check_files_folder(path: str, kind: str, *, inputs=(), overwrite: bool = Fal
                         path=path)
 
 
+def refuse_home(path: str) -> None:
+    """The home folder (or a folder that holds it) is never an output, whatever flag is given."""
+    home = os.path.expanduser("~")
+    if home != "~" and os.path.isdir(home) and is_inside(home, path):
+        raise UserError("is your home folder (or holds it); give a new folder for the output", path=path)
+
+
+def check_training_folder(path: str, *, inputs=(), overwrite: bool = False, flag: str = "--overwrite_output_dir",
+                          earlier_run=lambda folder: False) -> None:
+    """A training run writes README.md (PEFT's model card), loss.png, adapter/model files, checkpoints and logs into
+    `path`. Refused (one line, nothing written) unless `path` is new, empty or an earlier training output
+    (`earlier_run(path)`: it holds the run lock or a checkpoint of this code); `flag` lets the user allow a foreign
+    folder. Never, not even with `flag`: a symbolic link, the home folder, the current folder, a folder that holds
+    one of the run's `inputs` (the data, the config)."""
+    refuse_link(path)
+    refuse_home(path)
+    if is_inside(os.getcwd(), path):
+        raise UserError("is the current folder (or holds it); give a new folder for the run's output", path=path)
+    refuse_inputs(path, inputs)
+    if not os.path.isdir(path) or not os.listdir(path) or overwrite or earlier_run(path):
+        return
+    names = sorted(os.listdir(path))
+    shown = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+    raise UserError(f"is not empty and is not an earlier training output (it holds {shown}); the run would write "
+                    f"README.md, loss.png and its weights over files there: give a new or empty folder, or pass "
+                    f"{flag} to write into it", path=path)
+
+
 def refuse_output_in_model(output_dir: str, model_dir: str | None) -> None:
     """A run's output folder must not be (or be inside) the base model folder: its adapter would be taken for
     part of the base model by later loads, and a second fine-tune would build on it."""

@@ -68,6 +68,13 @@ class Claim:
             raise UserError("not replaced: this checkpoint folder was not written by this run", path=final)
 
 
+def is_earlier_run(folder: str) -> bool:
+    """`folder` was the output of a run of this code: it holds the run lock, or a checkpoint with its run marker."""
+    if os.path.isfile(os.path.join(folder, LOCK_FILE)):
+        return True
+    return any(os.path.isfile(os.path.join(folder, name, RUN_MARKER)) for name in os.listdir(folder))
+
+
 def run_of(checkpoint: str) -> str | None:
     try:
         with open(os.path.join(checkpoint, RUN_MARKER), encoding="utf-8") as f:
