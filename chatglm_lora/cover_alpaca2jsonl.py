@@ -9,6 +9,7 @@ import os
 
 from tqdm import tqdm
 
+from model_hub.chatglm6b.prompts import format_example  # noqa: F401  (the original name; one definition)
 from tuning.errors import UserError, run_main
 from tuning.files import atomic_file, default_input, read_json, require_str
 from tuning.outputs import check_output_file
@@ -22,15 +23,6 @@ def alpaca_path(value: str) -> str:
     """--data_path; its default is the repository's alpaca file wherever the script is run from."""
     return default_input(value, ALPACA_JSON, REPO, "--data_path",
                          "run `python data/prepare.py` (it unpacks the shipped alpaca_data.json.xz)")
-
-
-def format_example(example: dict) -> dict:
-    """The original's prompt: "Instruction: …\\n[Input: …\\n]Answer: " → context; the output → target."""
-    context = f"Instruction: {example['instruction']}\n"
-    if example.get("input"):
-        context += f"Input: {example['input']}\n"
-    context += "Answer: "
-    return {"context": context, "target": example["output"]}
 
 
 def read_alpaca(path: str) -> list[dict]:

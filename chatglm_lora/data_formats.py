@@ -15,7 +15,7 @@ import json
 import random
 import re
 
-from chatglm_lora.cover_alpaca2jsonl import format_example
+from model_hub.chatglm6b.prompts import format_example
 from model_hub.chatglm6b.text import build_prompt
 from tuning.errors import UserError
 from tuning.files import read_jsonl, read_text, require_str

@@ -13,16 +13,13 @@ import torch
 
 from chatglm_lora.cover_alpaca2jsonl import ALPACA_JSON, alpaca_path, format_example, read_alpaca
 from model_hub.chatglm6b.generation import build_prompt
+from model_hub.chatglm6b.prompts import clean_tuning_answer
 from tuning.errors import UserError, run_main
 from tuning.files import read_json, refuse_pickled_code
 from tuning.publish import read_adapter_folder
 
 DEFAULT_BASE = "model_path/chatglm"  # the tutorial's
-
-
-def clean_answer(text: str) -> str:
-    """The tutorial's post-processing: drop the old training format's trailing "\\nEND", strip."""
-    return text.replace("\nEND", "").strip()
+clean_answer = clean_tuning_answer  # the tutorial's post-processing (one definition, shared with serving)
 
 
 @torch.no_grad()

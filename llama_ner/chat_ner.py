@@ -18,27 +18,18 @@ import json
 import os
 
 
+# The original names of the two prompts (one definition, in model_hub, shared with serving).
+from model_hub.llama.prompts import ALPACA_TEMPLATE as ORIGINAL_TEMPLATE, build_source, generate_prompt  # noqa: F401
 from tuning.errors import UserError, run_main
 from tuning.files import atomic_file, parse_json_object, read_text, refuse_pickled_code, require_output_parent
 
-ORIGINAL_TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-                     "the request.\n\n### Instruction:\n\n{instruction}\n\n### Response:\n\n")
 GENERATION_CONFIG = dict(temperature=0.2, top_k=40, top_p=0.9, do_sample=True, num_beams=1,
                          repetition_penalty=1.3, max_new_tokens=400)
 DEFAULT_EXAMPLES = ["为什么要减少污染，保护环境？"]
 
 
-def generate_prompt(instruction: str, input: str | None = None) -> str:
-    """The original chat_ner.py prompt (kept behind --original_prompt)."""
-    if input:
-        instruction = instruction + "\n" + input
-    return ORIGINAL_TEMPLATE.format_map({"instruction": instruction})
-
-
 def prompt_ids(tokenizer, instruction: str, input: str | None, with_prompt: bool, original_prompt: bool):
     """(input ids, how to cut the response out of the decoded output)."""
-    from llama_ner.dataset import build_source
-
     if not with_prompt:
         return tokenizer(instruction)["input_ids"], "whole"
     if original_prompt:

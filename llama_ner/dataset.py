@@ -15,15 +15,11 @@ import json
 
 import torch
 
+from model_hub.llama.prompts import NER_TEMPLATE as PROMPT_TEMPLATE, build_source  # noqa: F401  (original names)
 from tuning.errors import UserError
 from tuning.files import parse_json_object, read_text
 from tuning.training import data_note
 
-PROMPT_TEMPLATE = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response: "
-)
 IGNORE_INDEX = -100
 COLUMNS = ("instruct_column", "query_column", "response_column")
 
@@ -56,13 +52,6 @@ def validate_row(line: str, path: str, line_no: int, columns) -> dict:
     if not row[instruct].strip():
         raise UserError("empty instruction", path=path, line=line_no, field=instruct)
     return row
-
-
-def build_source(instruction: str, query) -> str:
-    """The training prompt: instruction + "\\n" + query (unless the query is None or empty) in the template."""
-    if query is not None and query != "":
-        instruction = instruction + "\n" + query
-    return PROMPT_TEMPLATE.format_map({"instruction": instruction})
 
 
 class NerCollate:

@@ -1,25 +1,140 @@
-"""Which prompt a trained model expects, recorded beside its weights when a recipe trains.
+"""Prompt formats as data: one record per way a recipe prompts its model, used by training, serving, export's chat
+template and the vLLM hand-off alike (one definition: what is served is what was trained).
 
-Each recipe trains on its own prompt (ChatGLM-Tuning's "Instruction: …\\nAnswer: ", llama_ner's instruction
-template with <s> opening the answer, GLM-4's chat template). A server or demo cannot guess which from the weights,
-so training writes `prompt_format.json` ({"prompt_format": NAME, "recipe": RECIPE}) into the output folder;
-serving/prompts.py reads it (and infers the format from the model family for folders trained before this file).
+| name | family | turns | trained by |
+|---|---|---|---|
+| chatglm_tuning | chatglm6b | single | chatglm_lora: "Instruction: …\\n[Input: …\\n]Answer: " |
+| chatglm6b_chat | chatglm6b | chat | base ChatGLM-6B: "[Round N]\\n问：…\\n答：" |
+| llama_ner | llama | single | llama_ner: the NER template, "<s>" opens the answer |
+| alpaca | llama | single | the original chat_ner.py's Alpaca template (Chinese-Alpaca base models) |
+| glm4_chat | glm4 | chat + tools | glm4_finetune: GLM-4's chat template (system, tools, observation) |
+
+Each record says how to render prompt ids from OpenAI-shaped messages (single-turn formats use the last user
+message: that is all they were trained on), which ids stop generation (the family's, from the registry), how the
+answer is cleaned up as the recipe shows it, and how many trailing characters streaming must hold back because that
+clean-up may still change them. The text pieces live torch-free in `model_hub/<family>/prompts.py`.
+
+Training writes `prompt_format.json` ({"prompt_format": NAME, "recipe": RECIPE}) into its output folder, because a
+server cannot tell from the weights which prompt they learned; `detect_prompt_format` reads it back.
 """
 import json
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 from tuning.errors import UserError
 from tuning.files import atomic_file, read_json
 
+from .chatglm6b.prompts import clean_tuning_answer, tuning_prompt
+from .chatglm6b.text import build_prompt as chatglm6b_prompt, process_response
+from .glm4.prompts import glm4_messages
+from .llama.prompts import build_source, generate_prompt
+from .registry import MODELS
+
 PROMPT_FORMAT_FILE = "prompt_format.json"
-# name → what it is (serving/prompts.py implements each)
+
+
+def _text(message: dict) -> str:
+    content = message.get("content")
+    return content if isinstance(content, str) else ""
+
+
+def last_user_text(messages: list[dict]) -> str:
+    for message in reversed(messages):
+        if message["role"] == "user":
+            return _text(message)
+    raise UserError("this model's prompt needs a user message", field="messages")
+
+
+def chatglm6b_history(messages: list[dict]) -> tuple[str, list[tuple[str, str]]]:
+    """(query, [(question, answer), …]): user/assistant pairs in order; the last user message is the query."""
+    query = last_user_text(messages)
+    turns = [m for m in messages if m["role"] in ("user", "assistant")]
+    history, question = [], None
+    for message in turns[:len(turns) - 1 - [m["role"] for m in turns][::-1].index("user")]:
+        if message["role"] == "user":
+            question = _text(message)
+        elif question is not None:
+            history.append((question, _text(message)))
+            question = None
+    return query, history
+
+
+def _ids(encoded) -> list[int]:
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def _render_glm4(tokenizer, messages, tools):
+    return _ids(tokenizer.apply_chat_template(glm4_messages(messages, tools), add_generation_prompt=True,
+                                              tokenize=True, return_dict=False))
+
+
+def _render_chatglm6b(tokenizer, messages, tools):
+    return tokenizer(chatglm6b_prompt(*chatglm6b_history(messages)))["input_ids"]
+
+
+def _render_chatglm_tuning(tokenizer, messages, tools):
+    return tokenizer.encode(tuning_prompt(last_user_text(messages)))
+
+
+def _render_llama_ner(tokenizer, messages, tools):
+    source = tokenizer(build_source(last_user_text(messages), None), add_special_tokens=False)["input_ids"]
+    return source + [tokenizer.bos_token_id]  # "<s>" opens every trained answer
+
+
+def _render_alpaca(tokenizer, messages, tools):
+    return tokenizer(generate_prompt(last_user_text(messages)))["input_ids"]
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    name: str
+    family: str                                  # a registry family
+    description: str
+    multi_turn: bool                             # False: only the last user message is rendered
+    tools: bool                                  # the format has tool calls (tools in the prompt, calls parsed back)
+    render: Callable[..., list[int]]             # (tokenizer, messages, tools) → prompt ids, generation prompt open
+    postprocess: Callable[[str], str]            # the answer as the recipe shows it
+    hold_back: int = 0                           # trailing characters postprocess may still change while streaming
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return stop_ids_of_family(self.family)
+
+    def prompt_ids(self, tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        if tools and not self.tools:
+            raise UserError("tools need a GLM-4 model (its chat template has tool calls)", field="tools")
+        return self.render(tokenizer, messages, tools)
+
+
 PROMPT_FORMATS = {
-    "chatglm_tuning": "ChatGLM-Tuning: 'Instruction: …\\n[Input: …\\n]Answer: ' (chatglm_lora)",
-    "llama_ner": "llama_ner's training template, <s> opens the answer (llama_ner)",
-    "alpaca": "the Alpaca template of the original chat_ner.py (Chinese-Alpaca base models)",
-    "glm4_chat": "GLM-4's chat template: system, tools, observation (glm4_finetune)",
-    "chatglm6b_chat": "ChatGLM-6B's '[Round N]\\n问：…\\n答：' chat format (base ChatGLM-6B)",
+    f.name: f
+    for f in [
+        PromptFormat("chatglm_tuning", "chatglm6b", "ChatGLM-Tuning: 'Instruction: …\\n[Input: …\\n]Answer: ' "
+                     "(chatglm_lora)", False, False, _render_chatglm_tuning, clean_tuning_answer, hold_back=4),
+        PromptFormat("llama_ner", "llama", "llama_ner's training template, <s> opens the answer (llama_ner)",
+                     False, False, _render_llama_ner, str.strip),
+        PromptFormat("alpaca", "llama", "the Alpaca template of the original chat_ner.py (Chinese-Alpaca base models)",
+                     False, False, _render_alpaca, str.strip),
+        PromptFormat("glm4_chat", "glm4", "GLM-4's chat template: system, tools, observation (glm4_finetune)",
+                     True, True, _render_glm4, str.strip),
+        PromptFormat("chatglm6b_chat", "chatglm6b", "ChatGLM-6B's '[Round N]\\n问：…\\n答：' chat format (base "
+                     "ChatGLM-6B)", True, False, _render_chatglm6b, process_response, hold_back=1),
+    ]
 }
+# A model folder without a record: an adapter was trained by the family's recipe, a full folder is a base model.
+ADAPTER_DEFAULT = {"chatglm6b": "chatglm_tuning", "llama": "llama_ner", "glm4": "glm4_chat"}
+BASE_DEFAULT = {"chatglm6b": "chatglm6b_chat", "llama": "alpaca", "glm4": "glm4_chat"}
+
+
+def stop_ids_of_family(family: str) -> tuple[int, ...]:
+    return next(spec.stop_ids for spec in MODELS.values() if spec.family == family)
+
+
+def get_prompt_format(name: str) -> PromptFormat:
+    if name not in PROMPT_FORMATS:
+        raise UserError(f"unknown prompt format {name!r}; known: {', '.join(PROMPT_FORMATS)}", field="prompt_format")
+    return PROMPT_FORMATS[name]
 
 
 def record_prompt_format(folder: str, prompt_format: str, recipe: str) -> str:
@@ -42,5 +157,28 @@ def read_prompt_format(folder: str) -> str | None:
     name = record.get("prompt_format") if isinstance(record, dict) else None
     if name not in PROMPT_FORMATS:
         raise UserError(f"expected one of {', '.join(PROMPT_FORMATS)}, got {name!r}", path=path,
+                        field="prompt_format")
+    return name
+
+
+def _older_record(folder: str) -> str | None:
+    # llama_ner adapters have always carried train_args.json beside them.
+    return "llama_ner" if os.path.isfile(os.path.join(folder, "train_args.json")) else None
+
+
+def detect_prompt_format(family: str, model_dir: str | None, adapter_dir: str | None,
+                         override: str | None = None) -> str:
+    """The recorded format (adapter folder first, then the model folder), else the family's default."""
+    name = override
+    if not name:
+        for folder in (adapter_dir, model_dir):
+            if folder and os.path.isdir(folder):
+                name = read_prompt_format(folder) or _older_record(folder)
+                if name:
+                    break
+        name = name or (ADAPTER_DEFAULT if adapter_dir else BASE_DEFAULT)[family]
+    found = get_prompt_format(name)
+    if found.family != family:
+        raise UserError(f"prompt format {name} is for {found.family} models, this model is {family}",
                         field="prompt_format")
     return name

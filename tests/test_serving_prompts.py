@@ -117,3 +117,43 @@ def test_make_serve_serves_the_newest_recipe_output(tmp_path):
     (sft / "config.json").write_text("{}")
     (sft / "model.safetensors").write_bytes(b"0")
     assert last_trained(str(tmp_path)) == (str(sft), None)
+
+
+def test_each_prompt_format_record_is_complete_and_its_hold_back_covers_its_clean_up():
+    """model_hub.prompt_format: one record per format, each with a registry family, stop ids, and a streaming
+    hold-back at least as long as what its clean-up may still change at the end of a partial answer."""
+    from model_hub.prompt_format import PROMPT_FORMATS
+    from model_hub.registry import FAMILIES
+
+    assert set(PROMPT_FORMATS) == {"chatglm_tuning", "chatglm6b_chat", "llama_ner", "alpaca", "glm4_chat"}
+    for name, record in PROMPT_FORMATS.items():
+        assert record.name == name and record.family in FAMILIES and record.stop_ids
+    assert PROMPT_FORMATS["chatglm_tuning"].postprocess("答案\nEND") == "答案"
+    assert PROMPT_FORMATS["chatglm_tuning"].hold_back >= len("\nEND")
+    assert PROMPT_FORMATS["chatglm6b_chat"].postprocess("你好,世界") == "你好，世界"
+    assert PROMPT_FORMATS["chatglm6b_chat"].hold_back >= 1
+    assert [n for n, r in PROMPT_FORMATS.items() if r.tools] == ["glm4_chat"]
+
+
+def test_training_rows_start_with_the_prompt_that_is_served():
+    """What is served is what was trained: the recipe's own training row begins with exactly the served prompt ids
+    (llama_ner: source + the "<s>" that opens the answer; chatglm_lora: context ids + [gMASK] <sop>)."""
+    from types import SimpleNamespace
+
+    from chatglm_lora.tokenize_dataset_rows import tokenize_rows
+    from llama_ner.dataset import NerCollate
+
+    text, answer = "找出句子中的人名：张三在北京工作。", "人名：张三"
+    llama = load_tokenizer("tiny:chinese-alpaca-7b")
+    collate = NerCollate(SimpleNamespace(instruct_column="instruct", query_column="query", response_column="answer",
+                                         max_seq_length=512), llama)
+    (row_ids, labels), = collate.rows([{"instruct": text, "query": None, "answer": answer}])
+    served = build_prompt_ids("llama_ner", llama, [{"role": "user", "content": text}])
+    assert row_ids[:len(served)] == served and labels[len(served) - 1] == llama.bos_token_id
+
+    chatglm = load_tokenizer("tiny:chatglm-6b")
+    from model_hub.chatglm6b.prompts import tuning_prompt
+
+    (ids, seq_len), = tokenize_rows(chatglm, chatglm.eos_token_id, [tuning_prompt(text)], [answer], 512)
+    served = build_prompt_ids("chatglm_tuning", chatglm, [{"role": "user", "content": text}])
+    assert ids[:seq_len] == served

@@ -5,7 +5,6 @@ transformers 5 refuses attention masks that are not 2-D in `generate`, so the to
 [B, 1, L, L] travels under its own name (`glm_attention_mask`) through the generation loop.
 """
 import queue
-import re
 import threading
 
 import torch
@@ -14,13 +13,11 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging
 
 from .masks import next_position_ids
-from .text import build_prompt  # noqa: F401  (torch-free: the data step uses it too)
+from .text import build_prompt, process_response  # noqa: F401  (torch-free: the data step and serving use them)
 
 logger = logging.get_logger(__name__)
 
 GLM_MASK_KWARG = "glm_attention_mask"
-_PUNCTUATION = ((",", "，"), ("!", "！"), (":", "："), (";", "；"), ("?", "？"))
-_CJK = r"[\u4e00-\u9fff]"
 
 
 class InvalidScoreLogitsProcessor(LogitsProcessor):
@@ -31,17 +28,6 @@ class InvalidScoreLogitsProcessor(LogitsProcessor):
             scores.zero_()
             scores[..., 5] = 5e4
         return scores
-
-
-def process_response(response: str) -> str:
-    """Strip, fill in the training date, and turn ASCII , ! : ; ? next to a CJK character into full-width marks
-    (decoding returns ASCII punctuation because the tokenizer's NFKC normaliser folded it)."""
-    response = response.strip().replace("[[训练时间]]", "2023年")
-    for mark, full in _PUNCTUATION:
-        mark = re.escape(mark)
-        response = re.sub(f"({_CJK}){mark}", rf"\g<1>{full}", response)
-        response = re.sub(f"{mark}({_CJK})", rf"{full}\g<1>", response)
-    return response
 
 
 class _QueueStreamer(BaseStreamer):

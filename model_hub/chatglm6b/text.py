@@ -118,3 +118,18 @@ def build_prompt(query: str, history=None) -> str:
         return query
     turns = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))
     return turns + f"[Round {len(history)}]\n问：{query}\n答："
+
+
+_PUNCTUATION = ((",", "，"), ("!", "！"), (":", "："), (";", "；"), ("?", "？"))
+_CJK = r"[\u4e00-\u9fff]"
+
+
+def process_response(response: str) -> str:
+    """Strip, fill in the training date, and turn ASCII , ! : ; ? next to a CJK character into full-width marks
+    (decoding returns ASCII punctuation because the tokenizer's NFKC normaliser folded it)."""
+    response = response.strip().replace("[[训练时间]]", "2023年")
+    for mark, full in _PUNCTUATION:
+        mark = re.escape(mark)
+        response = re.sub(f"({_CJK}){mark}", rf"\g<1>{full}", response)
+        response = re.sub(f"{mark}({_CJK})", rf"{full}\g<1>", response)
+    return response
