@@ -15,8 +15,7 @@ from chatglm_lora.cover_alpaca2jsonl import ALPACA_JSON, alpaca_path, format_exa
 from model_hub.chatglm6b.generation import build_prompt
 from model_hub.chatglm6b.prompts import clean_tuning_answer
 from tuning.errors import UserError, run_main
-from tuning.files import read_json, refuse_pickled_code
-from tuning.publish import read_adapter_folder
+from tuning.files import read_json
 
 DEFAULT_BASE = "model_path/chatglm"  # the tutorial's
 clean_answer = clean_tuning_answer  # the tutorial's post-processing (one definition, shared with serving)
@@ -64,17 +63,10 @@ def check_adapter_args(chatglm_path: str, lora_path: str) -> None:
 
 def load_with_adapter(chatglm_path: str, lora_path: str, bf16: bool = False, quantization_bit: int | None = None):
     """(base ChatGLM-6B, quantized with `quantization_bit`, + the LoRA adapter in eval mode, tokenizer)."""
-    read_adapter_folder(lora_path)  # whole (an interrupted save finished), weights there: no Hub lookup
+    from model_hub.loader import load_adapted
 
-    from peft import PeftModel
-
-    from model_hub.loader import load_model_and_tokenizer
-
-    model, tokenizer = load_model_and_tokenizer(chatglm_path, dtype="bf16" if bf16 else None,
-                                                quantization_bit=quantization_bit)
-    with refuse_pickled_code(lora_path):  # an old adapter_model.bin: tensors only
-        model = PeftModel.from_pretrained(model, lora_path).eval()
-    return model, tokenizer
+    return load_adapted(chatglm_path, lora_path, dtype="bf16" if bf16 else None, quantization_bit=quantization_bit,
+                        base_flag="--chatglm_path")
 
 
 def interactive(model, tokenizer, max_length: int = 2048, max_new_tokens: int | None = None):

@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from tuning.errors import UserError, run_main
-from tuning.files import read_json, refuse_pickled_code
+from tuning.files import read_json
 
 OBSERVATION = 151338
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
@@ -27,36 +27,14 @@ def load_for_inference(model_dir: str, base_model: str | None = None, dtype: str
                        quantization_bit: int | None = None):
     """(model, tokenizer) from an adapter folder (base + adapter) or a full model folder, as the original;
     `quantization_bit` 4/8 loads the (base) model's linear layers through bitsandbytes."""
-    from model_hub.loader import load_model_and_tokenizer
+    from model_hub.loader import load_adapted
 
-    adapter_config = os.path.join(model_dir, "adapter_config.json")
-    if not os.path.isfile(adapter_config):
-        model, tokenizer = load_model_and_tokenizer(model_dir, dtype=dtype, quantization_bit=quantization_bit)
-        return model.eval(), tokenizer
-    from peft import PeftModelForCausalLM
-
-    from model_hub.glm4.prefix_positions import number_text_from_zero
-
-    from tuning.publish import read_adapter_folder
-
-    config = read_adapter_folder(model_dir)  # whole (an interrupted save finished), weights there: no Hub lookup
-    base = base_model
-    if not base:
-        from model_hub.loader import resolve_recorded_model_path
-
-        base = config.get("base_model_name_or_path")
-        if not base:
-            raise UserError("base_model_name_or_path is empty; pass --base-model", path=adapter_config)
-        resolve_recorded_model_path(base, f"base_model_name_or_path in {adapter_config}", "--base-model PATH")
-    model, tokenizer = load_model_and_tokenizer(base, dtype=dtype, quantization_bit=quantization_bit)
-    with refuse_pickled_code(model_dir):
-        model = PeftModelForCausalLM.from_pretrained(model, model_dir)
-    number_text_from_zero(model)  # P-tuning v2: the text positions it was trained with (no-op for LoRA)
-    if os.path.isfile(os.path.join(model_dir, "tokenizer_config.json")):  # ours save it with the adapter
-        from model_hub.loader import tokenizer_from_folder
-
-        tokenizer = tokenizer_from_folder(model_dir)
-    return model.eval(), tokenizer
+    if not os.path.isfile(os.path.join(model_dir, "adapter_config.json")):
+        return load_adapted(model_dir, None, dtype=dtype, quantization_bit=quantization_bit)
+    # An adapter: its base (from adapter_config.json unless given), its tokenizer, and for P-tuning v2 the text
+    # positions it was trained with (the registry's GLM-4 hook).
+    return load_adapted(base_model, model_dir, dtype=dtype, quantization_bit=quantization_bit,
+                        base_flag="--base-model")
 
 
 def generate_reply(model, tokenizer, messages, on_delta=None, **sampling) -> tuple[dict, bool, str]:

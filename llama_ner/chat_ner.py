@@ -21,7 +21,7 @@ import os
 # The original names of the two prompts (one definition, in model_hub, shared with serving).
 from model_hub.llama.prompts import ALPACA_TEMPLATE as ORIGINAL_TEMPLATE, build_source, generate_prompt  # noqa: F401
 from tuning.errors import UserError, run_main
-from tuning.files import atomic_file, parse_json_object, read_text, refuse_pickled_code, require_output_parent
+from tuning.files import atomic_file, parse_json_object, read_text, require_output_parent
 
 GENERATION_CONFIG = dict(temperature=0.2, top_k=40, top_p=0.9, do_sample=True, num_beams=1,
                          repetition_penalty=1.3, max_new_tokens=400)
@@ -87,27 +87,12 @@ def _has_tokenizer(path: str) -> bool:
 
 def load(args):
     import torch
-    from peft import PeftModel
-    import model_hub  # noqa: F401  (registers the LLaMA tokenizer with the original's ids)
-    from model_hub.loader import load_model_and_tokenizer, load_tokenizer, tokenizer_from_folder
 
-    on_gpu = torch.cuda.is_available()
-    tokenizer = load_tokenizer(args.tokenizer_path) if _is_model(args.tokenizer_path) else \
-        tokenizer_from_folder(args.tokenizer_path)
-    model, _ = load_model_and_tokenizer(args.base_model, dtype="fp16" if on_gpu else "fp32",
-                                        quantization_bit=args.quantization_bit)
-    vocab = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) != vocab:
-        if len(tokenizer) < vocab:
-            raise UserError(f"the tokenizer has {len(tokenizer)} tokens, fewer than the model's {vocab}; wrong "
-                            "--tokenizer_path?", field="tokenizer_path")
-        print(f"resizing the model's vocabulary {vocab} -> {len(tokenizer)} to match the tokenizer")
-        model.resize_token_embeddings(len(tokenizer))
-    if args.lora_model:
-        with refuse_pickled_code(args.lora_model):
-            model = PeftModel.from_pretrained(model, args.lora_model)
-    model.eval()
-    return model, tokenizer
+    from model_hub.loader import load_adapted
+
+    return load_adapted(args.base_model, args.lora_model, dtype="fp16" if torch.cuda.is_available() else "fp32",
+                        quantization_bit=args.quantization_bit, tokenizer_path=args.tokenizer_path,
+                        base_flag="--base_model")
 
 
 def main():

@@ -13,7 +13,7 @@ from llama_ner.common import BASE_CONFIG, EXTRA_CONFIG, load_train_args
 from llama_ner.config_utils import ConfigParser
 from llama_ner.process import ordered_types
 from tuning.errors import UserError
-from tuning.files import atomic_file, refuse_pickled_code
+from tuning.files import atomic_file
 from tuning.generation import generate_batched
 from tuning.ner_metrics import format_table, ner_scores, parse_entities
 
@@ -49,23 +49,15 @@ def find_adapter(save_dir: str) -> str:
 def load_model(args):
     """Base model + the trained LoRA, in eval mode (bf16 if the run used it, fp16/bf16 on a GPU, else fp32; the
     base in 4/8 bits if the run was QLoRA, unless --quantization_bit=0)."""
-    from peft import PeftModel
-
-    from model_hub.loader import load_model_and_tokenizer
-
-    from tuning.publish import read_adapter_folder
+    from model_hub.loader import load_adapted
 
     adapter = find_adapter(args.save_dir)
-    read_adapter_folder(adapter)  # whole (an interrupted save finished), weights there: no Hub lookup
     if os.path.isfile(args.train_args) and load_train_args(args.train_args).get("model_dir") == args.model_dir:
         from model_hub.loader import resolve_recorded_model_path
 
         resolve_recorded_model_path(args.model_dir, f"model_dir in {args.train_args}", "--model_dir=PATH")
-    model, tokenizer = load_model_and_tokenizer(args.model_dir, dtype="bf16" if getattr(args, "bf16", False)
-                                                else "auto", quantization_bit=getattr(args, "quantization_bit", None))
-    with refuse_pickled_code(adapter):
-        model = PeftModel.from_pretrained(model, adapter)
-    model.eval()
+    model, tokenizer = load_adapted(args.model_dir, adapter, dtype="bf16" if getattr(args, "bf16", False) else "auto",
+                                    quantization_bit=getattr(args, "quantization_bit", None), base_flag="--model_dir")
     print(f"model: {args.model_dir} + adapter {adapter}")
     return model, tokenizer
 

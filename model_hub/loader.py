@@ -19,7 +19,7 @@ from tuning.files import read_json, refuse_pickled_code
 from tuning.publish import recover_replaced
 
 from .make_tiny import tiny_dir
-from .registry import MODELS
+from .registry import FAMILIES, MODELS, family_of_config, load_hook
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -203,3 +203,64 @@ def bitsandbytes_config(bits: int, device: torch.device):
     bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32)
+
+
+def has_tokenizer(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer_config.json", "tokenizer.model"))
+
+
+def _match_vocabulary(model, tokenizer, family: str, tokenizer_path: str | None) -> None:
+    """A tokenizer with more tokens than the embedding (Chinese-LLaMA's extended vocabulary on a LLaMA base): the
+    embedding grows to match, as the original chat_ner.py. Fewer tokens is normal where the family pads its
+    vocabulary (GLM); elsewhere it means the wrong tokenizer was given."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        print(f"resizing the model's vocabulary {vocab} -> {len(tokenizer)} to match the tokenizer")
+        model.resize_token_embeddings(len(tokenizer))
+    elif len(tokenizer) < vocab and tokenizer_path and not getattr(FAMILIES.get(family), "padded_vocab", True):
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens, fewer than the model's {vocab}; wrong "
+                        "tokenizer folder?", path=tokenizer_path, field="tokenizer_path")
+
+
+def load_adapted(model: str | None, adapter: str | None = None, *, dtype=None, device: str | None = None,
+                 quantization_bit: int | None = None, tokenizer_path: str | None = None,
+                 base_flag: str = "--model", family_hooks: bool = True):
+    """The one way to load a base model with (or without) a PEFT adapter on it → (model, tokenizer), eval mode.
+
+    `model`: a model folder or tiny:NAME; None with an `adapter`: the base its adapter_config.json names (a path that
+    is gone is one line naming `base_flag`). The adapter folder is checked first (an interrupted save finished,
+    config and weights present: tuning.publish.read_adapter_folder) and read with pickles refused. The tokenizer
+    comes from `tokenizer_path`, else the adapter when it carries one (glm4_finetune saves it there), else the base.
+    A tokenizer larger than the embedding grows it. `family_hooks`: the registry's per-family hook for a P-tuning v2
+    adapter (GLM-4: its text numbered from 0, as trained) — off for the serving engine, which numbers positions
+    itself. The base in 4/8 bits with `quantization_bit`."""
+    config = None
+    if adapter is not None:
+        from tuning.publish import read_adapter_folder
+
+        config = read_adapter_folder(adapter)
+        if model is None:
+            model = config.get("base_model_name_or_path")
+            recorded = os.path.join(adapter, ADAPTER_CONFIG)
+            if not model:
+                raise UserError(f"base_model_name_or_path is empty; pass {base_flag}", path=recorded)
+            resolve_recorded_model_path(model, f"base_model_name_or_path in {recorded}", f"{base_flag} PATH")
+    if model is None:
+        raise UserError(f"give {base_flag} (a model folder or tiny:NAME) or an adapter folder", field="model")
+    base, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device, quantization_bit=quantization_bit)
+    family = family_of_config(base.config)
+    tokenizer_path = tokenizer_path or (adapter if adapter and has_tokenizer(adapter) else None)
+    if tokenizer_path:
+        tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path.startswith("tiny:") or os.path.isfile(
+            os.path.join(tokenizer_path, "config.json")) else tokenizer_from_folder(tokenizer_path)
+    _match_vocabulary(base, tokenizer, family, tokenizer_path)
+    if adapter is None:
+        return base.eval(), tokenizer
+    from peft import PeftModel
+
+    with refuse_pickled_code(adapter):
+        adapted = PeftModel.from_pretrained(base, adapter)
+    hook = getattr(FAMILIES.get(family), "prefix_hook", None)
+    if family_hooks and hook and adapted.active_peft_config.is_prompt_learning:
+        load_hook(hook)(adapted)
+    return adapted.eval(), tokenizer

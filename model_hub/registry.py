@@ -14,6 +14,8 @@ class Family:
     lora_alpha: int = 32             # all three originals: alpha 32, dropout 0.1
     lora_dropout: float = 0.1
     packed_layout: str | None = None  # "module:Class" of a model that builds its own packed masks/positions
+    padded_vocab: bool = False       # the embedding has more rows than the tokenizer has tokens (by design)
+    prefix_hook: str | None = None   # "module:function" applied to a P-tuning v2 PeftModel when it is loaded
 
     def lora(self) -> dict:
         """Keyword arguments of tuning.methods.apply_lora for the original recipe's LoRA (r is the user's)."""
@@ -44,12 +46,13 @@ FAMILIES = {
         # Native GlmForCausalLM: the original's fused query_key_value is split into q/k/v_proj (same placement).
         Family("glm4", "glm",
                ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),
-               ("q_proj", "k_proj", "v_proj")),
+               ("q_proj", "k_proj", "v_proj"), padded_vocab=True,
+               prefix_hook="model_hub.glm4.prefix_positions:number_text_from_zero"),
         # ChatGLM-Tuning named no targets: PEFT's default for model_type chatglm.
         Family("chatglm6b", "chatglm",
                ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
                ("query_key_value",),
-               packed_layout="model_hub.chatglm6b.packing:ChatGLMBlocks"),
+               packed_layout="model_hub.chatglm6b.packing:ChatGLMBlocks", padded_vocab=True),
     ]
 }
 
@@ -93,12 +96,17 @@ def family_of_config(config) -> str:
     return model_type
 
 
+def load_hook(reference: str):
+    """The object a "module:name" reference of the registry names."""
+    import importlib
+
+    module, name = reference.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def packed_layout(config):
     """The tuning.packing layout for a model config: the family's own, or None (positions restarting at 0)."""
     family = FAMILIES.get(family_of_config(config))
     if family is None or family.packed_layout is None:
         return None
-    import importlib
-
-    module, name = family.packed_layout.split(":")
-    return getattr(importlib.import_module(module), name)(config)
+    return load_hook(family.packed_layout)(config)

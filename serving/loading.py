@@ -10,10 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from model_hub.loader import load_model_and_tokenizer, resolve_model_path
-from model_hub.registry import family_of_config
+from model_hub.loader import load_adapted, resolve_model_path
+from model_hub.registry import FAMILIES, family_of_config
 from tuning.errors import UserError
-from tuning.files import refuse_pickled_code
 
 from .prompts import detect_prompt_format, read_base_of_adapter, stop_ids_of_family
 
@@ -77,19 +76,18 @@ def load_for_serving(model: str | None, adapter: str | None = None, *, dtype: st
     if model is None:
         raise UserError("give --model (a model folder or tiny:NAME) or --adapter", field="model")
     path = resolve_model_path(model)
-    base, tokenizer = load_model_and_tokenizer(path, dtype=dtype, device=device)
+    # The engine numbers a P-tuning prefix's text positions itself (left-padded batches): no family hook.
+    loaded, tokenizer = load_adapted(path, adapter, dtype=dtype, device=device, family_hooks=False)
+    base = loaded.get_base_model() if adapter is not None else loaded
     family = family_of_config(base.config)
-    if family not in ("llama", "glm4", "chatglm6b"):
+    if family not in FAMILIES:
         raise UserError(f"model type {base.config.model_type!r} is not served here (LLaMA, GLM-4, ChatGLM-6B)",
                         path=path)
     if getattr(base.config, "pre_seq_len", None):
         raise UserError("ChatGLM-6B's built-in P-tuning prefix is not served; merge or use a PEFT adapter", path=path)
     prefix, core = None, base
     if adapter is not None:
-        from peft import PeftModel
-
-        with refuse_pickled_code(adapter):
-            peft_model = PeftModel.from_pretrained(base, adapter).eval()
+        peft_model = loaded
         if peft_model.active_peft_config.is_prompt_learning:
             if peft_model.active_peft_config.peft_type != "PREFIX_TUNING":
                 raise UserError(f"{peft_model.active_peft_config.peft_type} adapters are not served (LoRA and "
@@ -98,11 +96,6 @@ def load_for_serving(model: str | None, adapter: str | None = None, *, dtype: st
                 raise UserError("a PEFT prefix on ChatGLM-6B is not served", path=adapter)
             with torch.no_grad():
                 prefix = _prefix_cache(peft_model)
-        core = peft_model.get_base_model()
-        if os.path.isfile(os.path.join(adapter, "tokenizer_config.json")):  # glm4 saves it with the adapter
-            from model_hub.loader import load_tokenizer
-
-            tokenizer = load_tokenizer(adapter)
     core.eval()
     name = served_name or (os.path.basename(os.path.normpath(adapter)) if adapter else model)
     fmt = detect_prompt_format(family, None if model.startswith("tiny:") else path, adapter, prompt_format)

@@ -99,3 +99,35 @@ def test_a_model_hub_module_that_loads_transformers_first_still_registers(first)
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ChatGLMTokenizer"
+
+
+def test_one_adapter_loader():
+    """Loading an adapter onto a base happens in model_hub.loader.load_adapted only (issue 30: five drifting copies
+    were merged; a sixth would drift again)."""
+    found = []
+    for folder in ("tuning", "model_hub", "serving", "bench", *RECIPES):
+        for path, tree in python_files(folder):
+            found += [(path, node.lineno) for node in ast.walk(tree)
+                      if isinstance(node, ast.Attribute) and node.attr == "from_pretrained"
+                      and isinstance(node.value, ast.Name) and node.value.id.startswith("PeftModel")]
+    assert [path for path, _ in found] == ["model_hub/loader.py"], found
+
+
+def test_the_adapter_loader_takes_the_adapters_tokenizer_and_applies_the_family_hook(tmp_path):
+    """One GLM-4 P-tuning v2 adapter: the recipes' load (family hook on: text positions from 0, as trained) and the
+    engine's (hook off: the engine numbers positions itself) differ only there; both use the adapter's tokenizer."""
+    import torch
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from model_hub.loader import load_adapted, load_model_and_tokenizer
+
+    base, tokenizer = load_model_and_tokenizer("tiny:glm-4-9b-chat", dtype="fp32")
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    get_peft_model(base, config).save_pretrained(tmp_path / "adapter")
+    tokenizer.add_tokens(["<the-adapters-own-token>"])  # proof of which tokenizer was taken
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    for hooks in (True, False):
+        model, loaded_tokenizer = load_adapted("tiny:glm-4-9b-chat", str(tmp_path / "adapter"), family_hooks=hooks)
+        assert "<the-adapters-own-token>" in loaded_tokenizer.get_vocab()
+        assert not model.training and isinstance(model.get_base_model(), torch.nn.Module)
+        assert getattr(model.base_model, "_text_positions_from_zero", False) is hooks
