@@ -168,7 +168,7 @@ def main():
     check_resume_launcher(resume, bool(training_args.deepspeed), "pass the same --deepspeed CONFIG again",
                           "leave out --deepspeed")
     dataset = load_rows(finetune_args.dataset_path)  # validate data before loading the model
-    distributed.say(len(dataset))
+    distributed.say(f"train rows: {len(dataset)}")  # the original printed the bare number
 
     from model_hub.loader import load_model_and_tokenizer, quantization_bits, resolve_model_path
     from model_hub.registry import get_family, packed_layout
