@@ -313,7 +313,19 @@ def export(src: str, out: str, *, base: str | None = None, dtype: str | None = N
         write_json(os.path.join(tmp, "config.json"), config)
         write_json(os.path.join(tmp, "generation_config.json"), generation_config(plan))
         write_readme(plan, tmp, torch_dtype, command)
+        copy_prompt_format(plan, tmp)
     return out
+
+
+def copy_prompt_format(plan: Plan, tmp: str) -> None:
+    """The prompt the source was trained on travels with the export (prompt_format.json, and for LLaMA the chat
+    template made from it): a server cannot tell it from the merged weights."""
+    from .prompt_format import read_prompt_format, record_prompt_format
+
+    name = read_prompt_format(plan.src) if os.path.isdir(plan.src) else None
+    if name:
+        recipe = read_json(os.path.join(plan.src, "prompt_format.json")).get("recipe", "")
+        record_prompt_format(tmp, name, str(recipe))
 
 
 def main(argv: list[str] | None = None):

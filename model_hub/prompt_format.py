@@ -27,11 +27,12 @@ from tuning.files import atomic_file, read_json
 
 from .chatglm6b.prompts import clean_tuning_answer, tuning_prompt
 from .chatglm6b.text import build_prompt as chatglm6b_prompt, process_response
-from .glm4.prompts import glm4_messages
-from .llama.prompts import build_source, generate_prompt
+from .glm4.prompts import glm4_messages, openai_chat_template
+from .llama.prompts import ALPACA_CHAT_TEMPLATE, NER_CHAT_TEMPLATE, build_source, generate_prompt
 from .registry import MODELS
 
 PROMPT_FORMAT_FILE = "prompt_format.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 def _text(message: dict) -> str:
@@ -96,6 +97,9 @@ class PromptFormat:
     render: Callable[..., list[int]]             # (tokenizer, messages, tools) → prompt ids, generation prompt open
     postprocess: Callable[[str], str]            # the answer as the recipe shows it
     hold_back: int = 0                           # trailing characters postprocess may still change while streaming
+    # (tokenizer) → the same prompt as a Jinja chat template over OpenAI messages (+ `tools`), for engines that
+    # render it themselves (vLLM); None where no such engine serves the family (ChatGLM-6B).
+    chat_template: Callable[[object], str] | None = None
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -113,11 +117,12 @@ PROMPT_FORMATS = {
         PromptFormat("chatglm_tuning", "chatglm6b", "ChatGLM-Tuning: 'Instruction: …\\n[Input: …\\n]Answer: ' "
                      "(chatglm_lora)", False, False, _render_chatglm_tuning, clean_tuning_answer, hold_back=4),
         PromptFormat("llama_ner", "llama", "llama_ner's training template, <s> opens the answer (llama_ner)",
-                     False, False, _render_llama_ner, str.strip),
+                     False, False, _render_llama_ner, str.strip, chat_template=lambda tokenizer: NER_CHAT_TEMPLATE),
         PromptFormat("alpaca", "llama", "the Alpaca template of the original chat_ner.py (Chinese-Alpaca base models)",
-                     False, False, _render_alpaca, str.strip),
+                     False, False, _render_alpaca, str.strip, chat_template=lambda tokenizer: ALPACA_CHAT_TEMPLATE),
         PromptFormat("glm4_chat", "glm4", "GLM-4's chat template: system, tools, observation (glm4_finetune)",
-                     True, True, _render_glm4, str.strip),
+                     True, True, _render_glm4, str.strip,
+                     chat_template=lambda tokenizer: openai_chat_template(tokenizer.chat_template)),
         PromptFormat("chatglm6b_chat", "chatglm6b", "ChatGLM-6B's '[Round N]\\n问：…\\n答：' chat format (base "
                      "ChatGLM-6B)", True, False, _render_chatglm6b, process_response, hold_back=1),
     ]
@@ -145,7 +150,19 @@ def record_prompt_format(folder: str, prompt_format: str, recipe: str) -> str:
     with atomic_file(path) as f:
         json.dump({"prompt_format": prompt_format, "recipe": recipe}, f, indent=2)
         f.write("\n")
+    write_chat_template(folder, prompt_format)
     return path
+
+
+def write_chat_template(folder: str, prompt_format: str) -> None:
+    """The LLaMA prompts as chat_template.jinja beside the weights, so that engines rendering OpenAI messages
+    (vLLM, plain transformers) build the trained prompt. GLM-4 folders keep GLM-4's own template (THUDM's messages
+    use it; `python -m serving.vllm` adds the OpenAI mapping); ChatGLM-6B has no such engine."""
+    record = PROMPT_FORMATS[prompt_format]
+    if record.family != "llama":
+        return
+    with atomic_file(os.path.join(folder, CHAT_TEMPLATE_FILE)) as f:
+        f.write(record.chat_template(None))
 
 
 def read_prompt_format(folder: str) -> str | None:

@@ -19,7 +19,7 @@ KINDS = {
               ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
                "pytorch_model*.bin", "pytorch_model.bin.index.json", "consolidated.*.pth", "params.json",
                "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "*.model",
-               "vocab*", "merges.txt")),
+               "vocab*", "merges.txt", "prompt_format.json")),
 }
 KIND_NAMES = {"datasets": "datasets folder written by this command", "model": "model folder"}
 

@@ -55,3 +55,40 @@ def parse_tool_call(text: str, tools: list[dict]) -> tuple[str, str] | None:
     if not isinstance(parsed, dict):
         return None
     return name, json.dumps(parsed, ensure_ascii=False)
+
+
+def openai_chat_template(native: str) -> str:
+    """GLM-4's own chat template (`native`, from its tokenizer_config.json) for OpenAI-shaped messages, as
+    `glm4_messages` maps them: tools (the engine's `tools` variable) go into the first system turn (an empty one is
+    opened when there is none), an assistant tool call becomes `<|assistant|>NAME` + its arguments (a JSON string
+    as given, or an object as vLLM passes it, written as json.dumps does), a `tool` message an `<|observation|>`
+    turn. Built by wrapping the native template's loop body, so the rendering of each turn stays GLM-4's own."""
+    head, loop = "[gMASK]<sop>{% for item in messages %}", "{% endfor %}"
+    if not native.startswith(head) or loop not in native:
+        raise ValueError("not GLM-4-9b-chat's chat template (expected it to start with [gMASK]<sop> and a loop)")
+    body = native[len(head):native.rindex(loop)]
+    mapped = (
+        "{%- set ns = namespace(items=[]) -%}"
+        "{%- for m in messages -%}"
+        "{%- set text = m['content'] if m['content'] is string else '' -%}"
+        "{%- if m['role'] == 'assistant' and m['tool_calls'] -%}"
+        "{%- for call in m['tool_calls'] -%}"
+        "{%- set arguments = call['function']['arguments'] -%}"
+        "{%- set ns.items = ns.items + [{'role': 'assistant', 'metadata': call['function']['name'], "
+        "'content': arguments if arguments is string else arguments | tojson}] -%}"
+        "{%- endfor -%}"
+        "{%- elif m['role'] == 'tool' -%}"
+        "{%- set ns.items = ns.items + [{'role': 'observation', 'metadata': '', 'content': text}] -%}"
+        "{%- else -%}"
+        "{%- set ns.items = ns.items + [{'role': m['role'], 'metadata': '', 'content': text}] -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if tools -%}"
+        "{%- if ns.items and ns.items[0]['role'] == 'system' -%}"
+        "{%- set ns.items = [dict(ns.items[0], tools=tools)] + ns.items[1:] -%}"
+        "{%- else -%}"
+        "{%- set ns.items = [{'role': 'system', 'metadata': '', 'content': '', 'tools': tools}] + ns.items -%}"
+        "{%- endif -%}"
+        "{%- endif -%}"
+    )
+    return mapped + head.replace("messages", "ns.items") + body + loop + native[native.rindex(loop) + len(loop):]

@@ -28,3 +28,20 @@ def generate_prompt(instruction: str, input: str | None = None) -> str:
     if input:
         instruction = instruction + "\n" + input
     return ALPACA_TEMPLATE.format_map({"instruction": instruction})
+
+
+# The same prompts as chat templates (Jinja, for engines that render OpenAI messages themselves: vLLM, TGI, plain
+# transformers' apply_chat_template), generated from the templates above so there is one definition. Single-turn,
+# as trained: the last user message is the instruction. Rendered text is tokenized without added special tokens.
+_LAST_USER = ("{%- set ns = namespace(text='') -%}{%- for m in messages -%}{%- if m['role'] == 'user' -%}"
+              "{%- set ns.text = m['content'] if m['content'] is string else '' -%}{%- endif -%}{%- endfor -%}")
+
+
+def _jinja_text(text: str) -> str:
+    return text.replace("{instruction}", "{{ ns.text }}")
+
+
+# "<s>" opens the answer (as NerCollate trains): the BOS token right after the template's trailing space.
+NER_CHAT_TEMPLATE = _LAST_USER + _jinja_text(NER_TEMPLATE) + "{{ bos_token }}"
+# (the closing `{{ "" }}`: Jinja drops a final newline of the template source, the prompt ends in two)
+ALPACA_CHAT_TEMPLATE = _LAST_USER + "{{ bos_token }}" + _jinja_text(ALPACA_TEMPLATE) + "{{ \"\" }}"
