@@ -128,7 +128,7 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
     from tuning.checkpoints import claim_run_folder
 
     claim_run_folder(args.output_dir, resume, "AUTO_RESUME_FROM_CHECKPOINT yes", model_path,  # locked; checked
-                     inputs=[data_dir, config_file], overwrite=overwrite_output_dir)
+                     inputs=[data_dir], overwrite=overwrite_output_dir)
 
     # 2. Tokenizer and model (left padding, as the original; no KV cache while training).
     bits = cfg.quantization_bit  # QLoRA: a frozen 4/8-bit base, loaded straight onto this rank's device

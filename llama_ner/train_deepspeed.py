@@ -129,8 +129,7 @@ def main():
                         field="bf16")
     check_values(args)
     check_speed_flags(args, on_gpu)
-    ds_path = find_deepspeed_json(args.deepspeed_jaon_path)
-    conf = deepspeed_config(ds_path, args, on_gpu)
+    conf = deepspeed_config(find_deepspeed_json(args.deepspeed_jaon_path), args, on_gpu)
     conf["steps_per_print"] = args.log_steps
     bits = check_quantization(args, conf)
     conf["gradient_clipping"] = 1.0  # the original clipped model grads by hand; DeepSpeed clips unscaled grads
@@ -151,7 +150,7 @@ def main():
 
     refuse_output_in_model(args.save_dir, resolve_model_path(args.model_dir))
     claim_own_checkpoints()  # refused: nothing written yet
-    check_training_folder(args.save_dir, inputs=[args.train_path, ds_path], overwrite=args.overwrite_output_dir,
+    check_training_folder(args.save_dir, inputs=[args.train_path], overwrite=args.overwrite_output_dir,
                           flag="--overwrite_output_dir=true", earlier_run=is_earlier_run)
     if distributed.is_main():
         lock_output_dir(args.save_dir)

@@ -74,7 +74,7 @@ def main():
     train_data = load_training_rows(args, tokenizer)
     distributed.say(f"train rows: {len(train_data)}")
     claim_run_folder(args.save_dir, resume, "--resume_from_checkpoint=last", resolve_model_path(args.model_dir),
-                     inputs=[args.train_path, ds_path], overwrite=args.overwrite_output_dir,
+                     inputs=[args.train_path], overwrite=args.overwrite_output_dir,
                      flag="--overwrite_output_dir=true")
     if distributed.is_main():
         write_train_args(args, adapter_dir(args))

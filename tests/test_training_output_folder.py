@@ -154,5 +154,10 @@ def test_an_earlier_output_is_recognised_by_its_marker_only(tmp_path):
     (folder / "checkpoint-3" / RUN_MARKER).write_text("{}")
     assert is_earlier_run(str(folder))
     (folder / "checkpoint-3" / RUN_MARKER).unlink()
+    (folder / "checkpoints" / "global_step2").mkdir(parents=True)  # the raw DeepSpeed loop's layout
+    (folder / "checkpoints" / "global_step2" / RUN_MARKER).write_text("{}")
+    assert is_earlier_run(str(folder))
+    (folder / "checkpoints" / "global_step2" / RUN_MARKER).unlink()
+    assert not is_earlier_run(str(folder))
     (folder / LOCK_FILE).write_text("")
     assert is_earlier_run(str(folder))

@@ -106,7 +106,7 @@ def check_training_folder(path: str, *, inputs=(), overwrite: bool = False, flag
     `path`. Refused (one line, nothing written) unless `path` is new, empty or an earlier training output
     (`earlier_run(path)`: it holds the run lock or a checkpoint of this code); `flag` lets the user allow a foreign
     folder. Never, not even with `flag`: a symbolic link, the home folder, the current folder, a folder that holds
-    one of the run's `inputs` (the data, the config)."""
+    one of the run's `inputs` (the data)."""
     refuse_link(path)
     refuse_home(path)
     if is_inside(os.getcwd(), path):

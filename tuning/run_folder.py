@@ -69,10 +69,15 @@ class Claim:
 
 
 def is_earlier_run(folder: str) -> bool:
-    """`folder` was the output of a run of this code: it holds the run lock, or a checkpoint with its run marker."""
+    """`folder` was the output of a run of this code: it holds the run lock, or a checkpoint with its run marker
+    (checkpoint-N/ of the Trainer, or checkpoints/global_stepN/ of the raw DeepSpeed loop)."""
     if os.path.isfile(os.path.join(folder, LOCK_FILE)):
         return True
-    return any(os.path.isfile(os.path.join(folder, name, RUN_MARKER)) for name in os.listdir(folder))
+    for parent in (folder, os.path.join(folder, "checkpoints")):
+        if os.path.isdir(parent) and any(os.path.isfile(os.path.join(parent, name, RUN_MARKER))
+                                         for name in os.listdir(parent)):
+            return True
+    return False
 
 
 def run_of(checkpoint: str) -> str | None:
