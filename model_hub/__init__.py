@@ -13,6 +13,8 @@ import importlib.util
 import os
 import sys
 
+import tuning  # noqa: F401  (first: silences library lines no user can act on, before any model_hub module loads them)
+
 HUB_DIR = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER_FILES = os.path.join(HUB_DIR, "tokenizer_files")
 REPO_DIR = os.path.dirname(HUB_DIR)

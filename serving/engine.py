@@ -15,6 +15,7 @@ Plain Python API (the HTTP server, the web demo and the recipes' CLIs all use it
 `engine.submit(prompt_ids, params, on_event=callback)` calls `callback(event)` from the worker thread instead
 (asyncio: loop.call_soon_threadsafe), and returns the Request (`request.cancel()` frees its slot at the next step).
 """
+import contextlib
 import itertools
 import logging
 import queue
@@ -233,7 +234,17 @@ class Engine:
             self._accept(request, logits[row])
 
     def _accept(self, request: Request, logits: torch.Tensor) -> None:
-        """Sample the next token of `request` and tell its client."""
+        """Sample the next token of `request` and tell its client. What fails here is this request's own (its
+        settings, its client's callback): it ends this request only, the batch goes on."""
+        try:
+            self._next_token(request, logits)
+        except Exception as exc:
+            log.exception("request failed")
+            with contextlib.suppress(Exception):  # a broken callback cannot be told; the request is done either way
+                self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
+            request.done = True
+
+    def _next_token(self, request: Request, logits: torch.Tensor) -> None:
         token = sample_next(logits, request.params, request.prompt_ids + request.output_ids, request.generator)
         request.output_ids.append(token)
         if token in self.loaded.stop_ids:

@@ -43,6 +43,7 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, seen: list[int],
         scores = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(seen_ids, scores)
     if params.greedy:
         return int(scores[0].argmax())
+    penalized = scores
     if params.temperature != 1.0:
         scores = TemperatureLogitsWarper(params.temperature)(None, scores)
     if params.top_k:
@@ -50,6 +51,10 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, seen: list[int],
     if params.top_p < 1.0:
         scores = TopPLogitsWarper(params.top_p)(None, scores)
     probs = torch.softmax(scores, dim=-1)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        # A temperature the API accepts but so small that logits / T overflow (1e-30, a denormal): the softmax is
+        # inf - inf = NaN. Its limit as T → 0 is all the mass on the best token, which is what this returns.
+        return int(penalized[0].argmax())
     if generator is not None and generator.device != probs.device:
         probs = probs.cpu()
     return int(torch.multinomial(probs, num_samples=1, generator=generator)[0, 0])

@@ -305,8 +305,8 @@ def glm4_config(folder, method, *, deepspeed=None, accumulation=1, steps=4, bf16
         config["training_args"]["deepspeed"] = deepspeed
     if GLM4_PEFT[method]:
         config["peft_config"] = GLM4_PEFT[method]
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "config.yaml")
+    path = f"{os.path.normpath(folder)}.yaml"  # beside the output folder: a new run's folder holds only its output
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(config, f)
     return path

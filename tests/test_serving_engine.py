@@ -268,3 +268,39 @@ def test_adapters_are_served_with_their_base_and_their_training_positions(base_n
             assert served[q].text == postprocess(engine.loaded.prompt_format, text), q
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-45, 1e-7])
+def test_a_tiny_temperature_samples_the_best_token_instead_of_failing(temperature):
+    """Issue 29, item 3: logits / T overflowed to inf, the softmax gave NaN and torch.multinomial raised. The limit
+    T → 0 is greedy: the best token (after the repetition penalty), with top-k / top-p too."""
+    from serving.sampling import sample_next
+
+    logits = torch.tensor([1.0, 7.5, -3.0, 7.25, 0.0])
+    for extra in ({}, {"top_k": 2}, {"top_p": 0.5}, {"repetition_penalty": 1.3}):
+        params = SamplingParams(temperature=temperature, seed=1, **extra)
+        assert sample_next(logits, params, [0, 3], params.make_generator()) == 1
+
+
+def test_one_failing_request_ends_alone_and_its_neighbours_finish(engine):
+    """A request whose own step fails (here: its client's callback raises at its third token) ends with
+    finish_reason "error"; the two requests batched with it (all three admitted together: the engine's lock held
+    while they are submitted) get the tokens they get alone."""
+    prompts = {q: engine.prompt_ids([{"role": "user", "content": q}]) for q in QUESTIONS[:3]}
+    expected = {q: generate_alone(engine.loaded, prompts[q], GREEDY.max_tokens) for q in QUESTIONS[:2]}
+    wait_idle(engine)
+    finished, failed = {}, []
+
+    def broken(event):
+        failed.append(event)
+        if isinstance(event, Delta) and len(failed) == 3:
+            raise RuntimeError("the client's connection broke")
+
+    with engine._cond:  # the worker admits all three in one go
+        for q in QUESTIONS[:2]:
+            engine.submit(prompts[q], GREEDY, lambda e, q=q: finished.update({q: e}) if isinstance(e, Finished) else None)
+        engine.submit(prompts[QUESTIONS[2]], GREEDY, broken)
+    wait_idle(engine)
+    assert {q: finished[q].token_ids for q in QUESTIONS[:2]} == expected
+    assert isinstance(failed[-1], Finished) and failed[-1].finish_reason == "error"
+    assert "the client's connection broke" in failed[-1].error
