@@ -128,15 +128,20 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
             return StreamingResponse(_stream(events, handle, shaper, chat, request_id, name),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
+            checked = time.monotonic()
             while True:
                 try:
                     event = await asyncio.wait_for(events.get(), 0.5)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return JSONResponse({}, status_code=499)
-                    continue
+                    event = None
                 if isinstance(event, Finished):
                     break
+                # Tokens keep arriving while the client may be gone: look at the connection every half second
+                # whatever comes (a hung-up client frees its slot at the next step, as a stream's does).
+                if time.monotonic() - checked >= 0.5:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        return JSONResponse({}, status_code=499)
         finally:
             handle.cancel()  # frees the slot if the client went away (no-op once finished)
         _raise_if_failed(event)

@@ -97,7 +97,9 @@ def load_for_serving(model: str | None, adapter: str | None = None, *, dtype: st
             with torch.no_grad():
                 prefix = _prefix_cache(peft_model)
     core.eval()
-    name = served_name or (os.path.basename(os.path.normpath(adapter)) if adapter else model)
+    # A short name (the folder's), as vLLM lists its adapters; never a local path (issue 33.7, 29.11).
+    name = served_name or (model if model.startswith("tiny:") and not adapter
+                           else os.path.basename(os.path.normpath(adapter or model)))
     fmt = detect_prompt_format(family, None if model.startswith("tiny:") else path, adapter, prompt_format)
     return LoadedModel(core=core, tokenizer=tokenizer, family=family, prompt_format=fmt,
                        stop_ids=stop_ids_of_family(family), context_length=_context_length(base.config),

@@ -11,6 +11,7 @@ from .sampling import SamplingParams
 
 ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP = 4
+MAX_STOP_CHARS = 256  # each is scanned against the answer's tail at every token
 
 
 class ApiError(Exception):
@@ -189,6 +190,8 @@ def parse_chat_request(body, default_max_tokens: int) -> ChatRequest:
         raise bad("stop", "expected a string or a list of strings")
     if len(stop) > MAX_STOP:
         raise bad("stop", f"at most {MAX_STOP} stop strings, got {len(stop)}")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise bad("stop", f"a stop string is at most {MAX_STOP_CHARS} characters, got {max(map(len, stop))}")
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):
         raise bad("seed", f"expected an integer, got {type(seed).__name__}")

@@ -1,8 +1,10 @@
 """Generated ids → text deltas that never split a character and never show text that later changes.
 
-The whole answer is decoded at every token (byte-fallback pieces of one character decode to U+FFFD until the
-character is complete), post-processed as the recipe does (serving/prompts.postprocess), and only its stable part
-is released: no trailing U+FFFD, no trailing whitespace (strip() may drop it), not the last characters a
+The answer is decoded incrementally: only the ids since the last complete character are decoded again (with one
+id before them, so a tokenizer that drops the leading space of a sequence drops it on both sides of the difference;
+byte-fallback pieces of one character decode to U+FFFD until the character is complete), so a long answer costs
+linear, not quadratic, decoding. It is post-processed as the recipe does (serving/prompts.postprocess), and only
+its stable part is released: no trailing U+FFFD, no trailing whitespace (strip() may drop it), not the last characters a
 post-processing rule may still rewrite, and not a tail that could be the start of a stop string. So the
 concatenated deltas equal the final text of a non-streamed answer.
 """
@@ -21,11 +23,14 @@ class TextStream:
         self.text = ""       # post-processed answer, cut at a stop string
         self.sent = ""       # what has been released so far
         self.stopped = False
+        self._done = ""      # raw text of ids[:self._read], each character complete
+        self._prefix = 0     # decoding window: ids[_prefix:_read] decode to the tail of _done
+        self._read = 0
 
     def push(self, token_id: int) -> str:
         """Add one generated id; returns the newly releasable text (maybe ""). Sets `stopped` at a stop string."""
         self.ids.append(token_id)
-        self.raw = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.raw = self._decode_new()
         text = postprocess(self.prompt_format, self.raw)
         cut = self._stop_index(text)
         if cut is not None:
@@ -33,6 +38,20 @@ class TextStream:
             return self._release(len(self.text))
         self.text = text
         return self._release(self._stable_end(text))
+
+    def _decode_new(self) -> str:
+        """The raw text of all ids, decoding only the window since the last complete character."""
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+        window = decode(self.ids[self._prefix:], skip_special_tokens=True)
+        if not window.startswith(before):  # a tokenizer whose decode is not local: decode it all (correct, slower)
+            return decode(self.ids, skip_special_tokens=True)
+        new = window[len(before):]
+        if new.endswith(REPLACEMENT):  # a character still incomplete: shown as decode shows it, window kept open
+            return self._done + new
+        self._done += new
+        self._prefix, self._read = self._read, len(self.ids)
+        return self._done
 
     def finish(self) -> str:
         """The rest of the text once generation has ended."""

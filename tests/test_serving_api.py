@@ -113,6 +113,8 @@ BAD_REQUESTS = [  # (body, extra headers, status, message fragment)
      "stream: expected true or false"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": 7}, {}, 400,
      "stop: expected a string or a list of strings"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": ["x" * 257]}, {}, 400,
+     "stop: a stop string is at most 256 characters, got 257"),  # issue 29.7: scanned at every token
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "seed": 1.5}, {}, 400,
      "seed: expected an integer, got float"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {
@@ -179,6 +181,28 @@ def test_a_client_that_goes_away_frees_its_slot_and_a_full_batch_answers_429(ser
     time.sleep(0.5)
     assert server.health()["steps"] == steps  # nothing is decoded for the clients that left
     assert ask(client, PROMPTS[4]).choices[0].message.content
+
+
+def test_a_non_streamed_request_whose_client_hangs_up_is_freed(server):
+    """Issue 29, item 4: the tokens kept coming, so the disconnect check (made only when none came for 0.5 s) never
+    ran and a non-streamed request decoded on to max_tokens for nobody. Now the slot frees within a second or so."""
+    import json
+    import socket
+
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1900,
+                       "temperature": 0}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+        connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                           b"application/json\r\nAuthorization: Bearer " + KEY.encode() +
+                           b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        for _ in range(200):  # bounded: until it decodes
+            if server.health()["active"] == 1:
+                break
+            time.sleep(0.05)
+        assert server.health()["active"] == 1
+    health = server.wait_idle(seconds=5)  # the client hung up: freed well before its 1,900 tokens
+    time.sleep(0.5)
+    assert server.health()["steps"] == health["steps"]
 
 
 def test_sigterm_finishes_the_request_in_flight_then_exits_0():
