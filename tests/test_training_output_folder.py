@@ -137,6 +137,11 @@ def test_the_flag_allows_a_foreign_folder_and_an_earlier_output_needs_no_flag(da
     assert code == 0, err
     assert (out / "notes.txt").read_text() == "mine"  # allowed, and a file the run does not write is left alone
     assert (out / "adapter_model" / "adapter_config.json").is_file()
+    # issue 33.2: weights follow the umask like every other file (they were 0600: only their owner could serve them)
+    umask = os.umask(0)
+    os.umask(umask)
+    for weights in (out / "adapter_model" / "adapter_model.safetensors", out / "checkpoint-1" / "adapter_model.safetensors"):
+        assert oct(weights.stat().st_mode & 0o777) == oct(0o666 & ~umask), weights
     code, err = launch("llama_ner/train_trainer.py", data, out, tmp_path, monkeypatch,
                        "--resume_from_checkpoint=last", "--max_steps=2")
     assert code == 0, err  # now an earlier training output: no flag needed

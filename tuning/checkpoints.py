@@ -64,6 +64,9 @@ def remove_leftovers(run_dir: str) -> None:
 
 def publish(staged: str, final: str) -> None:
     """Rename the finished folder `staged` to `final` in one step, replacing an older folder of that name."""
+    from .files import follow_umask
+
+    follow_umask(staged)
     fsync_tree(staged)
     swap_in(staged, final)
     fsync_dir(os.path.dirname(final))

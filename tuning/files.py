@@ -123,6 +123,17 @@ def _umask() -> int:
     return mask
 
 
+def follow_umask(folder: str) -> None:
+    """Every file under `folder` gets the permissions a plain write gives (0666 less the umask). safetensors and
+    torch write weights owner-only (0600), so a teammate or a serving user could not read a run's adapter."""
+    mode = 0o666 & ~_umask()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, mode)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str, mode: str = "w", encoding: str | None = "utf-8"):
     """Open a temporary sibling of `path` for writing; rename it onto `path` only if the block succeeds."""
@@ -163,6 +174,7 @@ def atomic_dir(path: str, kind: str, *, inputs=(), overwrite: bool = False, flag
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the output folder gets the usual permissions
     try:
         yield tmp
+        follow_umask(tmp)
         swap_in(tmp, path)  # one step: `path` is the old folder or the new one, never missing
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)

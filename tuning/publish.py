@@ -102,8 +102,9 @@ def replace_files(staged: str, folder: str) -> None:
     namesake; a journal makes the whole move finishable after an interruption (`finish_publish`). The callers
     remove `staged` afterwards."""
     from .checkpoints import fsync_dir, fsync_tree
-    from .files import atomic_file
+    from .files import atomic_file, follow_umask
 
+    follow_umask(staged)
     fsync_tree(staged)
     names = sorted(os.listdir(staged))
     with atomic_file(os.path.join(folder, JOURNAL)) as f:
