@@ -26,6 +26,7 @@ from tuning.errors import UserError, run_main
 from .chat import AnswerShaper
 from .engine import Delta, Engine, EngineBusy, EngineClosed, Finished
 from .model_args import add_model_arguments, chosen_model
+from .origin_guard import OriginGuard
 from .protocol import ApiError, chunk, completion, parse_chat_request, usage
 
 API_KEY_ENV = "SERVING_API_KEY"
@@ -204,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_tokens", type=int, default=256, help="default max_tokens of a request")
     parser.add_argument("--max_body_mb", type=float, default=4.0, help="larger request bodies get 413")
     parser.add_argument("--drain_timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests")
+    parser.add_argument("--allowed_hosts", nargs="*", default=[], metavar="HOST",
+                        help="host names clients may use besides 127.0.0.1 / localhost / ::1 (a guard against DNS "
+                             "rebinding; bound to a non-loopback address: only these, when given)")
+    parser.add_argument("--cors_origins", nargs="*", default=[], metavar="ORIGIN",
+                        help="web pages (e.g. http://localhost:3000) allowed to call this server from a browser; "
+                             "other cross-origin requests are refused")
     return parser
 
 
@@ -223,8 +230,9 @@ def main(argv=None):
     loaded = load_for_serving(args.model, args.adapter, dtype=args.dtype, device=args.device,
                               prompt_format=args.prompt_format, served_name=args.served_model_name)
     engine = Engine(loaded, max_batch=args.max_batch, max_queue=args.max_queue)
-    app = create_app(engine, api_key=api_key, max_body_bytes=int(args.max_body_mb * (1 << 20)),
-                     default_max_tokens=args.max_tokens, drain_timeout=args.drain_timeout)
+    app = OriginGuard(create_app(engine, api_key=api_key, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                                 default_max_tokens=args.max_tokens, drain_timeout=args.drain_timeout),
+                      bound_host=args.host, allowed_hosts=args.allowed_hosts, cors_origins=args.cors_origins)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: listening on {args.host} without an API key", file=sys.stderr)
     print(f"serving {loaded.name!r} ({loaded.family}, prompt format {loaded.prompt_format}, "
