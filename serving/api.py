@@ -48,8 +48,18 @@ async def read_json_body(request, limit: int):
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
 
 
+# No tokenizer here turns fewer than this many characters into one token: a prompt with more characters than this
+# times the token limit is refused before it is tokenized (tokenizing megabytes would hold a worker for seconds).
+MAX_CHARS_PER_TOKEN = 32
+
+
+def prompt_characters(chat) -> int:
+    text = sum(len(m["content"]) for m in chat.messages if isinstance(m.get("content"), str))
+    return text + (len(json.dumps(chat.tools, ensure_ascii=False)) if chat.tools else 0)
+
+
 def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = 4 << 20,
-               default_max_tokens: int = 256, drain_timeout: float = 30.0):
+               default_max_tokens: int = 256, drain_timeout: float = 30.0, max_prompt_tokens: int | None = None):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
@@ -100,10 +110,17 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         if chat.model != name:
             raise ApiError(404, f"the model {chat.model!r} does not exist; this server serves {name!r}",
                            param="model", code="model_not_found")
-        try:
-            ids = engine.prompt_ids(chat.messages, chat.tools)
+        limit = min(max_prompt_tokens or engine.loaded.context_length, engine.loaded.context_length)
+        if prompt_characters(chat) > MAX_CHARS_PER_TOKEN * limit:
+            raise ApiError(400, f"the prompt is {prompt_characters(chat)} characters, more than {limit} tokens can "
+                                "hold", param="messages", code="context_length_exceeded")
+        try:  # off the event loop: /health and other clients are answered while a long prompt is tokenized
+            ids = await asyncio.to_thread(engine.prompt_ids, chat.messages, chat.tools)
         except UserError as exc:
             raise ApiError(400, str(exc), param=exc.field) from None
+        if max_prompt_tokens and max_prompt_tokens < len(ids) < engine.loaded.context_length:
+            raise ApiError(400, f"the prompt is {len(ids)} tokens; this server accepts at most {max_prompt_tokens} "
+                                "(--max_prompt_tokens)", param="messages", code="context_length_exceeded")
         if chat.forced_tool:
             ids = ids + engine.loaded.tokenizer.encode(chat.forced_tool + "\n", add_special_tokens=False)
         loop = asyncio.get_running_loop()
@@ -205,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_tokens", type=int, default=256, help="default max_tokens of a request")
     parser.add_argument("--max_body_mb", type=float, default=4.0, help="larger request bodies get 413")
     parser.add_argument("--drain_timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests")
+    parser.add_argument("--max_prompt_tokens", type=int, default=None,
+                        help="longest prompt accepted (default: the model's context; the answer gets the rest)")
     parser.add_argument("--allowed_hosts", nargs="*", default=[], metavar="HOST",
                         help="host names clients may use besides 127.0.0.1 / localhost / ::1 (a guard against DNS "
                              "rebinding; bound to a non-loopback address: only these, when given)")
@@ -231,7 +250,8 @@ def main(argv=None):
                               prompt_format=args.prompt_format, served_name=args.served_model_name)
     engine = Engine(loaded, max_batch=args.max_batch, max_queue=args.max_queue)
     app = OriginGuard(create_app(engine, api_key=api_key, max_body_bytes=int(args.max_body_mb * (1 << 20)),
-                                 default_max_tokens=args.max_tokens, drain_timeout=args.drain_timeout),
+                                 default_max_tokens=args.max_tokens, drain_timeout=args.drain_timeout,
+                                 max_prompt_tokens=args.max_prompt_tokens),
                       bound_host=args.host, allowed_hosts=args.allowed_hosts, cors_origins=args.cors_origins)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: listening on {args.host} without an API key", file=sys.stderr)

@@ -169,9 +169,28 @@ def test_web_pages_cannot_drive_the_local_server(server, headers, status, code):
     assert got == 200
 
 
-def test_an_origin_named_by_cors_origins_gets_cors_headers():
-    with_cors = Server("--model", MODEL, "--cors_origins", "http://localhost:3000", "--allowed_hosts", "my.box")
+def test_an_origin_named_by_cors_origins_gets_cors_headers_and_big_prompts_do_not_block_the_server():
+    """Also issue 29, item 5: a prompt far over the limit is refused by its size before it is tokenized, a long one
+    is tokenized off the event loop (/health answers meanwhile), and --max_prompt_tokens caps the prompt."""
+    with_cors = Server("--model", MODEL, "--cors_origins", "http://localhost:3000", "--allowed_hosts", "my.box",
+                       "--max_prompt_tokens", "512")
     try:
+        huge = {"model": MODEL, "messages": [{"role": "user", "content": "天" * 500_000}], "max_tokens": 2}
+        status, _, body = with_cors.request("POST", "/v1/chat/completions", huge)
+        assert status == 400 and body["error"]["message"] == ("the prompt is 500000 characters, more than 512 "
+                                                              "tokens can hold")
+        long = {"model": MODEL, "messages": [{"role": "user", "content": "天气 " * 400}], "max_tokens": 2}
+        status, _, body = with_cors.request("POST", "/v1/chat/completions", long)
+        assert status == 400 and "this server accepts at most 512 (--max_prompt_tokens)" in body["error"]["message"]
+        answers = []
+        posting = threading.Thread(target=lambda: answers.append(with_cors.request("POST", "/v1/chat/completions",
+                                                                                   long)[0]))
+        posting.start()
+        started = time.monotonic()
+        assert with_cors.health()["status"] == "ok"
+        health_seconds = time.monotonic() - started
+        posting.join(timeout=60)
+        assert answers == [400] and health_seconds < 5
         status, headers, _ = with_cors.request("OPTIONS", "/v1/chat/completions",
                                                headers={"Origin": "http://localhost:3000"})
         assert status == 204 and headers["access-control-allow-origin"] == "http://localhost:3000"
