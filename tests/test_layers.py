@@ -131,3 +131,63 @@ def test_the_adapter_loader_takes_the_adapters_tokenizer_and_applies_the_family_
         assert "<the-adapters-own-token>" in loaded_tokenizer.get_vocab()
         assert not model.training and isinstance(model.get_base_model(), torch.nn.Module)
         assert getattr(model.base_model, "_text_positions_from_zero", False) is hooks
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module → the project modules it imports (top level and inside functions; `from pkg import mod` → pkg.mod)."""
+    modules = {}
+    for folder in ("tuning", "model_hub", "serving", "bench", *RECIPES):
+        for path, tree in python_files(folder):
+            name = path[:-3].replace(os.sep, ".").removesuffix(".__init__")
+            modules[name] = (path, tree)
+
+    def known(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {name: set() for name in modules}
+    for name, (path, tree) in modules.items():
+        package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+                targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+            else:
+                continue
+            graph[name] |= {t for t in map(known, targets) if t and t != name}
+    return graph
+
+
+def test_no_import_circle_anywhere():
+    """Issue 30: strongly connected components of the import graph (function-level imports included) have one
+    module each: a layer can be read, tested and moved without the modules above it."""
+    graph, index, low, stack, on_stack, circles = import_graph(), {}, {}, [], set(), []
+
+    def visit(node):  # Tarjan's algorithm
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph[node]:
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while not component or component[-1] != node:
+                component.append(stack.pop())
+                on_stack.discard(component[-1])
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    assert not circles, circles

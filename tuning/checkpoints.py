@@ -25,32 +25,13 @@ import shutil
 from transformers import Trainer
 
 from .errors import TrainingStopped
-from .files import refuse_pickled_code
+from .durable import fsync_dir, fsync_tree  # noqa: F401  (also imported from here)
 from .publish import STAGING, finish_publish, publish_pending, replace_files, swap_in
 from .run_folder import claim_checkpoints, lock_output_dir
+from .safe_loading import refuse_pickled_code
 from .training import TRAINER_CHECKPOINTS, list_checkpoints
 
 DELETING, REPLACED = ".deleting-", ".replaced-"
-
-
-def fsync_tree(folder: str) -> None:
-    """Flush every file and folder under `folder` to disk (a rename is only durable after its contents are)."""
-    for root, dirs, files in os.walk(folder):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    fsync_dir(folder)
-
-
-def fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remove_leftovers(run_dir: str) -> None:
@@ -64,7 +45,7 @@ def remove_leftovers(run_dir: str) -> None:
 
 def publish(staged: str, final: str) -> None:
     """Rename the finished folder `staged` to `final` in one step, replacing an older folder of that name."""
-    from .files import follow_umask
+    from .durable import follow_umask
 
     follow_umask(staged)
     fsync_tree(staged)

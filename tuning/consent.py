@@ -29,7 +29,7 @@ def remote_code_allowed() -> bool:
 
 def remote_code_refusal(path: str, what: str = "model folder"):
     """The one-line error for a folder that needs its own code (auto_map) while the user did not allow it."""
-    from .errors import UserError
+    from .exceptions import UserError
 
     return UserError(f"this {what} needs its own Python code (auto_map in its config); it is not run unless you "
                      f"pass {REMOTE_CODE_FLAG} (read the folder's .py files first)", path=path)

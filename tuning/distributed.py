@@ -174,7 +174,7 @@ def read_deepspeed_config(config) -> dict:
         except json.JSONDecodeError as exc:
             raise UserError(f"invalid JSON: {exc.msg}", path=str(config), line=exc.lineno) from None
         except RecursionError:
-            from .files import TOO_DEEP
+            from .readers import TOO_DEEP
 
             raise UserError(TOO_DEEP, path=str(config)) from None
     if not isinstance(loaded, dict):

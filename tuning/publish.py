@@ -101,8 +101,7 @@ def replace_files(staged: str, folder: str) -> None:
     """Move every file/folder of the finished folder `staged` (inside `folder`) into `folder`, each replacing its
     namesake; a journal makes the whole move finishable after an interruption (`finish_publish`). The callers
     remove `staged` afterwards."""
-    from .checkpoints import fsync_dir, fsync_tree
-    from .files import atomic_file, follow_umask
+    from .durable import atomic_file, follow_umask, fsync_dir, fsync_tree
 
     follow_umask(staged)
     fsync_tree(staged)
@@ -134,7 +133,7 @@ def read_journal(folder: str) -> tuple[str, list[str]]:
     """(staged folder, names) of an interrupted publish, checked before anything is trusted: the staged folder must
     be a direct child named like the ones `save_pretrained_atomically` stages (never a link), every name a plain
     entry name. A journal that says otherwise (a crafted or corrupted file) is refused in one line."""
-    from .files import read_json
+    from .readers import read_json
 
     info = read_json(os.path.join(folder, JOURNAL))
     if not isinstance(info, dict):
@@ -171,7 +170,7 @@ WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 def read_adapter_folder(folder: str) -> dict:
     """adapter_config.json of a PEFT adapter folder, once the folder is known to hold a whole adapter."""
     from .consent import stay_offline
-    from .files import read_json
+    from .readers import read_json
 
     stay_offline()  # peft would otherwise look a missing path up on the Hub
     if os.path.isdir(folder):

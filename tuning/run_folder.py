@@ -16,7 +16,7 @@ import os
 import socket
 import uuid
 
-from .errors import UserError
+from .exceptions import UserError
 
 LOCK_FILE = ".tuning-run.lock"
 RUN_MARKER = ".tuning-checkpoint.json"

@@ -239,7 +239,7 @@ def save_loss_plot(log_history: list[dict], path: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .files import atomic_file
+    from .durable import atomic_file
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
