@@ -22,23 +22,29 @@ class Server:
     """`python -m serving.api ARGS` on a free 127.0.0.1 port; waits (bounded) until /health answers."""
 
     def __init__(self, *args: str, env: dict | None = None, startup_seconds: float = 120):
+        self.start(lambda port: [sys.executable, "-m", "serving.api", "--port", str(port), *args], "serving-test",
+                   env or {}, startup_seconds)
+
+    def start(self, command, log_name: str, env: dict, startup_seconds: float, poll: float = 0.2):
+        """Run `command(port)` with its output in build/LOG_NAME-PORT.log; return once /health answers."""
         self.port = free_port()
-        self.log = open(os.path.join(REPO, "build", f"serving-test-{self.port}.log"), "w+", encoding="utf-8")
-        environment = {**os.environ, "PYTHONPATH": REPO, **(env or {})}
-        self.process = subprocess.Popen([sys.executable, "-m", "serving.api", "--port", str(self.port), *args],
-                                        cwd=REPO, env=environment, stdout=self.log, stderr=subprocess.STDOUT)
+        os.makedirs(os.path.join(REPO, "build"), exist_ok=True)
+        self.log = open(os.path.join(REPO, "build", f"{log_name}-{self.port}.log"), "w+", encoding="utf-8")
+        self.process = subprocess.Popen(command(self.port), cwd=REPO,
+                                        env={**os.environ, "PYTHONPATH": REPO, **env},
+                                        stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + startup_seconds
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.output()}")
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.output()[-5000:]}")
             try:
                 if self.request("GET", "/health")[0] == 200:
                     return
             except OSError:
                 pass
-            time.sleep(0.2)
+            time.sleep(poll)
         self.stop()
-        raise RuntimeError(f"server did not start in {startup_seconds} s:\n{self.output()}")
+        raise RuntimeError(f"server did not start in {startup_seconds} s:\n{self.output()[-5000:]}")
 
     @property
     def base_url(self) -> str:

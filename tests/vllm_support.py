@@ -7,12 +7,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
 from conftest import REPO
-from serving_support import WEATHER_CALL, WEATHER_QUESTION, WEATHER_TOOLS, Server, free_port
+from serving_support import WEATHER_CALL, WEATHER_QUESTION, WEATHER_TOOLS, Server
 
 VLLM_PYTHON = os.path.join(REPO, "build", "vllm-venv", "bin", "python")
 WORK = os.path.join(REPO, "build", "vllm-test")
@@ -119,22 +118,7 @@ class VllmServer(Server):
     """`python -m serving.vllm FOLDER…` on a free 127.0.0.1 port; waits (bounded) until /health answers."""
 
     def __init__(self, *folders: str, startup_seconds: float = 400):
-        self.port = free_port()
-        os.makedirs(os.path.join(REPO, "build"), exist_ok=True)
-        self.log = open(os.path.join(REPO, "build", f"vllm-test-{self.port}.log"), "w+", encoding="utf-8")
-        command = [sys.executable, "-m", "serving.vllm", *folders, "--port", str(self.port), "--vllm_python",
-                   vllm_python(), "--", "--max-model-len", "1024", "--max-num-seqs", "8"]
-        self.process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO, **ENV},
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + startup_seconds
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {self.process.returncode}:\n{self.output()[-5000:]}")
-            try:
-                if self.request("GET", "/health")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"vLLM did not start in {startup_seconds} s:\n{self.output()[-5000:]}")
+        python = vllm_python()
+        self.start(lambda port: [sys.executable, "-m", "serving.vllm", *folders, "--port", str(port), "--vllm_python",
+                                 python, "--", "--max-model-len", "1024", "--max-num-seqs", "8"],
+                   "vllm-test", ENV, startup_seconds, poll=1)
