@@ -116,6 +116,7 @@ def process_msra(in_file: str, out_file: str, mode: str = "train", types=None) -
         instruct = (has_entity or no_entity)[0]["instruct"]
         print(f"entity types in the instruction: {instruct.split('提取文本里面的')[1].split('，')[0]}")
     rows = has_entity + no_entity if mode == "train" else has_entity
+    os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)  # as the other scripts do (issue 33.3)
     with atomic_file(out_file) as f:
         f.write("\n".join(json.dumps(row, ensure_ascii=False) for row in rows))
     print(f"wrote {len(rows)} rows ({mode} mode) -> {out_file}")

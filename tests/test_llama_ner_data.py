@@ -60,6 +60,15 @@ def test_process_train_mode_is_the_vendored_dev_file(tmp_path):
     assert all(json.loads(line)["answer"] != "没有" for line in dev_lines)
 
 
+def test_process_creates_the_output_folder(tmp_path):
+    """Issue 33.3: the README's "your own data" command wrote into build/my/ and failed on a fresh checkout."""
+    from llama_ner.process import process_msra
+
+    out = tmp_path / "build" / "my" / "train.txt"
+    rows = process_msra(os.path.join(REPO, "data", "llama_ner_msra", "ori_data", "msra_1000.txt"), str(out))
+    assert rows > 0 and len(out.read_text(encoding="utf-8").split("\n")) == rows
+
+
 def test_process_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_text('{"text": "a", "entity_list": []}\n{"text": "b", "entity_list": [{"entity_type": "PER"}]}\n',
