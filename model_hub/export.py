@@ -263,9 +263,19 @@ def copy_tokenizer(plan: Plan, tmp: str) -> None:
     """Tokenizer files (and, for the original layout, THUDM's code) copied as they are; a LLaMA tokenizer is
     declared as transformers' LlamaTokenizer so that plain transformers loads it (same tokenizer.model)."""
     source = plan.original_dir or plan.tokenizer_dir
+    skipped = []
     for name in sorted(os.listdir(source)):
-        if os.path.isfile(os.path.join(source, name)) and any(fnmatch.fnmatch(name, p) for p in TOKENIZER_FILES):
-            shutil.copyfile(os.path.join(source, name), os.path.join(tmp, name))
+        path = os.path.join(source, name)
+        if not any(fnmatch.fnmatch(name, p) for p in TOKENIZER_FILES):
+            continue
+        if os.path.islink(path) or not os.path.isfile(path):
+            # A link would be copied as the file it points to, wherever that is (a credentials file named LICENSE
+            # would become a regular file of OUT, ready to publish): only regular files inside the folder.
+            skipped.append(name)
+            continue
+        shutil.copyfile(path, os.path.join(tmp, name))
+    if skipped:
+        print(f"note: not copied from {source} (symbolic links or not regular files): {', '.join(skipped)}")
     config_path = os.path.join(tmp, "tokenizer_config.json")
     if plan.family == "llama" and os.path.isfile(config_path):
         config = read_json(config_path)

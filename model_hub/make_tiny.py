@@ -15,6 +15,8 @@ import tempfile
 
 import torch
 
+from tuning.durable import follow_umask
+
 from . import BUILD_DIR, tokenizer_files
 from .registry import MODELS, get_spec
 
@@ -102,6 +104,7 @@ def build_tiny(name: str, out_dir: str, seed: int = SEED, sizes: dict | None = N
             json.dump({"name": name, "seed": seed, "parameters": n_params, "random_weights": True,
                        "real_files": f"model_hub/tokenizer_files/{spec.files}",
                        **({"sizes": sizes} if sizes else {})}, f, indent=2)
+        follow_umask(tmp)  # safetensors writes 0600
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

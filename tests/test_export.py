@@ -4,6 +4,7 @@ GLM-4 original → native → original is byte-identical and both layouts give t
 re-sharding; one-line errors."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -208,6 +209,23 @@ def test_full_model_is_resharded_and_cast(tmp_path):
     assert all(written[k].dtype == torch.bfloat16 and torch.equal(written[k], original[k].bfloat16())
                for k in original)
     assert json.load(open(os.path.join(out, "config.json"), encoding="utf-8"))["dtype"] == "bfloat16"
+
+
+def test_export_copies_only_regular_files_of_the_source(tmp_path, capsys):
+    """Issue 29, item 10: a LICENSE symlink to a credentials file became a regular file in OUT, ready to publish.
+    Links (and anything not a regular file) are left out and named; the weights and real files are all there."""
+    src = tmp_path / "model"
+    shutil.copytree(tiny_dir("chinese-alpaca-7b"), src)
+    (tmp_path / "credentials").write_text("aws_secret_access_key = SECRET")
+    os.symlink(tmp_path / "credentials", src / "LICENSE")
+    out = export(str(src), str(tmp_path / "out"))
+    assert not os.path.lexists(os.path.join(out, "LICENSE"))
+    assert "SECRET" not in "".join(open(os.path.join(out, n), errors="replace").read() for n in os.listdir(out)
+                                   if os.path.isfile(os.path.join(out, n)))
+    assert "not copied from" in capsys.readouterr().out and os.path.isfile(os.path.join(out, "tokenizer.model"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(os.stat(os.path.join(out, n)).st_mode & 0o777 == 0o666 & ~umask for n in os.listdir(out))
 
 
 def cli(argv, monkeypatch, capsys) -> str:
