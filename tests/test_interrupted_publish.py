@@ -180,3 +180,28 @@ def test_export_refuses_a_crafted_journal_in_one_line(tmp_path):
     assert err.strip().splitlines()[-1].startswith(f"error: {folder}: refused: {publish.JOURNAL}")
     assert tree(victim) == before
     assert not (tmp_path / "out").exists()
+
+
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_run_and_others_are_named(tmp_path, capsys):
+    """Issue 29, item 9: a killed export left `.OUT.xxxxxxxx` (18 GB for a 9B model), never cleaned or mentioned."""
+    import socket
+    import subprocess
+
+    from tuning.files import STAGING_OWNER
+
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    stale, unknown, foreign = (tmp_path / ".rows.abcd1234", tmp_path / ".rows.zzzz9999", tmp_path / ".rows.other")
+    for folder in (stale, unknown, foreign):
+        folder.mkdir()
+        (folder / "state.json").write_text("{}")
+    (stale / STAGING_OWNER).write_text(json.dumps({"pid": finished.pid, "host": socket.gethostname()}))
+    (unknown / STAGING_OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # alive
+    with atomic_dir(str(tmp_path / "rows"), "datasets") as tmp:
+        write_dataset(tmp, "new")
+        assert os.path.isfile(os.path.join(tmp, STAGING_OWNER))
+    out = capsys.readouterr().out
+    assert not stale.exists() and f"removed {stale}" in out
+    assert unknown.exists() and f"{unknown} looks like the staging folder of another or an older run" in out
+    assert foreign.exists() and str(foreign) not in out  # not a name this code gives its staging folders
+    assert dataset_value(tmp_path / "rows") == "new" and not (tmp_path / "rows" / STAGING_OWNER).exists()
