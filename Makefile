@@ -33,8 +33,11 @@ data: $(STAMP)  ## unpack the vendored alpaca files (verified byte-exact against
 tiny-models: $(STAMP)  ## build every tiny model into build/tiny/NAME
 	$(PY) -m model_hub.make_tiny all
 
-test: $(STAMP) data  ## the whole test suite (README's test command)
-	$(PY) -m pytest $(PYTEST_ARGS)
+# Two workers (one per core of the 2-core machines the suite is sized for); a file's tests stay on one worker, so
+# its module fixtures (servers, trained models) are built once. vLLM's venv is made first, outside any test timeout.
+TEST_WORKERS ?= 2
+test: $(STAMP) data vllm-setup  ## the whole test suite (README's test command; ~12 min on 2 cores)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(STAMP) data  ## everything but the slow end-to-end and distributed tests
 	$(PY) -m pytest -m "not slow and not distributed" $(PYTEST_ARGS)

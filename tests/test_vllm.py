@@ -31,6 +31,25 @@ GLM4_CHATS = [[{"role": "system", "content": "你是一个乐于助人的助手�
               [{"role": "user", "content": "介绍一下北京。"}]]
 
 
+def ask_streamed(server, model: str, messages, tools=None):
+    """The streamed answer put together: (content, [(name, arguments)], finish_reason)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.base_url, api_key="unused", timeout=120, max_retries=0)
+    content, calls, reason = "", {}, None
+    for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=NEW_TOKENS, temperature=0,
+                                                stream=True, **({"tools": tools} if tools else {})):
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for call in delta.tool_calls or []:
+            name, arguments = calls.get(call.index, ("", ""))
+            calls[call.index] = (name + (call.function.name or ""), arguments + (call.function.arguments or ""))
+        reason = chunk.choices[0].finish_reason or reason
+    return content.strip(), [(n, json.loads(a)) for _, (n, a) in sorted(calls.items())], reason
+
+
 def ask(server, model: str, messages, tools=None):
     from openai import OpenAI
 
@@ -96,6 +115,9 @@ def test_glm4_tool_calls_and_an_unmerged_adapter_answer_as_our_server(glm4):
         theirs = ask(server, name, question, WEATHER_TOOLS)
         assert theirs[1] == [(WEATHER_CALL["name"], WEATHER_CALL["arguments"])], theirs
         assert theirs == ask(ours, name, question, WEATHER_TOOLS)
+        streamed = ask_streamed(server, name, question, WEATHER_TOOLS)  # the parser's streaming path
+        assert streamed == ask_streamed(ours, name, question, WEATHER_TOOLS)
+        assert streamed == ("", theirs[1], "tool_calls")
         after = question + [{"role": "assistant", "content": None, "tool_calls": [{
             "id": "call_0", "type": "function", "function": {"name": "get_weather",
                                                              "arguments": '{"city": "上海"}'}}]},
