@@ -7,6 +7,7 @@ The history holds what the model saw and said: user turns, assistant answers, GL
 characters escaped, as the ChatGLM-6B demo's parse_text did, so a model's `*`, `_` or `<` show as themselves), a
 tool call as its own message titled with the function name over its arguments as pretty JSON.
 """
+import html
 import json
 import queue
 import re
@@ -76,8 +77,11 @@ def display(history: list[dict]) -> list[dict]:
         if role == "assistant" and message.get("tool_calls"):
             for call in message["tool_calls"]:
                 arguments = json.dumps(json.loads(call["function"]["arguments"]), ensure_ascii=False, indent=2)
-                shown.append({"role": "assistant", "content": f"```json\n{arguments}\n```",
-                              "metadata": {"title": TOOL_CALL_TITLE.format(name=call["function"]["name"])}})
+                # The fence is longer than any run of backticks inside, so the arguments cannot close it; the
+                # title is escaped like every other text (a tool named "<img src=…>" is shown, not loaded).
+                fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", arguments)), default=0))
+                shown.append({"role": "assistant", "content": f"{fence}json\n{arguments}\n{fence}",
+                              "metadata": {"title": TOOL_CALL_TITLE.format(name=html.escape(call["function"]["name"]))}})
         elif role == "tool":
             shown.append({"role": "user", "content": f"{TOOL_RESULT_TITLE}\n\n{escape(message['content'])}"})
         else:

@@ -51,6 +51,19 @@ def test_a_tool_call_is_its_own_message_with_pretty_arguments_and_the_result_is_
         last_tool_call_id(history)
 
 
+def test_a_tool_calls_name_and_arguments_cannot_inject_markup():
+    """Issue 29, item 14: a tool named `<img src=…>` rendered an image in the title (a beacon); arguments holding
+    ``` closed the code block and the rest rendered as Markdown/HTML."""
+    call = {"id": "c", "type": "function", "function": {
+        "name": '<img src="http://attacker.example/beacon">',
+        "arguments": json.dumps({"q": "```\n<img src=x onerror=alert(1)>"})}}
+    shown = display([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]}])
+    title, content = shown[1]["metadata"]["title"], shown[1]["content"]
+    assert "<img" not in title and "&lt;img" in title
+    fence = content.split("json", 1)[0]
+    assert len(fence) > 3 and content.endswith("\n" + fence) and content.count(fence) == 2
+
+
 def test_regenerate_retries_from_the_last_user_or_tool_turn():
     user = {"role": "user", "content": "a"}
     answer = {"role": "assistant", "content": "b"}
