@@ -18,10 +18,18 @@ def pickle_refusal(exc: Exception, path: str) -> UserError:
 
 @contextlib.contextmanager
 def refuse_pickled_code(path: str):
-    """Around a load that may meet a .bin: an unsafe pickle becomes the one-line `pickle_refusal` error."""
+    """Around a load that may meet a .bin: an unsafe pickle becomes the one-line `pickle_refusal` error; a
+    .safetensors file whose header is not one (crafted or damaged: a list, wrong types, nesting hundreds deep, a
+    length past the end) becomes one line too, instead of the library's traceback."""
     import pickle
 
     try:
         yield
     except pickle.UnpicklingError as exc:
         raise pickle_refusal(exc, path) from None
+    except Exception as exc:
+        if type(exc).__name__ not in ("SafetensorError", "HeaderTooLarge", "HeaderTooSmall", "InvalidHeader"):
+            raise
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"not a valid safetensors file ({reason}); the save that wrote it did not finish, or the "
+                        "file is damaged or not what it says", path=path) from None
