@@ -46,6 +46,10 @@ async def read_json_body(request, limit: int):
         return json.loads(bytes(body))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply (hundreds of [ or {)") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts (4,300)
+        raise ApiError(400, f"the request body is not valid JSON: {str(exc).splitlines()[0][:200]}") from None
 
 
 # No tokenizer here turns fewer than this many characters into one token: a prompt with more characters than this
@@ -241,6 +245,9 @@ def main(argv=None):
     if args.max_queue < 0 or args.max_body_mb <= 0 or args.drain_timeout < 0:
         raise UserError("must not be negative", field="max_queue / max_body_mb / drain_timeout")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if args.api_key:
+        print(f"note: a key given as --api_key is visible to every user of this machine in the process list; set "
+              f"{API_KEY_ENV} instead", file=sys.stderr)
     import uvicorn
 
     from .loading import load_for_serving

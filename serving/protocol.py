@@ -24,7 +24,8 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
-                503: "service_unavailable"}.get(self.status, "invalid_request_error")
+                503: "service_unavailable"}.get(self.status, "server_error" if self.status >= 500 else
+                                                "invalid_request_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
@@ -62,6 +63,32 @@ def _number(body: dict, key: str, low: float, high: float, default: float) -> fl
     return float(value)
 
 
+def _unicode(text: str, where: str) -> str:
+    """JSON's \\ud800 escapes give Python strings no tokenizer can encode (a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad(where, f"not valid Unicode: a lone surrogate (\\u{ord(text[exc.start]):04x}) at character "
+                         f"{exc.start}") from None
+    return text
+
+
+MAX_DEPTH = 32  # a tool's JSON Schema nested deeper than this is refused (it is rendered into the prompt)
+
+
+def _depth(value, limit: int) -> int:
+    """How deeply `value` nests lists and objects (counting stops past `limit`)."""
+    stack, deepest = [(value, 1)], 0
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            if deepest > limit:
+                return deepest
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def _content(message: dict, where: str, required: bool) -> str | None:
     content = message.get("content")
     if content is None:
@@ -69,13 +96,13 @@ def _content(message: dict, where: str, required: bool) -> str | None:
             raise bad(f"{where}.content", "is required")
         return None
     if isinstance(content, str):
-        return content
+        return _unicode(content, f"{where}.content")
     if isinstance(content, list):  # [{"type": "text", "text": ...}]
         texts = []
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise bad(f"{where}.content[{j}]", "only text parts ({\"type\": \"text\", \"text\": ...}) are served")
-            texts.append(part["text"])
+            texts.append(_unicode(part["text"], f"{where}.content[{j}]"))
         return "".join(texts)
     raise bad(f"{where}.content", f"expected a string or a list of text parts, got {type(content).__name__}")
 
@@ -130,6 +157,8 @@ def _tools(value) -> list[dict] | None:
             raise bad(f"tools[{i}]", "expected {\"type\": \"function\", \"function\": {\"name\": ..., ...}}")
         if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
             raise bad(f"tools[{i}].function.parameters", "expected a JSON Schema object")
+        if _depth(tool, MAX_DEPTH) > MAX_DEPTH:
+            raise bad(f"tools[{i}]", f"nested more than {MAX_DEPTH} levels deep")
     return value or None
 
 
@@ -195,6 +224,8 @@ def parse_chat_request(body, default_max_tokens: int) -> ChatRequest:
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):
         raise bad("seed", f"expected an integer, got {type(seed).__name__}")
+    if seed is not None and not -2**63 <= seed < 2**64:  # what a torch generator takes
+        raise bad("seed", f"must be a 64-bit integer, got {seed}")
     tools = _tools(body.get("tools"))
     use_tools, forced = _tool_choice(body.get("tool_choice"), tools)
     params = SamplingParams(max_tokens=max_tokens, temperature=_number(body, "temperature", 0, 2, 1.0),

@@ -2,6 +2,7 @@
 official `openai` client. Stream and non-stream agree, concurrent requests get their lone answers, bad requests
 get OpenAI's error shape with the right status and the server keeps answering, the key is enforced, a client
 that goes away frees its slot, a full queue answers 429, SIGTERM drains and exits 0."""
+import json
 import os
 import signal
 import threading
@@ -115,6 +116,15 @@ BAD_REQUESTS = [  # (body, extra headers, status, message fragment)
      "stop: expected a string or a list of strings"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": ["x" * 257]}, {}, 400,
      "stop: a stop string is at most 256 characters, got 257"),  # issue 29.7: scanned at every token
+    (b"[" * 5000, {}, 400, "the request body is nested too deeply"),  # issue 29.12: these were plain-text 500s
+    (b'{"model": "x", "seed": ' + b"9" * 5000 + b"}", {}, 400, "the request body is not valid JSON: Exceeds the limit"),
+    (b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "\\ud800 hi"}]}', {}, 400,
+     "messages[0].content: not valid Unicode: a lone surrogate (\\ud800) at character 0"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "seed": 2**70}, {}, 400,
+     "seed: must be a 64-bit integer"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": json.loads("[" * 300 + "]" * 300)}}}}]},
+     {}, 400, "tools[0]: nested more than 32 levels deep"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "seed": 1.5}, {}, 400,
      "seed: expected an integer, got float"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {
