@@ -228,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drain_timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests")
     parser.add_argument("--max_prompt_tokens", type=int, default=None,
                         help="longest prompt accepted (default: the model's context; the answer gets the rest)")
+    parser.add_argument("--header_timeout", type=float, default=10.0,
+                        help="seconds a connection has to send a whole request head (a guard against slowloris)")
+    parser.add_argument("--max_connections", type=int, default=512,
+                        help="open connections at most; beyond, new ones are closed at once")
     parser.add_argument("--allowed_hosts", nargs="*", default=[], metavar="HOST",
                         help="host names clients may use besides 127.0.0.1 / localhost / ::1 (a guard against DNS "
                              "rebinding; bound to a non-loopback address: only these, when given)")
@@ -239,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    for field in ("max_batch", "max_tokens", "port"):
+    for field in ("max_batch", "max_tokens", "port", "max_connections", "header_timeout"):
         if getattr(args, field) < 1:
             raise UserError("must be at least 1", field=field)
     if args.max_queue < 0 or args.max_body_mb <= 0 or args.drain_timeout < 0:
@@ -266,8 +270,11 @@ def main(argv=None):
           f"{str(loaded.core.dtype).replace('torch.', '')} on {loaded.device}) at http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", flush=True)
     _DrainingServer = _draining_server_class()
+    from .connection_guard import guarded_protocol
+
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=max(1, int(args.drain_timeout)))
+                            timeout_graceful_shutdown=max(1, int(args.drain_timeout)),
+                            http=guarded_protocol(args.header_timeout, args.max_connections))
     _DrainingServer(config).run()
     print(f"server stopped ({engine.stats()['steps']} decoding steps)", flush=True)
 

@@ -212,6 +212,46 @@ def test_an_origin_named_by_cors_origins_gets_cors_headers_and_big_prompts_do_no
         with_cors.stop()
 
 
+def test_half_open_connections_are_closed_and_capped_and_logged_once():
+    """Issue 29, item 6 (slowloris): connections that dribble a request head are closed after --header_timeout,
+    more than --max_connections are refused at once, /health answers throughout, each condition is logged once."""
+    import socket
+
+    guarded = Server("--model", MODEL, "--header_timeout", "1", "--max_connections", "12")
+    sockets = []
+
+    def dribble():
+        connection = socket.create_connection(("127.0.0.1", guarded.port), timeout=10)
+        connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # no end of head
+        sockets.append(connection)
+        return connection
+
+    def is_closed(connection, seconds: float) -> bool:
+        connection.settimeout(seconds)
+        try:
+            return connection.recv(1024) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except socket.timeout:
+            return False
+
+    try:
+        held = [dribble() for _ in range(10)]
+        assert guarded.health()["status"] == "ok"  # the 11th connection is served
+        over = [dribble() for _ in range(6)]       # 12 open already: closed at once
+        assert sum(is_closed(c, 0.5) for c in over) >= 4
+        time.sleep(1.5)                            # past the header deadline
+        assert all(is_closed(c, 5) for c in held)
+        assert guarded.health()["status"] == "ok"
+        log = guarded.output()
+        assert log.count("sent no complete request head within 1 s") == 1 and log.count("open connections") == 1
+        assert "Traceback" not in log
+    finally:
+        for connection in sockets:
+            connection.close()
+        guarded.stop()
+
+
 def test_the_key_is_required_and_checked(server):
     assert server.request("GET", "/v1/models")[0] == 401
     assert server.request("GET", "/v1/models", headers={"Authorization": f"Bearer {KEY}x"})[0] == 401
