@@ -62,6 +62,66 @@ def prompt_characters(chat) -> int:
     return text + (len(json.dumps(chat.tools, ensure_ascii=False)) if chat.tools else 0)
 
 
+async def prompt_ids(engine: Engine, chat, max_prompt_tokens: int | None) -> list[int]:
+    """The prompt's ids: its size checked before it is tokenized, tokenized off the event loop (/health and other
+    clients are answered meanwhile), then checked against --max_prompt_tokens; a forced tool call opened."""
+    context = engine.loaded.context_length
+    limit = min(max_prompt_tokens or context, context)
+    if prompt_characters(chat) > MAX_CHARS_PER_TOKEN * limit:
+        raise ApiError(400, f"the prompt is {prompt_characters(chat)} characters, more than {limit} tokens can "
+                            "hold", param="messages", code="context_length_exceeded")
+    try:
+        ids = await asyncio.to_thread(engine.prompt_ids, chat.messages, chat.tools)
+    except UserError as exc:
+        raise ApiError(400, str(exc), param=exc.field) from None
+    if max_prompt_tokens and max_prompt_tokens < len(ids) < context:
+        raise ApiError(400, f"the prompt is {len(ids)} tokens; this server accepts at most {max_prompt_tokens} "
+                            "(--max_prompt_tokens)", param="messages", code="context_length_exceeded")
+    if chat.forced_tool:
+        ids = ids + engine.loaded.tokenizer.encode(chat.forced_tool + "\n", add_special_tokens=False)
+    return ids
+
+
+def submit(engine: Engine, ids: list[int], chat, events: asyncio.Queue):
+    """Hand the request to the engine; its events arrive on `events` (put there from the engine's thread)."""
+    loop = asyncio.get_running_loop()
+
+    def deliver(event):
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (server stopped)
+            pass
+
+    try:
+        return engine.submit(ids, chat.params, deliver)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
+    except EngineBusy as exc:
+        raise ApiError(429, f"{exc}; retry shortly", headers={"Retry-After": "1"}) from None
+    except EngineClosed:
+        raise ApiError(503, "the server is shutting down", headers={"Retry-After": "5"}) from None
+
+
+async def answer(events: asyncio.Queue, handle, request) -> Finished | None:
+    """The finished answer of a non-streamed request, or None when its client hung up. Tokens keep arriving while
+    the client may be gone: the connection is looked at every half second whatever comes, and the slot is freed."""
+    try:
+        checked = time.monotonic()
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), 0.5)
+            except asyncio.TimeoutError:
+                event = None
+            if isinstance(event, Finished):
+                return event
+            if time.monotonic() - checked >= 0.5:
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    return None
+    finally:
+        handle.cancel()  # frees the slot if the client went away (no-op once finished)
+
+
 def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = 4 << 20,
                default_max_tokens: int = 256, drain_timeout: float = 30.0, max_prompt_tokens: int | None = None):
     from fastapi import FastAPI, Request
@@ -114,58 +174,17 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         if chat.model != name:
             raise ApiError(404, f"the model {chat.model!r} does not exist; this server serves {name!r}",
                            param="model", code="model_not_found")
-        limit = min(max_prompt_tokens or engine.loaded.context_length, engine.loaded.context_length)
-        if prompt_characters(chat) > MAX_CHARS_PER_TOKEN * limit:
-            raise ApiError(400, f"the prompt is {prompt_characters(chat)} characters, more than {limit} tokens can "
-                                "hold", param="messages", code="context_length_exceeded")
-        try:  # off the event loop: /health and other clients are answered while a long prompt is tokenized
-            ids = await asyncio.to_thread(engine.prompt_ids, chat.messages, chat.tools)
-        except UserError as exc:
-            raise ApiError(400, str(exc), param=exc.field) from None
-        if max_prompt_tokens and max_prompt_tokens < len(ids) < engine.loaded.context_length:
-            raise ApiError(400, f"the prompt is {len(ids)} tokens; this server accepts at most {max_prompt_tokens} "
-                                "(--max_prompt_tokens)", param="messages", code="context_length_exceeded")
-        if chat.forced_tool:
-            ids = ids + engine.loaded.tokenizer.encode(chat.forced_tool + "\n", add_special_tokens=False)
-        loop = asyncio.get_running_loop()
+        ids = await prompt_ids(engine, chat, max_prompt_tokens)
         events: asyncio.Queue = asyncio.Queue()
-
-        def deliver(event):  # from the engine's thread
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the event loop is gone (server stopped)
-                pass
-
-        try:
-            handle = engine.submit(ids, chat.params, deliver)
-        except ValueError as exc:
-            raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
-        except EngineBusy as exc:
-            raise ApiError(429, f"{exc}; retry shortly", headers={"Retry-After": "1"}) from None
-        except EngineClosed:
-            raise ApiError(503, "the server is shutting down", headers={"Retry-After": "5"}) from None
+        handle = submit(engine, ids, chat, events)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         shaper = AnswerShaper(chat.tools, chat.forced_tool)
         if chat.stream:
             return StreamingResponse(_stream(events, handle, shaper, chat, request_id, name),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        try:
-            checked = time.monotonic()
-            while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), 0.5)
-                except asyncio.TimeoutError:
-                    event = None
-                if isinstance(event, Finished):
-                    break
-                # Tokens keep arriving while the client may be gone: look at the connection every half second
-                # whatever comes (a hung-up client frees its slot at the next step, as a stream's does).
-                if time.monotonic() - checked >= 0.5:
-                    checked = time.monotonic()
-                    if await request.is_disconnected():
-                        return JSONResponse({}, status_code=499)
-        finally:
-            handle.cancel()  # frees the slot if the client went away (no-op once finished)
+        event = await answer(events, handle, request)
+        if event is None:
+            return JSONResponse({}, status_code=499)  # the client hung up
         _raise_if_failed(event)
         message, reason = shaper.message(event)
         return completion(request_id, name, message, reason, usage(event.prompt_tokens, event.completion_tokens))
