@@ -19,6 +19,7 @@ server cannot tell from the weights which prompt they learned; `detect_prompt_fo
 """
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -65,9 +66,28 @@ def _ids(encoded) -> list[int]:
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
+_SLOT = re.compile("\ue000(\\d+)\ue001")  # private-use characters mark where a message's text goes
+
+
 def _render_glm4(tokenizer, messages, tools):
-    return _ids(tokenizer.apply_chat_template(glm4_messages(messages, tools), add_generation_prompt=True,
-                                              tokenize=True, return_dict=False))
+    """GLM-4's chat template. Text a user typed or a tool returned stays text: "<|system|>" in it is the letters, not
+    the special token (it would open a forged turn). Only when such a string is there is the prompt put together
+    from the template's structure (specials) and each text encoded with specials split; otherwise it is the
+    template's own encoding, as training."""
+    turns = glm4_messages(messages, tools)
+    specials = [t for t in getattr(tokenizer, "added_tokens_encoder", {}) if t]
+    if not any(special in (turn.get("content") or "") for turn in turns for special in specials):
+        return _ids(tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False))
+    texts = [turn.get("content") or "" for turn in turns]
+    marked = [{**turn, "content": f"\ue000{i}\ue001"} if texts[i] else turn for i, turn in enumerate(turns)]
+    rendered = tokenizer.apply_chat_template(marked, add_generation_prompt=True, tokenize=False)
+    ids, parts = [], _SLOT.split(rendered)
+    for k, part in enumerate(parts):  # structure, text, structure, text, ...
+        if k % 2:
+            ids += tokenizer(texts[int(part)], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        elif part:
+            ids += tokenizer(part, add_special_tokens=False)["input_ids"]
+    return ids
 
 
 def _render_chatglm6b(tokenizer, messages, tools):
