@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from tuning.errors import UserError, run_main
 from tuning.files import atomic_dir, read_json
-from tuning.outputs import refuse_inputs
+from tuning.outputs import is_inside, refuse_inputs
 
 from .lora_merge import Adapter, read_adapter_config
 from .registry import FAMILIES
@@ -195,8 +195,12 @@ def prefix_encoder_only(folder: str) -> bool:
 
 
 def check_out(out: str, inputs: list[str], overwrite: bool) -> None:
-    """Before any work: OUT neither is nor holds an input, and is new or empty unless --overwrite."""
+    """Before any work: OUT neither is nor holds an input nor lies inside one (a model folder in the base model's
+    folder, or in the adapter's, is taken for part of it by later loads), and is new or empty unless --overwrite."""
     refuse_inputs(out, inputs)
+    for folder in inputs:
+        if folder and os.path.isdir(folder) and is_inside(out, folder):
+            raise UserError(f"is inside {folder}, an input of this export; write the model elsewhere", path=out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
         raise UserError("already exists and is not empty (use --overwrite to replace it)", path=out)
 

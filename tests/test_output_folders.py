@@ -135,3 +135,30 @@ def test_glm4_convert_refuses_an_out_dir_that_holds_the_original(tmp_path, monke
     code, stderr = run(convert_glm4_to_hf, [str(original), str(tmp_path), "--force"], monkeypatch)
     assert code == 2 and "holds an input of the run" in stderr
     assert (original / "config.json").exists()
+
+
+def test_the_home_folder_is_never_replaced_not_even_with_overwrite(tmp_path, monkeypatch):
+    """Issue 29, item 15: `--overwrite` on the home folder wiped .bashrc."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("export PATH=...")
+    monkeypatch.setenv("HOME", str(home))
+    before = snapshot(home)
+    code, stderr = tokenize(["--jsonl_path", ROWS, "--save_path", str(home), "--overwrite"], monkeypatch, cwd=tmp_path)
+    assert code == 2 and stderr.strip() == f"error: {home}: is your home folder (or holds it); give a new folder for " \
+                                           "the output"
+    assert snapshot(home) == before
+
+
+def test_export_never_writes_inside_its_source_or_base(tmp_path):
+    """Issue 29, item 15: OUT inside the base model folder (or the adapter's) was accepted."""
+    from model_hub.export import export
+    from model_hub.make_tiny import tiny_dir
+    from tuning.errors import UserError
+
+    src = tmp_path / "model"
+    shutil.copytree(tiny_dir("chinese-alpaca-7b"), src)
+    before = snapshot(src)
+    with pytest.raises(UserError, match="is inside .*an input of this export"):
+        export(str(src), str(src / "merged"))
+    assert snapshot(src) == before

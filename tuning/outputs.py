@@ -57,6 +57,7 @@ def check_output_folder(path: str, kind: str, *, inputs=(), overwrite: bool = Fa
     """Refuse (one line, nothing written) an output folder whose replacement would delete what this code did
     not write: see the module docstring."""
     refuse_link(path)
+    refuse_home(path)  # not even with the flag: --overwrite on ~ would delete .bashrc and the rest
     if is_inside(os.getcwd(), path):
         raise UserError("is the current folder (or holds it); give a new folder for the output", path=path)
     refuse_inputs(path, inputs)
@@ -81,6 +82,7 @@ def check_files_folder(path: str, kind: str, *, inputs=(), overwrite: bool = Fal
     files of its own `kind` (weights, config, tokenizer): refuse when such files are there and the folder is not
     an earlier output of that kind (they are someone else's), or when `path` holds an input."""
     refuse_link(path)
+    refuse_home(path)
     refuse_inputs(path, inputs)
     if not os.path.isdir(path) or overwrite or is_earlier_output(path, kind):
         return
