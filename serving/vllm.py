@@ -36,6 +36,7 @@ from tuning.files import atomic_dir, read_json
 VENV_PYTHON = os.path.join(REPO_DIR, "build", "vllm-venv", "bin", "python")
 PREPARED = os.path.join(REPO_DIR, "build", "vllm")
 TOOL_PARSER = "glm4_9b_chat"
+PREPARED_VERSION = 2  # bump when what prepare_tokenizer writes changes
 OUR_SERVER = "python -m serving.api"
 
 
@@ -96,8 +97,8 @@ def prompt_format_of(family: str, model: str, adapters: list[str]) -> str:
 def prepare_tokenizer(family: str, model: str, adapters: list[str], prompt_format: str) -> str:
     """build/vllm/<hash>/tokenizer: the tokenizer training used + the recipe's prompt as chat_template.jinja."""
     source = next((a for a in adapters if has_tokenizer(a)), model)
-    key = hashlib.sha256(json.dumps([os.path.abspath(source), prompt_format,
-                                     os.path.getmtime(source)]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([PREPARED_VERSION, os.path.abspath(source), os.path.abspath(model),
+                                     prompt_format, os.path.getmtime(source)]).encode()).hexdigest()[:16]
     folder = os.path.join(PREPARED, key, "tokenizer")
     if os.path.isfile(os.path.join(folder, "chat_template.jinja")):
         return folder
@@ -114,6 +115,8 @@ def prepare_tokenizer(family: str, model: str, adapters: list[str], prompt_forma
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "chat_template.jinja"), "w", encoding="utf-8") as f:
             f.write(template)
+        # vLLM reads a config.json beside the tokenizer too (without one it logs errors and retries for seconds)
+        shutil.copyfile(os.path.join(model, "config.json"), os.path.join(tmp, "config.json"))
     return folder
 
 
