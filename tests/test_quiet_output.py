@@ -29,3 +29,15 @@ def test_other_library_messages_still_show():
     result = run("import tuning, logging; logging.basicConfig(); "
                  "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('another bitsandbytes warning')")
     assert "another bitsandbytes warning" in result.stderr
+
+
+def test_glm4_predict_step_does_not_warn_about_max_length():
+    """The GLM-4 recipe's predict step printed "Both `max_new_tokens` and `max_length` seem to have been set" each
+    time (transformers' default max_length beside the recipe's max_new_tokens; the latter wins, as asked)."""
+    result = run("import tuning, torch; from transformers import GenerationConfig; "
+                 "from model_hub.loader import load_model_and_tokenizer; "
+                 "m, _ = load_model_and_tokenizer('tiny:glm-4-9b-chat', dtype='fp32'); "
+                 "out = m.generate(torch.tensor([[1, 2, 3]]), max_length=20, "
+                 "generation_config=GenerationConfig(max_new_tokens=4)); print(out.shape[1])")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "7" and "Both `max_new_tokens`" not in result.stderr

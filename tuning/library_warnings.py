@@ -27,3 +27,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
 # DeepSpeed 0.19 warns at import that it "was unable to detect" a GPU on every CPU machine (to stdout, so a
 # command's printed result gets a second line). On a machine with a GPU the warning is not emitted anyway.
 logging.getLogger("DeepSpeed").addFilter(_DropMessages("Setting accelerator to CPU"))
+# transformers 5.23's Seq2SeqTrainer.predict hands generate a config whose max_length is the library default (20)
+# beside the recipe's max_new_tokens: "Both `max_new_tokens` and `max_length` seem to have been set" at every
+# predict step. max_new_tokens takes precedence, which is what the recipe asked for.
+logging.getLogger("transformers.generation.utils").addFilter(_DropMessages("Both `max_new_tokens`"))
