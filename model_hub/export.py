@@ -306,7 +306,10 @@ def write_readme(plan: Plan, tmp: str, dtype: str | None, command: str) -> None:
              f"- made by: `{command}`", "",
              "Load with `AutoModelForCausalLM.from_pretrained(folder)` and `AutoTokenizer.from_pretrained(folder)`"
              + (" after `import model_hub`" if plan.family == "chatglm6b" else
-                " with trust_remote_code=True (THUDM's code)" if plan.layout == "original" else "") + ".", ""]
+                " with trust_remote_code=True (THUDM's code)" if plan.layout == "original" else "") + ".",
+             *(["", "For the original's token ids `import model_hub` first: plain transformers reads tokenizer.model "
+                "differently on digit and whitespace runs and on some Chinese text. vLLM: `python -m serving.vllm "
+                "FOLDER` (the project's plugin gives vLLM the same ids)."] if plan.family == "llama" else []), ""]
     with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
 
