@@ -41,3 +41,27 @@ def test_glm4_predict_step_does_not_warn_about_max_length():
                  "generation_config=GenerationConfig(max_new_tokens=4)); print(out.shape[1])")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "7" and "Both `max_new_tokens`" not in result.stderr
+
+
+def test_trainer_info_lines_name_the_published_checkpoint_and_not_the_hub():
+    """Issue 33.1: at log_level info the Trainer named the internal staging folder and asked to share the model on
+    huggingface.co after every (offline) run."""
+    import logging
+
+    import tuning  # noqa: F401  (installs the filters)
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("transformers.trainer")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        logger.info("Saving model checkpoint to %s", "out/run/.saving-checkpoint-4/checkpoint-4")
+        logger.info("\n\nTraining completed. Do not forget to share your model on huggingface.co/models =)\n\n")
+        logger.info("Saving model checkpoint to out/run/checkpoint-6")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert seen == ["Saving model checkpoint to out/run/checkpoint-4", "Saving model checkpoint to out/run/checkpoint-6"]

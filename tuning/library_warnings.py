@@ -31,3 +31,29 @@ logging.getLogger("DeepSpeed").addFilter(_DropMessages("Setting accelerator to C
 # beside the recipe's max_new_tokens: "Both `max_new_tokens` and `max_length` seem to have been set" at every
 # predict step. max_new_tokens takes precedence, which is what the recipe asked for.
 logging.getLogger("transformers.generation.utils").addFilter(_DropMessages("Both `max_new_tokens`"))
+
+
+class _TrainerLines(logging.Filter):
+    """transformers' Trainer (5.23) at log_level info: "Do not forget to share your model on huggingface.co" after
+    every run (dropped: the runs are offline by default), and "Saving model checkpoint to" naming the staging folder
+    the atomic save writes first (OUT/.saving-checkpoint-N/checkpoint-N, tuning.checkpoints): shown as the folder the
+    checkpoint is published to."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "Do not forget to share your model" in message:
+            return False
+        if message.startswith("Saving model checkpoint to ") and "/.saving-" in message:
+            path = message[len("Saving model checkpoint to "):]
+            record.msg, record.args = "Saving model checkpoint to %s", (_published(path),)
+        return True
+
+
+def _published(path: str) -> str:
+    """OUT/.saving-checkpoint-N/checkpoint-N → OUT/checkpoint-N."""
+    head, _, tail = path.partition("/.saving-")
+    name = tail.partition("/")[2] or tail
+    return f"{head}/{name}"
+
+
+logging.getLogger("transformers.trainer").addFilter(_TrainerLines())
