@@ -288,27 +288,37 @@ def main(argv=None):
     print(f"serving {loaded.name!r} ({loaded.family}, prompt format {loaded.prompt_format}, "
           f"{str(loaded.core.dtype).replace('torch.', '')} on {loaded.device}) at http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", flush=True)
-    _DrainingServer = _draining_server_class()
+    _DrainingServer = _draining_server_class(engine, args.drain_timeout)
     from .connection_guard import guarded_protocol
 
+    # uvicorn cuts what is still open DRAIN_MARGIN s after the engine has ended it with an error event / 503
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=max(1, int(args.drain_timeout)),
+                            timeout_graceful_shutdown=max(1, int(args.drain_timeout + DRAIN_MARGIN)),
                             http=guarded_protocol(args.header_timeout, args.max_connections))
     _DrainingServer(config).run()
     print(f"server stopped ({engine.stats()['steps']} decoding steps)", flush=True)
 
 
-def _draining_server_class():
+DRAIN_MARGIN = 5.0
+
+
+def _draining_server_class(engine: Engine, drain_timeout: float):
+    import threading
+
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
-        """SIGTERM / Ctrl-C is a planned stop: uvicorn stops accepting and lets the requests in flight finish
-        (timeout_graceful_shutdown), the lifespan closes the engine, and the process exits 0 (uvicorn would
-        re-raise the signal afterwards and die by it)."""
+        """SIGTERM / Ctrl-C is a planned stop: uvicorn stops accepting, the engine lets the requests in flight
+        finish for up to --drain_timeout s and then ends the rest itself (a stream gets an error event, a waiting
+        client a 503 in OpenAI's shape, not a cut connection: uvicorn's own cut comes DRAIN_MARGIN s later), the
+        process exits 0 (uvicorn would re-raise the signal afterwards and die by it)."""
 
         def handle_exit(self, sig, frame):
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
+            if not getattr(self, "_draining", False):
+                self._draining = True
+                threading.Thread(target=engine.close, args=(drain_timeout,), daemon=True).start()
 
     return DrainingServer
 

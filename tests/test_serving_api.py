@@ -313,6 +313,43 @@ def test_a_non_streamed_request_whose_client_hangs_up_is_freed(server):
     assert server.health()["steps"] == health["steps"]
 
 
+def test_requests_cut_by_the_end_of_the_drain_get_an_error_not_a_cut_connection():
+    """Issue 29, item 12: at the end of the SIGTERM drain, requests still decoding got a raw 500 or a stream that just
+    stopped (no error event, no [DONE]). The engine now ends them itself: an error event / a 503 in OpenAI's shape."""
+    import json
+    import socket
+
+    server = Server("--model", MODEL, "--drain_timeout", "1")
+    try:
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+        stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                temperature=0, max_tokens=1900, stream=True)
+        next(iter(stream))
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 1900,
+                           "temperature": 0}).encode()
+        raw = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        for _ in range(200):  # bounded: until both decode
+            if server.health()["active"] == 2:
+                break
+            time.sleep(0.05)
+        server.process.send_signal(signal.SIGTERM)
+        with pytest.raises(openai.APIError, match="the server stopped before the answer was finished"):
+            list(stream)
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            part = raw.recv(65536)
+            if not part:
+                break
+            reply += part
+        raw.close()
+        assert reply.startswith(b"HTTP/1.1 503") and b'"service_unavailable"' in reply, reply[:300]
+        assert server.process.wait(timeout=60) == 0
+    finally:
+        server.stop()
+
+
 def test_sigterm_finishes_the_request_in_flight_then_exits_0():
     server = Server("--model", MODEL, "--api_key", KEY, "--drain_timeout", "60")
     try:
