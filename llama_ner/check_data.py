@@ -14,6 +14,23 @@ from types import SimpleNamespace
 from llama_ner.common import BASE_CONFIG as CONFIG
 from tuning.data_check import DataReport
 from tuning.errors import UserError, run_main
+from tuning.files import read_text
+
+
+def check_answers(lines: list[str], path: str, column: str) -> None:
+    """Every answer line is "entity_type" (what process.py writes and the F1 report parses) or 没有; anything else would
+    train the model on answers the metrics can never count (issue 33.4)."""
+    import json
+
+    from llama_ner.process import NO_ENTITY
+
+    numbers = [n for n, line in enumerate(read_text(path).strip().split("\n"), start=1) if line.strip()]
+    for line_no, line in zip(numbers, lines):
+        for part in json.loads(line)[column].split("\n"):
+            entity, _, kind = part.rpartition("_")
+            if part != NO_ENTITY and not (entity.strip() and kind.strip()):
+                raise UserError(f"answer line {part!r} is not 'entity_type' (e.g. 北京_地名) or {NO_ENTITY}",
+                                path=path, line=line_no, field=column)
 
 
 def check_file(path: str, model_dir: str, max_seq_length: int, columns=("instruct", "query", "answer")) -> DataReport:
@@ -21,6 +38,7 @@ def check_file(path: str, model_dir: str, max_seq_length: int, columns=("instruc
     from model_hub.loader import load_tokenizer
 
     lines = load_data(path, columns)  # every row validated before the tokenizer loads
+    check_answers(lines, path, columns[2])
     args = SimpleNamespace(instruct_column=columns[0], query_column=columns[1], response_column=columns[2],
                            max_seq_length=max_seq_length)
     collate = NerCollate(args, load_tokenizer(model_dir))

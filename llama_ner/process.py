@@ -50,6 +50,20 @@ def instruction_for(types) -> str:
 NO_ENTITY = "没有"
 
 
+def _check_place(text, entity: str, index, path: str, line: int, field: str) -> None:
+    """An entity must be in its sentence (and where entity_index says, when it says): the original wrote any string
+    as an answer, so a typo in the data became a training target the model can never find (issue 33.4)."""
+    if not isinstance(text, str) or not text:
+        return  # empty sentences are skipped (as the original); a non-string text is reported by the caller
+    if entity not in text:
+        raise UserError(f"{entity!r} does not occur in the text", path=path, line=line, field=field + ".entity")
+    if isinstance(index, dict) and isinstance(index.get("begin"), int) and isinstance(index.get("end"), int):
+        begin, end = index["begin"], index["end"]
+        if text[begin:end] != entity or not 0 <= begin < end <= len(text):
+            raise UserError(f"text[{begin}:{end}] is {text[begin:end]!r}, not the entity {entity!r} (the text has "
+                            f"{len(text)} characters)", path=path, line=line, field=field + ".entity_index")
+
+
 def _entities(record: dict, path: str, line: int) -> list[tuple[str, str]]:
     entity_list = record.get("entity_list")
     if not isinstance(entity_list, list):
@@ -66,6 +80,7 @@ def _entities(record: dict, path: str, line: int) -> list[tuple[str, str]]:
         if not isinstance(kind, str) or not kind:
             raise UserError("expected a string such as PER, LOC or ORG", path=path, line=line,
                             field=field + ".entity_type")
+        _check_place(record.get("text"), entity, item.get("entity_index"), path, line, field)
         found.append((entity, TYPE_NAMES.get(kind, kind)))  # other types pass through unchanged, as the original
     return found
 
