@@ -236,6 +236,16 @@ def _match_vocabulary(model, tokenizer, family: str, tokenizer_path: str | None)
                         "tokenizer folder?", path=tokenizer_path, field="tokenizer_path")
 
 
+def base_of_adapter(adapter: str, base_flag: str = "--model") -> str:
+    """The base model `adapter` was trained on (base_model_name_or_path in its adapter_config.json), resolved; an
+    empty entry or a path that is gone is one line saying where the path came from and naming `base_flag`."""
+    recorded = os.path.join(adapter, ADAPTER_CONFIG)
+    base = read_json(recorded).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"base_model_name_or_path is empty; pass {base_flag}", path=recorded)
+    return resolve_recorded_model_path(base, f"base_model_name_or_path in {recorded}", f"{base_flag} PATH")
+
+
 def load_adapted(model: str | None, adapter: str | None = None, *, dtype=None, device: str | None = None,
                  quantization_bit: int | None = None, tokenizer_path: str | None = None,
                  base_flag: str = "--model", family_hooks: bool = True):
@@ -248,17 +258,12 @@ def load_adapted(model: str | None, adapter: str | None = None, *, dtype=None, d
     A tokenizer larger than the embedding grows it. `family_hooks`: the registry's per-family hook for a P-tuning v2
     adapter (GLM-4: its text numbered from 0, as trained) — off for the serving engine, which numbers positions
     itself. The base in 4/8 bits with `quantization_bit`."""
-    config = None
     if adapter is not None:
         from tuning.publish import read_adapter_folder
 
-        config = read_adapter_folder(adapter)
+        read_adapter_folder(adapter)
         if model is None:
-            model = config.get("base_model_name_or_path")
-            recorded = os.path.join(adapter, ADAPTER_CONFIG)
-            if not model:
-                raise UserError(f"base_model_name_or_path is empty; pass {base_flag}", path=recorded)
-            resolve_recorded_model_path(model, f"base_model_name_or_path in {recorded}", f"{base_flag} PATH")
+            model = base_of_adapter(adapter, base_flag)
     if model is None:
         raise UserError(f"give {base_flag} (a model folder or tiny:NAME) or an adapter folder", field="model")
     base, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device, quantization_bit=quantization_bit)

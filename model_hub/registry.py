@@ -88,8 +88,8 @@ def get_family(name: str) -> Family:
 
 
 def family_of_config(config) -> str:
-    """The family of a loaded transformers config (our ChatGLM-6B, native GLM-4, or LLaMA)."""
-    model_type = getattr(config, "model_type", "")
+    """The family of a transformers config (our ChatGLM-6B, native GLM-4, or LLaMA), loaded or as config.json's dict."""
+    model_type = config.get("model_type", "") if isinstance(config, dict) else getattr(config, "model_type", "")
     for family in FAMILIES.values():
         if family.model_type == model_type:
             return family.name

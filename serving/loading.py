@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from model_hub.loader import load_adapted, resolve_model_path, resolve_recorded_model_path
+from model_hub.loader import base_of_adapter, load_adapted, resolve_model_path
 from model_hub.registry import FAMILIES, family_of_config
 from tuning.errors import UserError
 
-from .prompts import detect_prompt_format, read_base_of_adapter, stop_ids_of_family
+from .prompts import detect_prompt_format, stop_ids_of_family
 
 
 @dataclass
@@ -73,9 +73,7 @@ def load_for_serving(model: str | None, adapter: str | None = None, *, dtype: st
             raise UserError("not a LoRA / P-tuning adapter folder (adapter_config.json missing)", path=adapter,
                             field="adapter")
         if model is None:  # the base recorded at training time: a moved base names where the path came from
-            model = read_base_of_adapter(adapter)
-            recorded = os.path.join(adapter, "adapter_config.json")
-            path = resolve_recorded_model_path(model, f"base_model_name_or_path in {recorded}", "--model PATH")
+            model = base_of_adapter(adapter, "--model")
     if model is None:
         raise UserError("give --model (a model folder or tiny:NAME) or --adapter", field="model")
     path = resolve_model_path(model)

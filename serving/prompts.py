@@ -3,13 +3,10 @@
 The knowledge is data in `model_hub.prompt_format` (one record per format: render, stop ids, clean-up, streaming
 hold-back), shared with the recipes that train on it; this module is serving's view of it.
 """
-import os
 
 from model_hub.glm4.prompts import glm4_messages, parse_tool_call as parse_glm4_tool_call  # noqa: F401
 from model_hub.prompt_format import (PROMPT_FORMATS, chatglm6b_history, detect_prompt_format,  # noqa: F401
                                      get_prompt_format, last_user_text, stop_ids_of_family)
-from tuning.errors import UserError
-from tuning.files import read_json
 
 SINGLE_TURN = tuple(name for name, f in PROMPT_FORMATS.items() if not f.multi_turn)
 FAMILY_OF_FORMAT = {name: f.family for name, f in PROMPT_FORMATS.items()}
@@ -24,11 +21,3 @@ def build_prompt_ids(prompt_format: str, tokenizer, messages: list[dict], tools:
 def postprocess(prompt_format: str, text: str) -> str:
     """The answer as the recipe shows it (strip; ChatGLM-6B's punctuation fix; ChatGLM-Tuning's "\\nEND")."""
     return get_prompt_format(prompt_format).postprocess(text)
-
-
-def read_base_of_adapter(adapter_dir: str) -> str:
-    path = os.path.join(adapter_dir, "adapter_config.json")
-    base = read_json(path).get("base_model_name_or_path")
-    if not base:
-        raise UserError("base_model_name_or_path is empty; pass --model", path=path)
-    return base

@@ -29,7 +29,7 @@ import sys
 from model_hub import REPO_DIR
 from model_hub.loader import has_tokenizer, resolve_model_path, resolve_recorded_model_path, tokenizer_from_folder
 from model_hub.prompt_format import detect_prompt_format, get_prompt_format
-from model_hub.registry import FAMILIES
+from model_hub.registry import FAMILIES, family_of_config
 from tuning.errors import UserError, run_main
 from tuning.files import atomic_dir, read_json
 
@@ -41,11 +41,10 @@ OUR_SERVER = "python -m serving.api"
 
 
 def family_of_folder(path: str) -> str:
-    model_type = read_json(os.path.join(path, "config.json")).get("model_type")
-    for family in FAMILIES.values():
-        if family.model_type == model_type:
-            return family.name
-    raise UserError(f"model type {model_type!r} is not one of the project's families", path=path)
+    family = family_of_config(read_json(os.path.join(path, "config.json")))
+    if family not in FAMILIES:
+        raise UserError(f"model type {family!r} is not one of the project's families", path=path)
+    return family
 
 
 def split_folders(folders: list[str]) -> tuple[str | None, list[str]]:
