@@ -264,8 +264,8 @@ def generation_config(plan: Plan) -> dict:
 
 
 def copy_tokenizer(plan: Plan, tmp: str) -> None:
-    """Tokenizer files (and, for the original layout, THUDM's code) copied as they are; a LLaMA tokenizer is
-    declared as transformers' LlamaTokenizer so that plain transformers loads it (same tokenizer.model)."""
+    """Tokenizer files (and, for the original layout, THUDM's code) copied as they are; a LLaMA tokenizer is then
+    declared so that plain transformers reads it to the original ids (same tokenizer.model)."""
     source = plan.original_dir or plan.tokenizer_dir
     skipped = []
     for name in sorted(os.listdir(source)):
@@ -280,12 +280,21 @@ def copy_tokenizer(plan: Plan, tmp: str) -> None:
         shutil.copyfile(path, os.path.join(tmp, name))
     if skipped:
         print(f"note: not copied from {source} (symbolic links or not regular files): {', '.join(skipped)}")
-    config_path = os.path.join(tmp, "tokenizer_config.json")
-    if plan.family == "llama" and os.path.isfile(config_path):
-        config = read_json(config_path)
-        if config.get("tokenizer_class") == "LlamaSentencePieceTokenizer":
-            config["tokenizer_class"] = "LlamaTokenizer"
-            write_json(config_path, config)
+    if plan.family == "llama":
+        write_portable_llama_tokenizer(tmp)
+
+
+def write_portable_llama_tokenizer(folder: str) -> None:
+    """The copied LLaMA tokenizer saved again by our class, which declares it so that plain transformers and vLLM
+    read tokenizer.model to the original ids (model_hub.llama.tokenizer.portable_tokenizer_config); the copied
+    special_tokens_map.json / added_tokens.json / tokenizer.json would override or contradict that declaration."""
+    from .llama.tokenizer import load_llama_tokenizer
+
+    tokenizer = load_llama_tokenizer(folder)
+    for name in ("special_tokens_map.json", "added_tokens.json", "tokenizer.json", "tokenizer_config.json"):
+        if os.path.isfile(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+    tokenizer.save_pretrained(folder)
 
 
 def write_json(path: str, value: dict) -> None:
@@ -307,9 +316,11 @@ def write_readme(plan: Plan, tmp: str, dtype: str | None, command: str) -> None:
              "Load with `AutoModelForCausalLM.from_pretrained(folder)` and `AutoTokenizer.from_pretrained(folder)`"
              + (" after `import model_hub`" if plan.family == "chatglm6b" else
                 " with trust_remote_code=True (THUDM's code)" if plan.layout == "original" else "") + ".",
-             *(["", "For the original's token ids `import model_hub` first: plain transformers reads tokenizer.model "
-                "differently on digit and whitespace runs and on some Chinese text. vLLM: `python -m serving.vllm "
-                "FOLDER` (the project's plugin gives vLLM the same ids)."] if plan.family == "llama" else []), ""]
+             *(["", "The tokenizer is declared as transformers' sentencepiece class: plain transformers and vLLM read "
+                "text to the original's ids (digit and whitespace runs included), and chat_template.jinja renders "
+                "the prompt the model was trained on. That generic class decodes byte-fallback pieces as `<0x..>` "
+                "text; after `import model_hub`, `model_hub.loader.load_tokenizer(folder)` decodes as the original. "
+                "vLLM: `python -m serving.vllm FOLDER`."] if plan.family == "llama" else []), ""]
     with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
 
@@ -337,12 +348,14 @@ def export(src: str, out: str, *, base: str | None = None, dtype: str | None = N
 def copy_prompt_format(plan: Plan, tmp: str) -> None:
     """The prompt the source was trained on travels with the export (prompt_format.json, and for LLaMA the chat
     template made from it): a server cannot tell it from the merged weights."""
-    from .prompt_format import read_prompt_format, record_prompt_format
+    from .prompt_format import PROMPT_FORMAT_FILE, detect_prompt_format, record_prompt_format
 
-    name = read_prompt_format(plan.src) if os.path.isdir(plan.src) else None
-    if name:
-        recipe = read_json(os.path.join(plan.src, "prompt_format.json")).get("recipe", "")
-        record_prompt_format(tmp, name, str(recipe))
+    # Unrecorded (trained before records were written): the family's default, as serving.api would render it.
+    adapter = plan.src if plan.src != plan.weights_dir else None
+    name = detect_prompt_format(plan.family, plan.weights_dir, adapter)
+    record = os.path.join(plan.src, PROMPT_FORMAT_FILE)
+    recipe = read_json(record).get("recipe", "") if os.path.isfile(record) else ""
+    record_prompt_format(tmp, name, str(recipe))
 
 
 def main(argv: list[str] | None = None):

@@ -111,9 +111,10 @@ def tokenizer_from_folder(folder: str, trust_remote_code: bool | None = None):
 
     import model_hub  # noqa: F401  (registers our tokenizer classes)
 
-    if _names_transformers_llama_tokenizer(folder):
-        # An export declares transformers' LlamaTokenizer (so plain transformers loads it), whose reading of
-        # tokenizer.model differs from the original on digit, whitespace and some Chinese runs: ours has its ids.
+    if _names_llama_sentencepiece(folder):
+        # Folders the project writes declare transformers' generic sentencepiece class (plain transformers reads the
+        # original ids with it), an older export LlamaTokenizer (whose tokenizer.json reading differs): ours decodes
+        # and handles special-token text as the original did.
         from .llama.tokenizer import load_llama_tokenizer
 
         return load_llama_tokenizer(folder)
@@ -121,12 +122,14 @@ def tokenizer_from_folder(folder: str, trust_remote_code: bool | None = None):
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=_trust(trust_remote_code))
 
 
-def _names_transformers_llama_tokenizer(folder: str) -> bool:
+def _names_llama_sentencepiece(folder: str) -> bool:
+    from .llama.tokenizer import names_llama_sentencepiece
+
     config_path = os.path.join(folder, "tokenizer_config.json")
     if not (os.path.isfile(config_path) and os.path.isfile(os.path.join(folder, "tokenizer.model"))):
         return False
     config = read_json(config_path)
-    return isinstance(config, dict) and config.get("tokenizer_class") in ("LlamaTokenizer", "LlamaTokenizerFast")
+    return isinstance(config, dict) and names_llama_sentencepiece(config)
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool | None = None):

@@ -36,7 +36,7 @@ from tuning.files import atomic_dir, read_json
 VENV_PYTHON = os.path.join(REPO_DIR, "build", "vllm-venv", "bin", "python")
 PREPARED = os.path.join(REPO_DIR, "build", "vllm")
 TOOL_PARSER = "glm4_9b_chat"
-PREPARED_VERSION = 2  # bump when what prepare_tokenizer writes changes
+PREPARED_VERSION = 3  # bump when what prepare_tokenizer writes changes
 OUR_SERVER = "python -m serving.api"
 
 
@@ -112,6 +112,14 @@ def prepare_tokenizer(family: str, model: str, adapters: list[str], prompt_forma
     template = get_prompt_format(prompt_format).chat_template(tokenizer)
     with atomic_dir(folder, "model", overwrite=True) as tmp:
         tokenizer.save_pretrained(tmp)
+        if family == "llama":
+            # The saved folder names transformers' generic sentencepiece class (same ids, but it decodes byte-fallback
+            # pieces as "<0x..>" text); vLLM, with the project's plugin registered, decodes with ours.
+            config_path = os.path.join(tmp, "tokenizer_config.json")
+            config = read_json(config_path)
+            config["tokenizer_class"] = "LlamaSentencePieceTokenizer"
+            with open(config_path, "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2, ensure_ascii=False)
         with open(os.path.join(tmp, "chat_template.jinja"), "w", encoding="utf-8") as f:
             f.write(template)
         # vLLM reads a config.json beside the tokenizer too (without one it logs errors and retries for seconds)

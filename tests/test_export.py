@@ -131,6 +131,21 @@ def test_chatglm6b_export_equals_base_plus_adapter_and_keeps_thudm_names(exporte
     assert config == base_config and config["auto_map"]  # THUDM's config, auto_map for its code included
 
 
+def test_llama_export_reads_text_and_renders_the_prompt_as_trained_under_plain_transformers(exported):
+    """The export's tokenizer, read by plain transformers (no project code): every golden string of the original
+    Chinese-Alpaca tokenizer to its ids (digit and whitespace runs included; transformers' LlamaTokenizer misreads 8 of
+    them), and the chat template (llama_ner's, the adapter has no record) renders the prompt our server sends."""
+    from model_hub.llama.tokenizer import load_llama_tokenizer
+    from model_hub.prompt_format import get_prompt_format
+    from plain_transformers import run_plain_probe
+
+    out = exported["llama"][2]
+    bad, prompts = run_plain_probe(sys.executable, {out: "chinese_alpaca_7b"})
+    assert bad == []
+    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "文本：2008年1月，北京 99999 元。"}]
+    assert prompts[out] == get_prompt_format("llama_ner").prompt_ids(load_llama_tokenizer(out), chat)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_export_folder_is_complete(exported, family):
     base, adapter, out = exported[family]

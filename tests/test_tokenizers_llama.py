@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import sys
 from functools import lru_cache
 
 import pytest
@@ -10,7 +11,10 @@ import torch
 
 import model_hub
 from model_hub.llama.tokenizer import LlamaSentencePieceTokenizer, load_llama_tokenizer
+from model_hub.loader import tokenizer_from_folder as load_tokenizer
 from transformers import AutoTokenizer
+
+from plain_transformers import run_plain_probe
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "llama")
 # golden file -> vendored folder
@@ -141,16 +145,39 @@ def test_save_and_reload(name, tmp_path):
     tok.save_pretrained(tmp_path)
     with open(tmp_path / "tokenizer_config.json", encoding="utf-8") as f:
         config = json.load(f)
-    assert config["tokenizer_class"] == "LlamaSentencePieceTokenizer"
+    # declared for plain transformers (test_plain_transformers_reads_saved_folders_to_the_original_ids)
+    assert (config["tokenizer_class"], config["special_tokens_pattern"]) == ("SentencePieceBackend", "bos")
     assert (config["add_bos_token"], config["add_eos_token"]) == (True, False)
-    again = AutoTokenizer.from_pretrained(tmp_path)
+    again = load_tokenizer(str(tmp_path))
     assert type(again) is LlamaSentencePieceTokenizer
     assert len(again) == len(tok) and again.pad_token_id == tok.pad_token_id
-    assert again.added_tokens_decoder == tok.added_tokens_decoder  # strip flags included
-    texts = [s["text"] for s in golden(name)["strings"]] + ["Response: <s> answer</s> [PAD] x"]
+    texts = [s["text"] for s in golden(name)["strings"]] + ["Response: answer</s> [PAD] x", "<s>北京_地名</s>"]
     assert [again(t).input_ids for t in texts] == [tok(t).input_ids for t in texts]
     for case in golden(name)["strings"]:
         assert again.decode(case["ids_with_bos"]) == case["decode_with_bos"]
+    # "<s>" after a prompt's trailing space, as a chat template renders it: the trained ids (prompt, then "<s>")
+    prompt = PROMPT.format(instruction="你好")
+    assert again(prompt + "<s>", add_special_tokens=False).input_ids == \
+        tok(prompt, add_special_tokens=False).input_ids + [tok.bos_token_id]
+
+
+def test_plain_transformers_reads_saved_folders_to_the_original_ids(tmp_path):
+    """Every LLaMA folder the project writes (save_pretrained: tiny models, adapters' tokenizers, full-SFT outputs,
+    exports) is read by plain transformers, without `import model_hub`, to the original's ids — all golden strings of
+    the three tokenizers — and its chat template renders the prompt llama_ner trains and serves."""
+    from model_hub.prompt_format import get_prompt_format, record_prompt_format
+
+    folders = {}
+    for name, folder in FILES.items():
+        out = tmp_path / folder
+        shared(name).save_pretrained(out)
+        record_prompt_format(str(out), "llama_ner", "llama_ner")
+        folders[str(out)] = name
+    bad, prompts = run_plain_probe(sys.executable, folders)
+    assert bad == []
+    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "文本：2008年1月，北京 99999 元。"}]
+    for folder, name in folders.items():
+        assert prompts[folder] == get_prompt_format("llama_ner").prompt_ids(shared(name), chat)
 
 
 def test_add_eos_token_survives_save(tmp_path):
@@ -158,8 +185,10 @@ def test_add_eos_token_survives_save(tmp_path):
     tok.add_eos_token = True
     assert tok("你好").input_ids == [1] + tok("你好", add_special_tokens=False).input_ids + [2]
     tok.save_pretrained(tmp_path)
-    again = AutoTokenizer.from_pretrained(tmp_path)
+    again = load_tokenizer(str(tmp_path))
     assert again.add_eos_token is True and again("你好").input_ids == tok("你好").input_ids
+    plain = AutoTokenizer.from_pretrained(tmp_path)  # transformers' own class: special_tokens_pattern "bos_eos"
+    assert plain("你好").input_ids == tok("你好").input_ids
 
 
 @pytest.mark.parametrize("name", FILES)

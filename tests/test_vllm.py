@@ -19,6 +19,7 @@ import pytest
 
 from conftest import REPO, run_in_process
 from serving_support import WEATHER_CALL, WEATHER_QUESTION, WEATHER_TOOLS, Server
+from plain_transformers import run_plain_probe
 from vllm_support import (ENV, VllmServer, base_model, exported, glm4_tool_call_sft, lora_adapter, vllm_python)
 
 pytestmark = pytest.mark.slow
@@ -135,17 +136,15 @@ def test_glm4_tool_calls_and_an_unmerged_adapter_answer_as_our_server(glm4):
         ours.stop()
 
 
-def test_the_prepared_llama_tokenizers_read_every_golden_string_as_the_original_under_vllm(tmp_path):
+def test_the_prepared_llama_tokenizers_read_every_golden_string_as_the_original_under_vllm():
     """Each of the three LLaMA tokenizers, saved as `serving.vllm` prepares it, loaded by vLLM's transformers (5.19)
     with the project's vLLM plugin registered: every golden string of the original gives the original ids."""
-    from model_hub.llama.tokenizer import bos_keeps_preceding_space, load_llama_tokenizer
+    from model_hub import tokenizer_files
+    from serving.vllm import prepare_tokenizer
 
     golden = {"llama-7b": "llama_original", "chinese-llama-7b": "chinese_llama_7b",
               "chinese-alpaca-7b": "chinese_alpaca_7b"}
-    for name in golden:
-        tokenizer = load_llama_tokenizer(name)
-        bos_keeps_preceding_space(tokenizer)
-        tokenizer.save_pretrained(tmp_path / name)
+    prepared = {name: prepare_tokenizer("llama", tokenizer_files(name), [], "llama_ner") for name in golden}
     probe = ("import json, sys; from serving.vllm_plugin import register; register()\n"
              "import transformers; from transformers import AutoTokenizer; bad = []\n"
              "for folder, name in zip(sys.argv[1::2], sys.argv[2::2]):\n"
@@ -154,12 +153,32 @@ def test_the_prepared_llama_tokenizers_read_every_golden_string_as_the_original_
              "    for case in json.load(open(f'tests/golden/llama/{name}.json', encoding='utf-8'))['strings']:\n"
              "        if tok(case['text'])['input_ids'] != case['ids_with_bos']: bad.append((name, case['text']))\n"
              "print(transformers.__version__, json.dumps(bad))")
-    argv = [str(item) for name, gold in golden.items() for item in (tmp_path / name, gold)]
+    argv = [str(item) for name, gold in golden.items() for item in (prepared[name], gold)]
     result = subprocess.run([vllm_python(), "-c", probe, *argv], cwd=REPO, capture_output=True, text=True,
                             timeout=300, env={**os.environ, **ENV})
     assert result.returncode == 0, result.stderr[-3000:]
     version, bad = result.stdout.strip().splitlines()[-1].split(" ", 1)
     assert version.startswith("5.19") and json.loads(bad) == []
+
+
+def test_the_llama_folders_the_project_writes_read_as_the_original_under_vllms_transformers(tmp_path):
+    """Without the plugin (vLLM started by hand on an export): vLLM's transformers (5.19) reads the tokenizer of every
+    LLaMA folder the project writes to the original's ids, and its chat template renders the trained prompt."""
+    from model_hub.llama.tokenizer import load_llama_tokenizer
+    from model_hub.prompt_format import get_prompt_format, record_prompt_format
+
+    golden = {"llama-7b": "llama_original", "chinese-llama-7b": "chinese_llama_7b",
+              "chinese-alpaca-7b": "chinese_alpaca_7b"}
+    folders = {}
+    for name, gold in golden.items():
+        load_llama_tokenizer(name).save_pretrained(tmp_path / name)
+        record_prompt_format(str(tmp_path / name), "llama_ner", "llama_ner")
+        folders[str(tmp_path / name)] = gold
+    bad, prompts = run_plain_probe(vllm_python(), folders)
+    assert bad == []
+    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "文本：2008年1月，北京 99999 元。"}]
+    for folder, name in zip(folders, golden):
+        assert prompts[folder] == get_prompt_format("llama_ner").prompt_ids(load_llama_tokenizer(name), chat)
 
 
 @pytest.mark.parametrize("what", ["chatglm6b", "ptuning"])

@@ -14,8 +14,11 @@ sentencepiece and re-implements the 4.28 behaviour around it:
   ordinary text, and tokens added beyond the vocabulary are joined with spaces (`spaces_between_special_tokens`).
 
 Importing this module registers the class with AutoTokenizer, so after `import model_hub`,
-`AutoTokenizer.from_pretrained(dir)` gives this class for every folder whose tokenizer_config.json names it
-(the three vendored folders, and anything `save_pretrained` writes).
+`AutoTokenizer.from_pretrained(dir)` gives this class for every folder whose tokenizer_config.json names it (the three
+vendored folders, the tokenizer `python -m serving.vllm` prepares). What `save_pretrained` writes (every LLaMA
+folder the project makes) names transformers' own sentencepiece class instead (`portable_tokenizer_config`), so that
+plain transformers and vLLM read it to the original ids without our code; the project's loaders
+(`load_llama_tokenizer`, `model_hub.loader.tokenizer_from_folder`) still read it with this class.
 """
 import json
 import os
@@ -203,15 +206,45 @@ class LlamaSentencePieceTokenizer(SentencePieceBackend):
                         **kwargs):
         files = super().save_pretrained(save_directory, legacy_format=legacy_format,
                                         filename_prefix=filename_prefix, push_to_hub=push_to_hub, **kwargs)
-        # transformers 5 drops add_bos_token/add_eos_token from the config; the original keeps them.
         path = os.path.join(str(save_directory), (filename_prefix + "-" if filename_prefix else "")
                             + "tokenizer_config.json")
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
-        config.update(add_bos_token=self.add_bos_token, add_eos_token=self.add_eos_token)
+        portable_tokenizer_config(config, self.add_bos_token, self.add_eos_token, self.bos_token)
         with open(path, "w", encoding="utf-8") as f:
             f.write(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
         return files
+
+
+# What plain transformers 5 (and vLLM's transformers, without any code of ours) reads to the original ids: its generic
+# sentencepiece class runs tokenizer.model itself. Its LlamaTokenizer would convert tokenizer.model to a BPE
+# tokenizer.json whose merge order cannot follow sentencepiece's (~18k merged-vocabulary pieces share one score, and
+# sentencepiece breaks the ties by position): digit and whitespace runs then read to other ids (measured).
+PORTABLE_CLASS = "SentencePieceBackend"
+SPECIAL_TOKENS_PATTERN = {(True, False): "bos", (True, True): "bos_eos", (False, True): "eos", (False, False): "none"}
+
+
+def portable_tokenizer_config(config: dict, add_bos: bool, add_eos: bool, bos_token) -> dict:
+    """Rewrite a saved tokenizer_config.json (in place) so that plain transformers reads the original ids.
+
+    - the class is transformers' own sentencepiece backend; `special_tokens_pattern` adds "<s>" / "</s>" as
+      add_bos_token / add_eos_token say (transformers 5 drops those two keys; the original keeps them, so they stay);
+    - "<s>" keeps the whitespace before it: a chat template renders the prompt and "<s>" as one text ("…Response: <s>"),
+      and training tokenized them apart (the prompt's trailing space is a "▁" before "<s>"). transformers 4.28 stripped
+      it; no recipe and no golden string has text with whitespace before "<s>"."""
+    config.update(tokenizer_class=PORTABLE_CLASS, add_bos_token=add_bos, add_eos_token=add_eos,
+                  special_tokens_pattern=SPECIAL_TOKENS_PATTERN[(bool(add_bos), bool(add_eos))])
+    for entry in config.get("added_tokens_decoder", {}).values():
+        if entry.get("content") == str(bos_token):
+            entry["lstrip"] = False
+    return config
+
+
+def names_llama_sentencepiece(config: dict) -> bool:
+    """A tokenizer_config.json (beside a tokenizer.model) that our class reads with the original's behaviour: what
+    `save_pretrained` writes, what an original LLaMA folder declares, and what older exports of the project wrote."""
+    return config.get("tokenizer_class") in (PORTABLE_CLASS, "LlamaSentencePieceTokenizer", "LlamaTokenizer",
+                                             "LlamaTokenizerFast")
 
 
 def load_llama_tokenizer(name_or_dir: str, **kwargs) -> LlamaSentencePieceTokenizer:
