@@ -99,11 +99,14 @@ def chatglm_lora(ctx: Context, deadline: float) -> dict:
 def _llama_ner(ctx: Context, deadline: float, quantization_bit=None) -> dict:
     import llama_ner.train_trainer as recipe
 
-    batch, length = (12, 192) if ctx.real else (2, 64)
+    batch, length = (12, 192) if ctx.real else (2, 192)  # shorter rows would cut every MSRA answer away
 
     def run(tmp, tokenizer):
         extra = [f"--quantization_bit={quantization_bit}"] if quantization_bit else []
-        with argv("train_trainer.py", "--model_dir=tiny:chinese-alpaca-7b", f"--train_path={MSRA_ROWS}",
+        train_path = os.path.join(tmp, "train.txt")  # the first rows of the real file: enough for the steps run
+        with open(MSRA_ROWS, encoding="utf-8") as src, open(train_path, "w", encoding="utf-8") as dst:
+            dst.writelines(line for _, line in zip(range(max(64, 2 * batch * ctx.steps)), src))
+        with argv("train_trainer.py", "--model_dir=tiny:chinese-alpaca-7b", f"--train_path={train_path}",
                   f"--train_batch_size={batch}", f"--max_seq_length={length}", f"--max_steps={ctx.steps}",
                   "--learning_rate=1e-4", f"--bf16={'true' if ctx.real or quantization_bit else 'false'}",
                   "--log_steps=1", "--save_steps=1000000", f"--save_dir={tmp}/out/", "--seed=42", *extra):
@@ -154,9 +157,12 @@ def _glm4(ctx: Context, deadline: float, config_name: str) -> dict:
                                        report_to="none", seed=42)
         data_dir = os.path.join(tmp, "data")  # apart from output_dir: the recipe refuses an output inside its data
         os.makedirs(data_dir)
+        # The question fills max_input_length (a longer one would leave no answer inside the cut), the answer
+        # runs past the cut: every row is max_input_length + max_output_length + 1 tokens.
+        question = tokenizer.decode(tokenizer.encode(FILLER, add_special_tokens=False)[:config["max_input_length"] - 8])
         with open(os.path.join(data_dir, "train.jsonl"), "w", encoding="utf-8") as f:
             for _ in range(batch * ctx.steps):
-                messages = [{"role": "user", "content": FILLER}, {"role": "assistant", "content": FILLER}]
+                messages = [{"role": "user", "content": question}, {"role": "assistant", "content": FILLER}]
                 f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
         path = os.path.join(tmp, "config.yaml")
         with open(path, "w", encoding="utf-8") as f:

@@ -215,9 +215,10 @@ def recipe_seams(model, tokenizer, recorder: StepRecorder, seen: dict):
         return model, tokenizer
 
     def load_for_lora(args, bits, dtype):
+        from tuning.distributed import local_device
         from tuning.methods import prepare_quantized_base
 
-        load_model_and_tokenizer(args.model_dir, dtype=dtype, quantization_bit=bits)
+        load_model_and_tokenizer(args.model_dir, dtype=dtype, device=local_device(), quantization_bit=bits)
         if bits:
             prepare_quantized_base(model)
         model.config.use_cache = False
