@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else list(SECTION_NAMES)
     unknown = [s for s in args.only + ([args.fail_section] if args.fail_section else []) if s not in SECTION_NAMES]
+    if not args.only:
+        parser.error("--only names no section")
     if unknown:
         parser.error(f"unknown section {unknown[0]!r}; expected some of {', '.join(SECTION_NAMES)}")
     if args.steps < 2 or args.decode_tokens < 2:
@@ -82,7 +84,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def install_missing_wheels(folder: str) -> list[str]:
-    """pip install --no-index --no-deps the wheels of `folder` whose distributions are not installed."""
+    """pip install --no-index --no-deps the wheels of `folder` whose distributions are not installed, into
+    build/gpu-site put first on sys.path: the image's own packages are left as they are, and an image Python that
+    refuses pip installs (PEP 668) does not matter. By hand, the same is one line:
+    pip install --no-index --no-deps --target build/gpu-site build/gpu-wheels/*.whl; PYTHONPATH=build/gpu-site ..."""
+    import importlib
+
+    site = os.path.join(REPO, "build", "gpu-site")
+    if site not in sys.path:
+        sys.path.insert(0, site)
+        importlib.invalidate_caches()
     missing = []
     for path in sorted(glob.glob(os.path.join(folder, "*.whl"))):
         name = os.path.basename(path).split("-")[0]
@@ -91,8 +102,9 @@ def install_missing_wheels(folder: str) -> list[str]:
         except importlib.metadata.PackageNotFoundError:
             missing.append(path)
     if missing:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
-                        "--find-links", folder, *missing], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--upgrade",
+                        "--target", site, "--find-links", folder, *missing], check=True)
+        importlib.invalidate_caches()
     return [os.path.basename(p) for p in missing]
 
 
@@ -117,7 +129,8 @@ def run_section(name: str, ctx, deadline: float, fail: bool) -> dict:
     return result
 
 
-def run(args) -> dict:
+def run(args, save=lambda report: None) -> dict:
+    """Every section in turn; `save(report)` after each, so a run cut short still leaves what it measured."""
     import torch
 
     from bench import gpu_check_support as support
@@ -132,7 +145,17 @@ def run(args) -> dict:
     ctx = Context(device=device, real=not args.dry_run, card=support.card_info(device), steps=args.steps,
                   decode_tokens=args.decode_tokens)
     started, end = time.monotonic(), time.monotonic() + args.time_budget_s
+    ran, pins = support.versions(), support.project_pins()
     sections = {}
+    report = {"check": "bench/gpu_check.py", "dry_run": args.dry_run,
+              "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+              "device": ctx.card, "versions": ran,
+              "versions_differing_from_pins": {k: {"ran": v, "pinned": pins[k]} for k, v in ran.items()
+                                               if k in pins and v.split("+")[0] != pins[k]},
+              "wheels_installed": installed,
+              "settings": {"steps": args.steps, "decode_tokens": args.decode_tokens,
+                           "time_budget_s": args.time_budget_s, "sections": args.only},
+              "sections": sections, "wall_s": 0.0}
     for i, name in enumerate(args.only):
         shares = [BUDGET_SHARE[n] for n in args.only[i:]]
         budget = (end - time.monotonic()) * shares[0] / sum(shares)  # what earlier sections left flows on
@@ -140,16 +163,9 @@ def run(args) -> dict:
         sections[name] = run_section(name, ctx, time.monotonic() + budget, args.fail_section == name)
         sections[name]["budget_s"] = budget
         print(f"[gpu_check] {name}: {sections[name]['status']} in {sections[name]['seconds']:.1f} s", flush=True)
-    ran, pins = support.versions(), support.project_pins()
-    return {"check": "bench/gpu_check.py", "dry_run": args.dry_run,
-            "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
-            "device": ctx.card, "versions": ran,
-            "versions_differing_from_pins": {k: {"ran": v, "pinned": pins[k]} for k, v in ran.items()
-                                             if k in pins and v.split("+")[0] != pins[k]},
-            "wheels_installed": installed,
-            "settings": {"steps": args.steps, "decode_tokens": args.decode_tokens,
-                         "time_budget_s": args.time_budget_s, "sections": args.only},
-            "sections": sections, "wall_s": time.monotonic() - started}
+        report["wall_s"] = time.monotonic() - started
+        save(report)
+    return report
 
 
 def fmt(value, digits: int = 1) -> str:
@@ -188,15 +204,20 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    report = run(args)
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "gpu_check.json"), "w", encoding="utf-8") as f:
+def save(report: dict, out_dir: str) -> None:
+    from tuning.files import atomic_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    with atomic_file(os.path.join(out_dir, "gpu_check.json")) as f:
         json.dump(report, f, indent=2, ensure_ascii=False)
         f.write("\n")
-    with open(os.path.join(args.out_dir, "gpu_check.md"), "w", encoding="utf-8") as f:
+    with atomic_file(os.path.join(out_dir, "gpu_check.md")) as f:
         f.write(markdown(report))
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    report = run(args, lambda partial: save(partial, args.out_dir))
     print(markdown(report))
     print(f"[gpu_check] wrote {os.path.join(args.out_dir, 'gpu_check.json')} and gpu_check.md")
     return report

@@ -108,6 +108,12 @@ def test_tokenisation_without_datasets_matches_the_recipes():
     assert ours["input_ids"] == theirs["input_ids"]
 
 
+def test_installed_packages_are_not_installed_again(tmp_path):
+    (tmp_path / "typer-0.29.2-py3-none-any.whl").write_bytes(b"")  # installed here: pip must not be called
+    with mock.patch("subprocess.run", side_effect=AssertionError("pip called")):
+        assert gpu_check.install_missing_wheels(str(tmp_path)) == []
+
+
 def test_wheels_are_what_the_image_lacks():
     from bench import gpu_wheels
 
