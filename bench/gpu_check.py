@@ -61,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                             "section (default 420; 240 with --dry_run)")
     parser.add_argument("--install_wheels", nargs="?", const=WHEELS_DIR, metavar="DIR",
                         help="first pip-install, offline, the wheels in DIR (default build/gpu-wheels, made by "
-                             "bench/gpu_wheels.py) whose packages are not installed; nothing already there is replaced")
+                             "bench/gpu_wheels.py) whose packages are not installed, into build/gpu-site (put first "
+                             "on sys.path); the machine's own packages are left as they are")
     parser.add_argument("--fail_section", metavar="NAME", help="make this section raise at its start (to see a "
                                                                "failure recorded while the rest runs)")
     args = parser.parse_args(argv)
