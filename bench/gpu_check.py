@@ -177,7 +177,8 @@ def fmt(value, digits: int = 1) -> str:
 
 def markdown(report: dict) -> str:
     device, versions = report["device"], report["versions"]
-    lines = [f"GPU check on {device['card']} ({'CPU dry run, tiny models' if report['dry_run'] else 'real configs, bf16'}"
+    kind = "CPU dry run, tiny models" if report["dry_run"] else "real configs, bf16"
+    lines = [f"GPU check on {device['card']} ({kind}"
              f"), {report['date_utc']} UTC; torch {versions['torch']} (CUDA {versions['cuda']}), transformers "
              f"{versions['transformers']}, peft {versions['peft']}; {report['wall_s']:.0f} s in all.", "",
              "| section | status | batch × seq | tokens/s | MFU % | peak memory MiB | estimator MiB | s |",

@@ -324,7 +324,8 @@ def estimator_figure(model, method: str, *, batch_size: int, seq_len: int, gradi
     arch = arch_from_config(config, "model config")
     result = estimate(arch, method, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
                       gradient_checkpointing=gradient_checkpointing, quantization_bit=quantization_bit,
-                      prefix_length=prefix_length or 128, attention=attention if attention in ("eager", "sdpa") else None)
+                      prefix_length=prefix_length or 128,
+                      attention=attention if attention in ("eager", "sdpa") else None)
     return {"estimate_mib": result["total"] / EST_MIB,
             "estimate_parts_mib": {k: round(v / EST_MIB, 1) for k, v in result["parts"].items()},
             "estimate_settings": {"method": method, "dtype": dtype, "batch_size": batch_size, "seq_len": seq_len,

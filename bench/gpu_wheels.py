@@ -92,7 +92,8 @@ def main(argv=None) -> int:
     repo = tracked_bytes()
     total = wheels + repo
     print(f"{len(specs)} wheels ({', '.join(specs)}) in {args.out_dir}: {wheels / MIB:.1f} MiB; with the repository's "
-          f"tracked files ({repo / MIB:.1f} MiB): {total / MIB:.1f} MiB of the {LIMIT_MIB} MiB the GPU machine receives")
+          f"tracked files ({repo / MIB:.1f} MiB): {total / MIB:.1f} MiB of the {LIMIT_MIB} MiB the GPU machine "
+          "receives")
     if total > LIMIT_MIB * MIB:
         print(f"gpu_wheels.py: error: {total / MIB:.1f} MiB is over the {LIMIT_MIB} MiB limit", file=sys.stderr)
         return 1
