@@ -60,6 +60,17 @@ web-demo: $(STAMP)  ## chat in the browser (http://127.0.0.1:7860) with what the
 clean-build:  ## remove generated tiny models, tokenizers and run outputs
 	rm -rf build runs output
 
+# The GPU machine has no .venv (its image brings torch and transformers) and no internet: these targets use the
+# venv's Python where there is one, else the machine's, and never install the pinned stack.
+GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check gpu-wheels
+gpu-check:  ## one run of every recipe, QLoRA and serving at real size on a CUDA card (≤ 8 min) → bench/results/gpu_check/ (GPU_CHECK_ARGS=--dry_run on a CPU)
+	$(GPU_PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+gpu-wheels:  ## build/gpu-wheels: the wheels gpu-check needs on the GPU image (installed there by --install_wheels)
+	$(GPU_PY) bench/gpu_wheels.py
+
 # Each recipe folder brings its own targets (chatglm-alpaca, llama-ner, glm4-lora/ptuning/sft).
 include $(wildcard */recipe.mk)
 
