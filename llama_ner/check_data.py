@@ -5,7 +5,7 @@ Prints rows read, kept, dropped (rows whose answer max_seq_length cuts away enti
 truncated (answer cut short, kept as the original) and the token-length distribution (p50 / p95 / max, before
 the cut) with the real tokenizer. A bad row is one line `file:line: field: expected …` and exit code 2.
 
-    python -m llama_ner.check_data --data build/llama_ner/instruct_data/train.txt \
+    python -m llama_ner.check_data --data build/llama-ner/instruct_data/train.txt \
         --model_dir tiny:chinese-alpaca-7b --max_seq_length 192
 """
 import argparse

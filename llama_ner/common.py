@@ -23,7 +23,7 @@ BASE_CONFIG = {
     "instruct_column": "instruct",
     "query_column": "query",
     "response_column": "answer",
-    "train_path": "build/llama_ner/instruct_data/train.txt",
+    "train_path": "build/llama-ner/instruct_data/train.txt",
     "dev_path": "data/llama_ner_msra/instruct_data/dev.txt",
     "train_batch_size": 12,
     "gradient_accumulation_steps": 1,
@@ -77,8 +77,8 @@ HELP = {
 
 
 # Left at their defaults, the data paths name the repository's files wherever a script is run from (process.py
-# writes build/llama_ner/instruct_data/ under the repository; `cd llama_ner && python train_trainer.py` must find it).
-PROCESS_FIRST = "run `python llama_ner/process.py` first (it writes build/llama_ner/instruct_data/)"
+# writes build/llama-ner/instruct_data/ under the repository; `cd llama_ner && python train_trainer.py` must find it).
+PROCESS_FIRST = "run `python llama_ner/process.py` first (it writes build/llama-ner/instruct_data/)"
 MAKES_DEFAULT_DATA = {"train_path": PROCESS_FIRST, "test_path": PROCESS_FIRST,
                       "dev_path": "it ships with the repository: restore data/llama_ner_msra/"}
 

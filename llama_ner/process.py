@@ -10,9 +10,9 @@ another dataset's types are listed in a stable order (ordered_types), or as give
 
 With no arguments it does what the original's __main__ did, on the data we have (the original's
 msra_train.txt is not vendored; msra_1000.txt is the first 1,000 sentences of that train split):
-    train: data/llama_ner_msra/ori_data/msra_1000.txt → build/llama_ner/instruct_data/train.txt (train mode)
-    dev:   data/llama_ner_msra/ori_data/msra_1000.txt → build/llama_ner/instruct_data/dev.txt   (dev mode)
-    test:  data/msra_extra/msra_test.txt              → build/llama_ner/instruct_data/test.txt  (train mode:
+    train: data/llama_ner_msra/ori_data/msra_1000.txt → build/llama-ner/instruct_data/train.txt (train mode)
+    dev:   data/llama_ner_msra/ori_data/msra_1000.txt → build/llama-ner/instruct_data/dev.txt   (dev mode)
+    test:  data/msra_extra/msra_test.txt              → build/llama-ner/instruct_data/test.txt  (train mode:
            all 4,365 test sentences, positives first, so negatives are scored too)
 The vendored data/llama_ner_msra/instruct_data/dev.txt is what the original shipped as dev: it equals the
 train-mode output on msra_1000.txt (1,000 rows), not the dev-mode one (344 rows); see llama_ner/README.md.
@@ -133,7 +133,9 @@ def process_msra(in_file: str, out_file: str, mode: str = "train", types=None) -
     rows = has_entity + no_entity if mode == "train" else has_entity
     os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)  # as the other scripts do (issue 33.3)
     with atomic_file(out_file) as f:
-        f.write("\n".join(json.dumps(row, ensure_ascii=False) for row in rows))
+        # One row a line, each ending in a newline: the original left the last one open, so a row appended later
+        # (`cat more.txt >> train.txt`) was glued to it (issue 33.4).
+        f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     print(f"wrote {len(rows)} rows ({mode} mode) -> {out_file}")
     if mode == "dev" and no_entity:
         print(f"left out {len(no_entity)} sentences without entities (dev mode keeps positives only)")
@@ -153,8 +155,8 @@ def main():
                         help="comma-separated types the instruction names (e.g. 人名,地名 or PER,LOC); default: the "
                              "types found in --in_file (MSRA: the original prompt). Give dev/test files the list "
                              "printed for the training file, so all splits share one prompt")
-    parser.add_argument("--out_dir", default=os.path.join(REPO, "build", "llama_ner", "instruct_data"),
-                        help="output folder of the default runs (default: build/llama_ner/instruct_data)")
+    parser.add_argument("--out_dir", default=os.path.join(REPO, "build", "llama-ner", "instruct_data"),
+                        help="output folder of the default runs (default: build/llama-ner/instruct_data)")
     args = parser.parse_args()
     if bool(args.in_file) != bool(args.out_file):
         raise UserError("give both --in_file and --out_file, or neither", field="in_file")

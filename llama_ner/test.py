@@ -1,7 +1,7 @@
 """Evaluate the trained LoRA on the dev set and the MSRA test split (the original's test.py, plus real metrics).
 
     python llama_ner/test.py                                   # reads ./checkpoint/msra/train_trainer/…/train_args.json
-    python llama_ner/test.py --train_args=runs/llama_ner/train_trainer/adapter_model/train_args.json --eval_rows=32
+    python llama_ner/test.py --train_args=build/llama-ner/train_trainer/adapter_model/train_args.json --eval_rows=32
 
 1. As the original: one teacher-forced forward pass over the dev set (shuffled, batch train_batch_size) and the
    first 20 decoded "predictions" and labels printed as 预测： / 真实：. These contain the gold answer in the
@@ -23,7 +23,7 @@ from llama_ner.evaluation import (generate_answers, load_model, parse_eval_args,
 from tuning.errors import run_main
 
 EVAL_CONFIG = {
-    "test_path": "build/llama_ner/instruct_data/test.txt",  # MSRA test split (process.py); "" to skip
+    "test_path": "build/llama-ner/instruct_data/test.txt",  # MSRA test split (process.py); "" to skip
     "eval_rows": -1,          # > 0: a fixed-seed subset of this many rows per split (CPU runs)
     "eval_batch_size": 8,
     "max_new_tokens": 128,

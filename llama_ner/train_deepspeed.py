@@ -2,7 +2,7 @@
 
     deepspeed --num_gpus 1 llama_ner/train_deepspeed.py                  # GPU: fp16, ZeRO-1, optimizer offload
     torchrun --nproc_per_node 1 llama_ner/train_deepspeed.py --model_dir=tiny:chinese-alpaca-7b \\
-        --train_batch_size=4 --max_steps=10 --learning_rate=2e-3 --save_dir=runs/llama_ner/train_deepspeed/
+        --train_batch_size=4 --max_steps=10 --learning_rate=2e-3 --save_dir=build/llama-ner/train_deepspeed/
 
 Options are the original's config keys as --key=value (--help lists them). The DeepSpeed config is the
 original's deepspeed.json (Adam lr 1e-5, betas (0.9, 0.95), weight decay 5e-4, fp16, ZeRO-1 with the optimizer

@@ -3,7 +3,7 @@ train_trainer.py).
 
     deepspeed llama_ner/train_trainer.py                          # GPU, as the original README (deepspeed.json)
     python llama_ner/train_trainer.py --model_dir=tiny:chinese-alpaca-7b --train_batch_size=4 --max_steps=30 \\
-        --learning_rate=2e-3 --save_dir=runs/llama_ner/train_trainer/        # CPU smoke run, plain Trainer
+        --learning_rate=2e-3 --save_dir=build/llama-ner/train_trainer/        # CPU smoke run, plain Trainer
 
 Options are the original's config keys, given as --key=value (nested keys joined by "_"); --help lists them.
 Launched by `deepspeed` (which passes --local_rank) the Trainer runs DeepSpeed with deepspeed_jaon_path (sic,

@@ -31,9 +31,9 @@ def test_llama_ner_missing_default_says_run_process_first(tmp_path, monkeypatch)
     args = SimpleNamespace(train_path=common.BASE_CONFIG["train_path"])
     with pytest.raises(UserError) as exc:
         common.resolve_data_paths(args, common.BASE_CONFIG, ("train_path",))
-    assert str(exc.value) == (f"{tmp_path}/build/llama_ner/instruct_data/train.txt: file not found (the default of "
+    assert str(exc.value) == (f"{tmp_path}/build/llama-ner/instruct_data/train.txt: file not found (the default of "
                               "--train_path); run `python llama_ner/process.py` first (it writes "
-                              "build/llama_ner/instruct_data/), or pass --train_path")
+                              "build/llama-ner/instruct_data/), or pass --train_path")
 
 
 @pytest.mark.slow

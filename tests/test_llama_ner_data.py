@@ -52,10 +52,11 @@ def test_process_train_mode_is_the_vendored_dev_file(tmp_path):
     ori = os.path.join(DATA, "llama_ner_msra", "ori_data", "msra_1000.txt")
     vendored = os.path.join(DATA, "llama_ner_msra", "instruct_data", "dev.txt")
     assert process_msra(ori, str(tmp_path / "train.txt"), "train") == 1000
-    assert (tmp_path / "train.txt").read_bytes() == open(vendored, "rb").read()  # byte for byte
+    # byte for byte, with the final newline the original left out (Deviations: an appended row stays a row)
+    assert (tmp_path / "train.txt").read_bytes() == open(vendored, "rb").read() + b"\n"
     # dev mode (what the original's __main__ would write as dev.txt) = the 344 positives = the first 344 lines
     assert process_msra(ori, str(tmp_path / "dev.txt"), "dev") == 344
-    dev_lines = (tmp_path / "dev.txt").read_text(encoding="utf-8").split("\n")
+    dev_lines = (tmp_path / "dev.txt").read_text(encoding="utf-8").split("\n")[:-1]
     assert dev_lines == open(vendored, encoding="utf-8").read().split("\n")[:344]
     assert all(json.loads(line)["answer"] != "没有" for line in dev_lines)
 
@@ -66,7 +67,8 @@ def test_process_creates_the_output_folder(tmp_path):
 
     out = tmp_path / "build" / "my" / "train.txt"
     rows = process_msra(os.path.join(REPO, "data", "llama_ner_msra", "ori_data", "msra_1000.txt"), str(out))
-    assert rows > 0 and len(out.read_text(encoding="utf-8").split("\n")) == rows
+    text = out.read_text(encoding="utf-8")
+    assert rows > 0 and text.endswith("\n") and len(text.rstrip("\n").split("\n")) == rows
 
 
 def test_process_errors_are_one_line(tmp_path):

@@ -35,11 +35,11 @@ def data(tmp_path_factory):
     """40 training rows (positives then negatives, as process.py's train mode) and small dev/test files."""
     root = tmp_path_factory.mktemp("ner_data")
     process_msra(os.path.join(REPO, "data", "llama_ner_msra", "ori_data", "msra_1000.txt"), str(root / "all.txt"))
-    lines = (root / "all.txt").read_text(encoding="utf-8").split("\n")
+    lines = (root / "all.txt").read_text(encoding="utf-8").rstrip("\n").split("\n")
     (root / "train.txt").write_text("\n".join(lines[:30] + lines[-10:]), encoding="utf-8")
     (root / "dev.txt").write_text("\n".join(lines[:3] + lines[-2:]), encoding="utf-8")
     process_msra(os.path.join(REPO, "data", "msra_extra", "msra_test.txt"), str(root / "test_all.txt"))
-    test_lines = (root / "test_all.txt").read_text(encoding="utf-8").split("\n")
+    test_lines = (root / "test_all.txt").read_text(encoding="utf-8").rstrip("\n").split("\n")
     (root / "test.txt").write_text("\n".join(test_lines[:3] + test_lines[-2:]), encoding="utf-8")
     tiny_dir("chinese-alpaca-7b")
     return root
@@ -186,7 +186,7 @@ def test_chat_ner_batch_file(trained, data, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     out_file = tmp_path / "predictions.json"
     rows = tmp_path / "rows.txt"
-    rows.write_text("为什么要减少污染，保护环境？\n" + (data / "dev.txt").read_text(encoding="utf-8").split("\n")[0],
+    rows.write_text("为什么要减少污染，保护环境？\n" + (data / "dev.txt").read_text(encoding="utf-8").rstrip("\n").split("\n")[0],
                     encoding="utf-8")
     for flags in ([], ["--original_prompt"]):
         run(chat_ner, ["--base_model", MODEL, "--lora_model", str(save_dir / "adapter_model"), "--with_prompt",

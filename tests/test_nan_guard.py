@@ -26,7 +26,7 @@ def train_path(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("nan_data")
     process_msra(os.path.join(REPO, "data", "llama_ner_msra", "ori_data", "msra_1000.txt"), str(root / "all.txt"))
-    lines = (root / "all.txt").read_text(encoding="utf-8").split("\n")
+    lines = (root / "all.txt").read_text(encoding="utf-8").rstrip("\n").split("\n")
     (root / "train.txt").write_text("\n".join(lines[:8]), encoding="utf-8")
     return root / "train.txt"
 

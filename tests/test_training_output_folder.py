@@ -37,7 +37,7 @@ def data(tmp_path_factory):
     assert code == 0, err
     (root / "llama").mkdir()
     process_msra(os.path.join(REPO, "data", "llama_ner_msra", "ori_data", "msra_1000.txt"), str(root / "all.txt"))
-    lines = (root / "all.txt").read_text(encoding="utf-8").split("\n")
+    lines = (root / "all.txt").read_text(encoding="utf-8").rstrip("\n").split("\n")
     (root / "llama" / "train.txt").write_text("\n".join(lines[:4]), encoding="utf-8")
     (root / "glm4").mkdir()
     with open(os.path.join(REPO, "data", "glm4_finetune_demo", "AdvertiseGen", "xl.jsonl"), encoding="utf-8") as f:
