@@ -246,7 +246,8 @@ def tokenize_split_without_datasets(conversations, split, tokenizer, cfg):
 
     mapped = trainer._train_map({"messages": [json.dumps(c, ensure_ascii=False) for c in conversations]},
                                 tokenizer=tokenizer, max_input_length=cfg.max_input_length,
-                                max_output_length=cfg.max_output_length, combine=cfg.combine)
+                                max_output_length=cfg.max_output_length, combine=cfg.combine,
+                                train_first_answer_token=cfg.train_first_answer_token)
     columns = [key for key in mapped if key != "full_length"]
     rows = [dict(zip(columns, values)) for values in zip(*(mapped[key] for key in columns))]
     return ColumnRows(row for row in rows if any(t != -100 for t in row["labels"]))

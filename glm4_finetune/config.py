@@ -2,6 +2,8 @@
 
     data_config: {train_file, val_file, test_file, num_proc}   # names relative to DATA_DIR, .jsonl
     max_input_length: int ; max_output_length: int ; combine: bool ; freezeV: bool (GLM-4V only, ignored)
+    train_first_answer_token: bool (not in the original; default true): with combine, also train the token right
+        after the last <|assistant|> (a tool call's function name); false = the original's labels
     training_args: Seq2SeqTrainingArguments keywords, with generation_config: GenerationConfig keywords
     peft_config: peft keywords (peft_type LORA or PREFIX_TUNING); absent = full fine-tuning
     quantization_bit: 4 or 8 (not in the original; LLaMA-Factory's key): the base model's linear layers frozen in
@@ -24,8 +26,8 @@ from tuning.errors import UserError
 from tuning.files import read_json, read_text
 from tuning.methods import quantization_conflict
 
-TOP_KEYS = {"data_config", "max_input_length", "max_output_length", "combine", "freezeV", "training_args",
-            "peft_config", "quantization_bit", "weights_dtype"}
+TOP_KEYS = {"data_config", "max_input_length", "max_output_length", "combine", "train_first_answer_token", "freezeV",
+            "training_args", "peft_config", "quantization_bit", "weights_dtype"}
 WEIGHTS_DTYPES = ("bf16", "fp32")
 DATA_KEYS = {"train_file", "val_file", "test_file", "num_proc"}
 PEFT_TYPES = ("LORA", "PREFIX_TUNING")
@@ -76,6 +78,8 @@ class FinetuningConfig:
     freezeV: bool = True
     quantization_bit: int | None = None  # 4 / 8: QLoRA base (bitsandbytes)
     weights_dtype: str | None = None     # bf16 / fp32; None = as the original (see glm4_finetune.finetune)
+    # combine: train the token right after the last <|assistant|> (a tool call's function name); false = the original
+    train_first_answer_token: bool = True
     path: str = ""
     lines: dict = dataclasses.field(default_factory=dict, repr=False)
 
@@ -178,7 +182,7 @@ def load_config(path: str) -> FinetuningConfig:
         value = raw.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             fail(key, f"expected a positive integer, got {value!r}")
-    for key in ("combine", "freezeV"):
+    for key in ("combine", "freezeV", "train_first_answer_token"):
         if key in raw and not isinstance(raw[key], bool):
             fail(key, f"expected true or false, got {raw[key]!r}")
     if raw.get("weights_dtype", "bf16") not in WEIGHTS_DTYPES:
@@ -216,7 +220,8 @@ def load_config(path: str) -> FinetuningConfig:
 
     peft = _peft_config(raw.get("peft_config"), fail)
     return FinetuningConfig(DataConfig(**data), raw["max_input_length"], raw["max_output_length"], raw["combine"],
-                            args, peft, raw.get("freezeV", True), bits, raw.get("weights_dtype"), path, lines)
+                            args, peft, raw.get("freezeV", True), bits, raw.get("weights_dtype"),
+                            raw.get("train_first_answer_token", True), path, lines)
 
 
 def _training_args(training: dict, generation: dict, fail):

@@ -49,19 +49,21 @@ def _last_assistant(ids: list[int]) -> int:
 
 
 def process_batch(batch: dict, tokenizer, max_input_length: int, max_output_length: int,
-                  combine: bool) -> dict:
+                  combine: bool, train_first_answer_token: bool = True) -> dict:
     """Training rows: input_ids and labels (-100 = not trained), cut to max_input + max_output + 1 tokens.
 
     Token i is a label iff token i-1 belongs to a trained message. combine=True trains only the LAST assistant
     turn of a conversation (templated as a whole); combine=False templates message by message and trains every
     assistant turn, including the role token that follows it (the model learns where to stop).
+    train_first_answer_token=False gives the original's combine labels, which never trained the token right after
+    the last <|assistant|> — the "\n" of a reply, and the first token of a tool call's function name (Deviations).
     """
     out = {"input_ids": [], "labels": []}
     for conversation in batch["messages"]:
         messages = [process_message(m) for m in conversation]
         if combine:
             input_ids = _template(tokenizer, messages)
-            start = _last_assistant(input_ids) + 1
+            start = _last_assistant(input_ids) + (0 if train_first_answer_token else 1)
             loss_masks = [i >= start for i in range(len(input_ids))]
         else:
             if not any(m["role"] == "assistant" for m in messages):

@@ -14,10 +14,10 @@ from .data import process_batch, process_batch_eval
 UNLIMITED = 10**9
 
 
-def _train_map(batch, tokenizer, max_input_length, max_output_length, combine):
+def _train_map(batch, tokenizer, max_input_length, max_output_length, combine, train_first_answer_token=True):
     """process_batch, recording each row's untruncated length so truncation can be reported."""
     conversations = {"messages": [json.loads(m) for m in batch["messages"]]}
-    full = process_batch(conversations, tokenizer, UNLIMITED, 0, combine)
+    full = process_batch(conversations, tokenizer, UNLIMITED, 0, combine, train_first_answer_token)
     limit = max_input_length + max_output_length + 1  # the original's cut, applied after measuring
     return {"input_ids": [ids[:limit] for ids in full["input_ids"]],
             "labels": [labels[:limit] for labels in full["labels"]],
@@ -51,6 +51,8 @@ def tokenize_split(conversations, split: str, tokenizer, cfg) -> "datasets.Datas
     train = split == "train"
     kwargs = dict(tokenizer=tokenizer, max_input_length=cfg.max_input_length,
                   max_output_length=cfg.max_output_length, combine=cfg.combine)
+    if train:
+        kwargs["train_first_answer_token"] = cfg.train_first_answer_token
     num_proc = cfg.data_config.num_proc if (cfg.data_config.num_proc or 1) > 1 else None  # 1 would still fork
     mapped = raw.map(_train_map if train else _eval_map, batched=True, fn_kwargs=kwargs, remove_columns=["messages"],
                      num_proc=num_proc, desc=f"tokenizing {split}",

@@ -109,8 +109,8 @@ def glm4_tool_call_model(build_dir: str) -> str:
     """A tiny GLM-4 fully fine-tuned (glm4_finetune/finetune.py, SFT) on one tool-call conversation until it
     emits the call; cached in build_dir/serving/glm4-tool-call (rebuilt when TOOL_MODEL_VERSION changes).
 
-    combine: False, because with combine: True the recipe (as the original) never trains the first token after
-    <|assistant|> — for a tool call, the first piece of the function's name."""
+    combine: False (every assistant turn trained). The original's combine: True never trained the first token after
+    <|assistant|> — for a tool call, the first piece of the function's name; the recipe now does by default."""
     import fcntl
 
     out = os.path.join(build_dir, "serving", "glm4-tool-call")

@@ -23,8 +23,10 @@ def direct_cases(golden):
 
 
 def run(entry, conversations, tokenizer):
+    """The original's function; process_batch with the original's labels (train_first_answer_token=False)."""
+    extra = {"train_first_answer_token": False} if entry["function"] == "process_batch" else {}
     return FUNCTIONS[entry["function"]]({"messages": conversations}, tokenizer, entry["max_input_length"],
-                                        entry["max_output_length"], entry["combine"])
+                                        entry["max_output_length"], entry["combine"], **extra)
 
 
 def test_chat_template_renders_like_the_original(golden, glm4_tokenizer):
@@ -101,9 +103,28 @@ def test_labels_cover_answer_and_stop_token(glm4_tokenizer):
     every = process_batch({"messages": [conversation]}, glm4_tokenizer, 512, 512, False)
     last = process_batch({"messages": [conversation]}, glm4_tokenizer, 512, 512, True)
     decode = lambda ids: glm4_tokenizer.decode([t for t in ids if t != -100])  # noqa: E731
+    original = process_batch({"messages": [conversation]}, glm4_tokenizer, 512, 512, True,
+                             train_first_answer_token=False)
     assert decode(every["labels"][0]) == "\nB<|user|>\nD<|user|>"
-    assert decode(last["labels"][0]) == "D<|user|>"
+    assert decode(last["labels"][0]) == "\nD<|user|>"  # the last turn as the per-turn mode trains it
+    assert decode(original["labels"][0]) == "D<|user|>"
     assert every["input_ids"][0][-1] == last["input_ids"][0][-1] == EOS_FOR_CHAT
+
+
+def test_combine_trains_the_first_token_of_a_tool_calls_function_name(golden, glm4_tokenizer):
+    """Issue 33.9: the original's combine labels start one token after <|assistant|>, so a tool call's function name
+    ("get_weather\n{…}") was trained without its first token and the model never learned to open the call. Ours
+    labels exactly that one token more; every other label is the original's (golden, compared exactly above)."""
+    # the tool-call form GLM-4's template renders as "<|assistant|>get_weather\n{…}" (serving_support's fixture data)
+    call = golden["conversations"][4][:-1] + [{"role": "assistant", "metadata": "get_weather",
+                                                "content": '{"city": "上海"}'}]
+    ours = process_batch({"messages": [call]}, glm4_tokenizer, 512, 512, True)
+    original = process_batch({"messages": [call]}, glm4_tokenizer, 512, 512, True, train_first_answer_token=False)
+    ids, labels, before = ours["input_ids"][0], ours["labels"][0], original["labels"][0]
+    changed = [i for i, (a, b) in enumerate(zip(labels, before)) if a != b]
+    assert len(changed) == 1 and ids[changed[0] - 1] == ASSISTANT and labels[changed[0]] == ids[changed[0]]
+    assert glm4_tokenizer.decode([t for t in labels if t != -100]).startswith("get_weather\n")
+    assert not glm4_tokenizer.decode([t for t in before if t != -100]).startswith("get_weather")
 
 
 @pytest.mark.parametrize("combine", [True, False])
@@ -115,7 +136,7 @@ def test_finetune_tokenisation_equals_the_functions(golden, glm4_tokenizer, comb
     from glm4_finetune.trainer import tokenize_split
 
     conversations = golden["conversations"]
-    cfg = SimpleNamespace(max_input_length=24, max_output_length=8, combine=combine,
+    cfg = SimpleNamespace(max_input_length=24, max_output_length=8, combine=combine, train_first_answer_token=True,
                           data_config=SimpleNamespace(num_proc=None))
     train = tokenize_split(conversations, "train", glm4_tokenizer, cfg)
     direct = process_batch({"messages": conversations}, glm4_tokenizer, 24, 8, combine)
