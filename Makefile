@@ -66,10 +66,10 @@ GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
 GPU_CHECK_ARGS ?=
 .PHONY: gpu-check gpu-wheels
 gpu-check:  ## one run of every recipe, QLoRA and serving at real size on a CUDA card (≤ 8 min) → bench/results/gpu_check/ (GPU_CHECK_ARGS=--dry_run on a CPU)
-	$(GPU_PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
+	$(GPU_PY) -m bench.gpu_check $(GPU_CHECK_ARGS)
 
 gpu-wheels:  ## build/gpu-wheels: the wheels gpu-check needs on the GPU image (installed there by --install_wheels)
-	$(GPU_PY) bench/gpu_wheels.py
+	$(GPU_PY) -m bench.gpu_wheels
 
 # Each recipe folder brings its own targets (chatglm-alpaca, llama-ner, glm4-lora/ptuning/sft).
 include $(wildcard */recipe.mk)

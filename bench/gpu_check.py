@@ -1,8 +1,8 @@
 """One prepared GPU check: every recipe at real size on one CUDA card in one run of at most ~8 minutes.
 
-    python bench/gpu_check.py                       # on the GPU machine (make gpu-check)
-    python bench/gpu_check.py --install_wheels      # first installs what the image lacks from build/gpu-wheels
-    python bench/gpu_check.py --dry_run             # CPU, tiny models, fp32: every section in seconds
+    python -m bench.gpu_check                       # on the GPU machine (make gpu-check)
+    python -m bench.gpu_check --install_wheels      # first installs what the image lacks from build/gpu-wheels
+    python -m bench.gpu_check --dry_run             # CPU, tiny models, fp32: every section in seconds
 
 Sections: LoRA through chatglm_lora/finetune.py (ChatGLM-6B), llama_ner/train_trainer.py (Chinese-Alpaca-7B)
 and glm4_finetune/finetune.py (GLM-4-9B), P-tuning v2 through the last, QLoRA 4-bit through llama_ner (when
@@ -26,13 +26,12 @@ import sys
 import time
 import traceback
 
-if __package__ in (None, ""):  # run as a script: the repository root on the path, as `python -m` would have it
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import REPO  # noqa: E402
+from bench.common import REPO
 
 SECTION_NAMES = ("chatglm_lora", "llama_ner_lora", "glm4_lora", "glm4_ptuning", "qlora", "serving")
 WHEELS_DIR = os.path.join(REPO, "build", "gpu-wheels")
+SITE = os.path.join(REPO, "build", "gpu-site")  # where --install_wheels installs what the image lacks
+INSTALLED_ENV = "GPU_CHECK_WHEELS_INSTALLED"  # set in the run that --install_wheels starts again
 DEFAULTS = {False: {"steps": 6, "decode_tokens": 64, "time_budget_s": 420, "out_dir": os.path.join(
                 REPO, "bench", "results", "gpu_check")},
             True: {"steps": 3, "decode_tokens": 6, "time_budget_s": 240, "out_dir": os.path.join(
@@ -45,7 +44,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = OneLineParser(prog="python bench/gpu_check.py", description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0],
                            epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry_run", action="store_true",
                         help="CPU, tiny models (model_hub.make_tiny) in fp32, short runs: checks every section's "
@@ -80,21 +79,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.time_budget_s <= 0:
         parser.error("--time_budget_s must be positive")
     if args.install_wheels and not glob.glob(os.path.join(args.install_wheels, "*.whl")):
-        parser.error(f"no wheels in {args.install_wheels}; build them with `python bench/gpu_wheels.py`")
+        parser.error(f"no wheels in {args.install_wheels}; build them with `python -m bench.gpu_wheels`")
     return args
 
 
 def install_missing_wheels(folder: str) -> list[str]:
     """pip install --no-index --no-deps the wheels of `folder` whose distributions are not installed, into
-    build/gpu-site put first on sys.path: the image's own packages are left as they are, and an image Python that
-    refuses pip installs (PEP 668) does not matter. By hand, the same is one line:
-    pip install --no-index --no-deps --target build/gpu-site build/gpu-wheels/*.whl; PYTHONPATH=build/gpu-site ..."""
+    build/gpu-site (the check then runs again with it first on PYTHONPATH): the image's own packages are left as
+    they are, and an image Python that refuses pip installs (PEP 668) does not matter. By hand, the same is:
+    pip install --no-index --no-deps --target build/gpu-site build/gpu-wheels/*.whl
+    PYTHONPATH=build/gpu-site python -m bench.gpu_check"""
     import importlib
 
-    site = os.path.join(REPO, "build", "gpu-site")
-    if site not in sys.path:
-        sys.path.insert(0, site)
-        importlib.invalidate_caches()
     missing = []
     for path in sorted(glob.glob(os.path.join(folder, "*.whl"))):
         name = os.path.basename(path).split("-")[0]
@@ -104,9 +100,20 @@ def install_missing_wheels(folder: str) -> list[str]:
             missing.append(path)
     if missing:
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--upgrade",
-                        "--target", site, "--find-links", folder, *missing], check=True)
-        importlib.invalidate_caches()
+                        "--target", SITE, "--find-links", folder, *missing], check=True)
     return [os.path.basename(p) for p in missing]
+
+
+def run_again_with_the_wheels(args, argv: list[str]) -> None:
+    """Install what is missing, then run this check again in a Python that has build/gpu-site first on its path
+    (a running interpreter's imports are settled; a new one reads PYTHONPATH). Returns only when already done."""
+    if os.environ.get(INSTALLED_ENV) is not None or not args.install_wheels:
+        return
+    installed = install_missing_wheels(args.install_wheels)
+    env = {**os.environ, INSTALLED_ENV: ",".join(installed),
+           "PYTHONPATH": os.pathsep.join([SITE, REPO, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "bench.gpu_check", *argv], env)
 
 
 def run_section(name: str, ctx, deadline: float, fail: bool) -> dict:
@@ -142,7 +149,7 @@ def run(args, save=lambda report: None) -> dict:
     device = torch.device("cpu" if args.dry_run else "cuda")
     if args.dry_run:
         torch.set_num_threads(min(2, os.cpu_count() or 1))
-    installed = install_missing_wheels(args.install_wheels) if args.install_wheels else []
+    installed = [n for n in os.environ.get(INSTALLED_ENV, "").split(",") if n]
     ctx = Context(device=device, real=not args.dry_run, card=support.card_info(device), steps=args.steps,
                   decode_tokens=args.decode_tokens)
     started, end = time.monotonic(), time.monotonic() + args.time_budget_s
@@ -218,7 +225,9 @@ def save(report: dict, out_dir: str) -> None:
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    run_again_with_the_wheels(args, argv)
     report = run(args, lambda partial: save(partial, args.out_dir))
     print(markdown(report))
     print(f"[gpu_check] wrote {os.path.join(args.out_dir, 'gpu_check.json')} and gpu_check.md")

@@ -1,7 +1,7 @@
 """Build the wheel folder bench/gpu_check.py needs on the GPU machine, which has no internet.
 
-    python bench/gpu_wheels.py                  # → build/gpu-wheels (make gpu-wheels)
-    python bench/gpu_check.py --install_wheels  # there: installs, offline, only what is not installed yet
+    python -m bench.gpu_wheels                  # → build/gpu-wheels (make gpu-wheels)
+    python -m bench.gpu_check --install_wheels  # there: installs, offline, only what is not installed yet
 
 The GPU image brings Python 3.12 with torch, transformers, peft, accelerate, safetensors, sentencepiece, tokenizers,
 tiktoken and pytest (and what they depend on). The check uses that torch and transformers as they are (their
@@ -20,10 +20,7 @@ import shutil
 import subprocess
 import sys
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import REPO  # noqa: E402
+from bench.common import REPO
 
 NEEDED = ("typer",)  # what the check imports that the GPU image lacks; their dependencies follow
 IMAGE_HAS = ("torch", "transformers", "peft", "accelerate", "safetensors", "sentencepiece", "tokenizers", "tiktoken",

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from model_hub.chatglm6b.prompts import format_example  # noqa: F401  (the original name; one definition)
 from tuning.errors import UserError, run_main
-from tuning.files import atomic_file, default_input, read_json, require_str
+from tuning.files import atomic_file, default_input, list_record, read_json, require_str
 from tuning.outputs import check_output_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +32,7 @@ def read_alpaca(path: str) -> list[dict]:
         raise UserError(f"expected a JSON list of {{instruction, input, output}} records, got {type(data).__name__}",
                         path=path)
     for i, example in enumerate(data):
-        where = f"{path}: record {i}"
+        where = list_record(path, i)
         if not isinstance(example, dict):
             raise UserError(f"expected an object, got {type(example).__name__}", path=where)
         require_str(example, "instruction", where, None)

@@ -18,7 +18,7 @@ import re
 from model_hub.chatglm6b.prompts import format_example
 from model_hub.chatglm6b.text import build_prompt
 from tuning.errors import UserError
-from tuning.files import read_jsonl, read_text, require_str
+from tuning.files import list_record, read_jsonl, read_text, require_str
 
 # The March-2023 format of ChatGLM-Tuning's committed data/alpaca_data.jsonl (Input block optional).
 OLD_TEXT = re.compile(r"\A### Instruction:\n(?P<instruction>.*?)(?:\n\n### Input:\n(?P<input>.*?))?"
@@ -89,7 +89,7 @@ def read_rows(path: str) -> list[tuple[int, str, str]]:
         return [(line, *record_row(record, path, line)) for line, record in read_jsonl(path)]
     rows = []
     for i, record in enumerate(records):
-        where = f"{path}: record {i}"
+        where = list_record(path, i)
         if not isinstance(record, dict):
             raise UserError(f"expected an object, got {type(record).__name__}", path=where)
         rows.append((i + 1, *record_row(record, where, None)))

@@ -83,5 +83,5 @@ def test_bad_records_are_one_line(tmp_path, record, expected):
 def test_bad_record_in_an_alpaca_list_names_the_record(tmp_path):
     path = tmp_path / "alpaca.json"
     path.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c"}]), encoding="utf-8")
-    with pytest.raises(Exception, match=r"alpaca.json: record 1: output: missing field"):
+    with pytest.raises(Exception, match=r"alpaca.json: JSON list record 2: output: missing field"):
         read_rows(str(path))

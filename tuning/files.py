@@ -15,8 +15,8 @@ from .durable import (WRITE_ERRNOS, _umask, atomic_file, follow_umask, require_o
                       write_error)
 from .outputs import check_output_folder
 from .publish import recover_replaced, swap_in
-from .readers import (TOO_DEEP, default_input, parse_json_object, read_json, read_jsonl, read_text,  # noqa: F401
-                      require_str)
+from .readers import (TOO_DEEP, default_input, list_record, parse_json_object, read_json, read_jsonl,  # noqa: F401
+                      read_text, require_str)
 from .safe_loading import pickle_refusal, refuse_pickled_code  # noqa: F401
 
 

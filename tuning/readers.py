@@ -70,6 +70,12 @@ def read_jsonl(path: str) -> list[tuple[int, dict]]:
             for line_no, line in enumerate(read_text(path).splitlines(), start=1) if line.strip()]
 
 
+def list_record(path: str, index: int) -> str:
+    """Where a record of a JSON-list file is, for an error line: numbered from 1 as JSON-lines lines are, and named
+    as a record of the list (a JSON list has no line per record)."""
+    return f"{path}: JSON list record {index + 1}"
+
+
 def require_str(record: dict, field: str, path: str, line: int | None, *, allow_empty: bool = False) -> str:
     """`record[field]` as a string; a clear error when it is missing, not a string, or empty."""
     if field not in record:
