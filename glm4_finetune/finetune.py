@@ -25,6 +25,7 @@ import typer
 from glm4_finetune.config import load_config
 from glm4_finetune.data import process_batch, process_batch_eval  # noqa: F401  (the original's API)
 from glm4_finetune.validate import read_conversations
+from model_hub import REPO_DIR
 from model_hub.registry import get_family, get_spec
 from model_hub.prompt_format import record_prompt_format
 from tuning import distributed
@@ -89,6 +90,10 @@ def weights_dtype(cfg) -> str:
     return "fp32" if (args.bf16 or args.fp16) else "bf16"
 
 
+# Not in git: data/prepare.py builds it from the shipped xl.jsonl (a fresh clone has no train.jsonl yet).
+SHIPPED_TRAIN_FILE = os.path.join(REPO_DIR, "data", "glm4_finetune_demo", "AdvertiseGen", "train.jsonl")
+
+
 def read_data(cfg, data_dir: str) -> dict:
     """split → validated conversations. A missing dev/test file names its config key (it may simply be removed)."""
     conversations = {}
@@ -99,6 +104,9 @@ def read_data(cfg, data_dir: str) -> dict:
                          "test": ("test_file", "the test scores at the end")}[split]
             raise cfg.error(f"data_config.{key}", f"{path}: file not found; add it to the data folder, or remove "
                                                   f"data_config.{key} from the config (it is only needed for {used})")
+        if not os.path.exists(path) and os.path.abspath(path) == SHIPPED_TRAIN_FILE:
+            raise UserError("file not found; the shipped AdvertiseGen train.jsonl is made by `python data/prepare.py` "
+                            "(or `make data`)", path=path)
         conversations[split] = read_conversations(path)
     return conversations
 

@@ -128,6 +128,8 @@ def test_llama_ner_qlora_trains_resumes_and_infers(ner_data, tmp_path, monkeypat
     data = [f"--train_path={ner_data / 'train.txt'}", f"--dev_path={ner_data / 'dev.txt'}"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     trainer = run(train_trainer, NER_TRAIN + data + [f"--save_dir={full}/"], monkeypatch)
+    # the run says its base is 4-bit (issue 33.9: nothing did)
+    assert "base model: 4-bit NF4 weights (bitsandbytes, quantization_bit 4), frozen" in capsys.readouterr().out
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert packed_base(trainer.model) == fresh_packed_base(LLAMA)

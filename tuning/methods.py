@@ -2,6 +2,8 @@
 Each returns the model to train and prints what is trainable, as the originals did."""
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
+from .distributed import say
+
 
 def trainable_summary(model) -> str:
     def size(p):  # a ZeRO-3 partitioned parameter is empty here; ds_numel is its full size
@@ -41,10 +43,14 @@ def prepare_quantized_base(model):
     (embeddings, output layer, norms, biases) stay in the dtype they were loaded in: peft's
     prepare_model_for_kbit_training would upcast them to fp32, which on a GPU costs more memory than the
     quantization saves on the embeddings of a 130k–150k vocabulary. LoRA weights are fp32 either way (peft)."""
-    if quantized_bits(model) is None:
+    bits = quantized_bits(model)
+    if bits is None:
         raise ValueError("prepare_quantized_base expects a model loaded with quantization_bit 4 or 8")
     for param in model.parameters():
         param.requires_grad_(False)
+    kind = "4-bit NF4" if bits == 4 else "8-bit int8"
+    say(f"base model: {kind} weights (bitsandbytes, quantization_bit {bits}), frozen; the adapter on top trains in "
+        "fp32 (QLoRA)")
     return model
 
 
