@@ -151,6 +151,35 @@ def measure_peaks(peaks: dict) -> None:
         peaks[precision] = max(peaks.get(precision, 0.0), matmul_peak_gflops(dtype))
 
 
+def run_cases(model_dir: str, steps_headline: int, steps_other: int, repeats: int, peaks: dict) -> list:
+    """(case, runs) for every case; the matmul peaks measured before each run and at the end."""
+    rows = []
+    for name, method, precision, gc, flags, headline in CASES:
+        case = {"name": name, "model_dir": model_dir, "method": method, "precision": precision, "gc": gc,
+                "flags": flags, "steps": steps_headline if headline else steps_other}
+        runs = []
+        for _ in range(repeats if headline else 1):
+            measure_peaks(peaks)
+            runs.append(run_case(case))
+        rows.append((case, runs))
+        print(name, json.dumps(runs[-1]), flush=True)
+    measure_peaks(peaks)
+    return rows
+
+
+def summary_row(case: dict, runs: list[dict], peaks: dict) -> dict:
+    pick = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # the median run (odd repeats)
+    seconds, peak = median([r["seconds"] for r in runs]), peaks[case["precision"]] * 1e9
+    return {"case": case["name"], "steps": case["steps"], "runs": len(runs), "train_loop_s": round(seconds, 2),
+            "nonpad_tok_s": round(pick["real"] / seconds, 1), "padded_tok_s": round(pick["padded"] / seconds, 1),
+            "supervised_tok_s": round(pick["supervised"] / seconds, 1),
+            "padding_pct": round(100 * (1 - pick["real"] / pick["padded"]), 1),
+            "peak_rss_mib": round(max(r["rss"] for r in runs)),
+            "mfu_model_flops_pct": round(100 * median([r["model_flops_s"] for r in runs]) / peak, 1),
+            "hfu_executed_flops_pct": round(100 * median([r["executed_flops_s"] for r in runs]) / peak, 1),
+            "final_loss": pick["final_loss"]}
+
+
 def main() -> None:
     def options(parser):
         parser.add_argument("--steps", type=int, help="steps of every case (development only; default 30 for the "
@@ -165,32 +194,10 @@ def main() -> None:
     steps_headline, steps_other = (10, 5) if args.quick else (30, 10)
     if args.steps:
         steps_headline = steps_other = args.steps
-    peaks, rows = {}, []
-    table, by_name = [], {}
-    for name, method, precision, gc, flags, headline in CASES:
-        case = {"name": name, "model_dir": model_dir, "method": method, "precision": precision, "gc": gc,
-                "flags": flags,
-                "steps": steps_headline if headline else steps_other}
-        runs = []
-        for _ in range(args.repeats if headline else 1):
-            measure_peaks(peaks)
-            runs.append(run_case(case))
-        rows.append((case, runs))
-        print(name, json.dumps(runs[-1]), flush=True)
-    measure_peaks(peaks)
-    for case, runs in rows:
-        pick = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # the median run (odd repeats)
-        seconds, peak = median([r["seconds"] for r in runs]), peaks[case["precision"]] * 1e9
-        row = {"case": case["name"], "steps": case["steps"], "runs": len(runs), "train_loop_s": round(seconds, 2),
-               "nonpad_tok_s": round(pick["real"] / seconds, 1), "padded_tok_s": round(pick["padded"] / seconds, 1),
-               "supervised_tok_s": round(pick["supervised"] / seconds, 1),
-               "padding_pct": round(100 * (1 - pick["real"] / pick["padded"]), 1),
-               "peak_rss_mib": round(max(r["rss"] for r in runs)),
-               "mfu_model_flops_pct": round(100 * median([r["model_flops_s"] for r in runs]) / peak, 1),
-               "hfu_executed_flops_pct": round(100 * median([r["executed_flops_s"] for r in runs]) / peak, 1),
-               "final_loss": pick["final_loss"]}
-        table.append(row)
-        by_name[case["name"]] = row
+    peaks = {}
+    rows = run_cases(model_dir, steps_headline, steps_other, args.repeats, peaks)
+    table = [summary_row(case, runs, peaks) for case, runs in rows]
+    by_name = {row["case"]: row for row in table}
     table.append({"case": "LLaMA-Factory 0.9.5 LoRA bf16 (PEER_BASELINES.md)", "steps": 30,
                   "train_loop_s": 39.99, "nonpad_tok_s": PEER["nonpad_tok_s"], "padded_tok_s": 905.9,
                   "supervised_tok_s": 55.5, "padding_pct": 17.8, "peak_rss_mib": PEER["peak_rss_mib"],

@@ -147,7 +147,7 @@ def check_rows(path: str, contexts, targets, empty: int, encoder, args) -> None:
         raise UserError("no rows left to train on", path=path)
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jsonl_path", type=str, default="data/alpaca_data.jsonl")
     parser.add_argument("--save_path", type=str, default="data/alpaca", help="output `datasets` folder")
@@ -176,8 +176,10 @@ def main():
                         help="> 0: leave this fraction of the rows out of training (drawn with --seed); "
                              "evaluate.py --eval_fraction with the same values scores exactly those rows")
     parser.add_argument("--seed", type=int, default=42, help="seed of --eval_fraction's draw (default: 42)")
-    args = parser.parse_args()
+    return parser
 
+
+def check_args(args) -> None:
     if args.version == "v2":
         raise UserError("not supported: no ChatGLM2-6B tokenizer/model here; use --version v1 (ChatGLM-6B)",
                         field="version")
@@ -189,6 +191,35 @@ def main():
         require_output_parent(args.save_path, "folder")
         check_output_folder(args.save_path, "datasets", inputs=[args.jsonl_path, args.chatglm_path],
                             overwrite=args.overwrite)
+
+
+def tokenize(args, contexts: list[str], targets: list[str]) -> list[dict]:
+    """The original's design (--one_row_at_a_time: the transformers tokenizer row by row) or the fast path."""
+    if args.one_row_at_a_time:
+        from model_hub.loader import load_tokenizer
+        from model_hub.registry import get_spec
+
+        tokenizer = load_tokenizer(args.chatglm_path)
+        return tokenize_rows(tokenizer, get_spec("chatglm-6b").stop_ids[0], contexts, targets, args.max_seq_length)
+    encoder = ChatGLMTextEncoder(tokenizer_folder(args.chatglm_path))
+    return tokenize_rows_fast(encoder, contexts, targets, args.max_seq_length, args.num_proc)
+
+
+def save(args, kept: list[dict]) -> None:
+    inputs = [args.jsonl_path, args.chatglm_path]
+    if args.one_row_at_a_time:
+        from datasets import Dataset
+
+        with atomic_dir(args.save_path, "datasets", inputs=inputs, overwrite=args.overwrite) as tmp:
+            Dataset.from_list(kept).save_to_disk(tmp)
+    else:
+        save_table(token_rows_table([r["input_ids"] for r in kept], [r["seq_len"] for r in kept]), args.save_path,
+                   inputs, args.overwrite)
+
+
+def main():
+    args = build_parser().parse_args()
+    check_args(args)
     rows = read_rows(args.jsonl_path)  # validate the whole file before loading anything heavy
     if args.eval_fraction:
         dev = held_out(len(rows), args.eval_fraction, args.seed)
@@ -201,31 +232,11 @@ def main():
         return check_rows(args.jsonl_path, [r[1] for r in rows], [r[2] for r in rows], len(empty), encoder, args)
     if not rows:  # (not a length problem: raising --max_seq_length would not help)
         raise UserError("every row's target is empty: nothing to train on", path=args.jsonl_path, field="target")
-    contexts, targets = [r[1] for r in rows], [r[2] for r in rows]
-
-    if args.one_row_at_a_time:
-        from datasets import Dataset
-
-        from model_hub.loader import load_tokenizer
-        from model_hub.registry import get_spec
-
-        tokenizer = load_tokenizer(args.chatglm_path)
-        tokenized = tokenize_rows(tokenizer, get_spec("chatglm-6b").stop_ids[0], contexts, targets,
-                                  args.max_seq_length)
-    else:
-        encoder = ChatGLMTextEncoder(tokenizer_folder(args.chatglm_path))
-        tokenized = tokenize_rows_fast(encoder, contexts, targets, args.max_seq_length, args.num_proc)
-    inputs = [args.jsonl_path, args.chatglm_path]
-    kept, counts = fit_rows(tokenized, args.max_seq_length, args.skip_overlength)
+    kept, counts = fit_rows(tokenize(args, [r[1] for r in rows], [r[2] for r in rows]), args.max_seq_length,
+                            args.skip_overlength)
     if not kept:
         raise UserError("no rows left after length filtering; raise --max_seq_length", path=args.jsonl_path)
-    if args.one_row_at_a_time:
-        with atomic_dir(args.save_path, "datasets", inputs=inputs, overwrite=args.overwrite) as tmp:
-            Dataset.from_list(kept).save_to_disk(tmp)
-    else:
-        save_table(token_rows_table([r["input_ids"] for r in kept], [r["seq_len"] for r in kept]), args.save_path,
-                   inputs, args.overwrite)
-
+    save(args, kept)
     print(f"saved {len(kept)} rows to {args.save_path} (max_seq_length {args.max_seq_length})")
     if empty:
         print(f"dropped {len(empty)} rows with an empty target (lines {', '.join(map(str, empty[:10]))}"

@@ -129,26 +129,17 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
         raise UserError("packing does not work with P-tuning v2 (the prefix cache turns off the per-row "
                         "attention); use --group_by_length", field="packing")
 
-    from model_hub.loader import load_model_and_tokenizer, load_model_config, resolve_model_path
+    from model_hub.loader import load_model_config, resolve_model_path
+    from tuning.checkpoints import claim_run_folder
 
     model_path = resolve_model_path(model_dir)
     check_method_fits(cfg, load_model_config(model_path))
-    from tuning.checkpoints import claim_run_folder
-
     claim_run_folder(args.output_dir, resume, "AUTO_RESUME_FROM_CHECKPOINT yes", model_path,  # locked; checked
                      inputs=[data_dir], overwrite=overwrite_output_dir)
 
-    # 2. Tokenizer and model (left padding, as the original; no KV cache while training).
-    bits = cfg.quantization_bit  # QLoRA: a frozen 4/8-bit base, loaded straight onto this rank's device
-    model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, use_cache=False,
-                                                device="cpu" if args.deepspeed and not bits
-                                                else distributed.local_device(), quantization_bit=bits)
-    if bits:
-        from tuning.methods import prepare_quantized_base
-
-        prepare_quantized_base(model)
-    tokenizer.padding_side = "left"
-    from glm4_finetune.trainer import DataCollator, GenerationTrainer, tokenize_split
+    # 2. Tokenizer and model (left padding, as the original; no KV cache while training), then the data.
+    model, tokenizer = load_model(cfg, model_path, dtype)
+    from glm4_finetune.trainer import tokenize_split
 
     splits = {split: tokenize_split(rows, split, tokenizer, cfg) for split, rows in conversations.items()}
     for split, dataset in splits.items():
@@ -157,6 +148,49 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
                             path=os.path.join(data_dir, cfg.data_config.data_files[split]))
 
     # 3. The tuning method: LoRA / P-tuning v2 through peft, or every weight.
+    model = apply_method(model, cfg)
+
+    # 4. Generation for evaluation: greedy, stop at <|endoftext|>, <|user|> or <|observation|>.
+    spec = get_spec(MODEL_NAME)
+    generation = args.generation_config
+    generation.pad_token_id, generation.eos_token_id = spec.pad_id, list(spec.stop_ids)
+    (model.get_base_model() if cfg.peft_config is not None else model).generation_config = generation
+    trainer = build_trainer(model, tokenizer, cfg, splits, group_by_length, packing)
+
+    # 5. Train, save the final weights (the original kept only checkpoint-N), score the test split.
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    if trainer.is_world_process_zero():  # serving/ reads it to build GLM-4's chat prompt
+        record_prompt_format(args.output_dir, "glm4_chat", "glm4_finetune")
+    if "test" in splits:
+        result = trainer.predict(splits["test"])
+        trainer.log_metrics("test", result.metrics)
+        trainer.save_metrics("test", result.metrics)
+        if trainer.is_world_process_zero():
+            write_predictions(tokenizer, result, os.path.join(args.output_dir, "test_predictions.jsonl"))
+    return trainer
+
+
+def load_model(cfg, model_path: str, dtype: str):
+    """The model in the config's dtype (QLoRA: a frozen 4/8-bit base, loaded straight onto this rank's device) and
+    its tokenizer, padding on the left."""
+    from model_hub.loader import load_model_and_tokenizer
+
+    bits, args = cfg.quantization_bit, cfg.training_args
+    model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, use_cache=False,
+                                                device="cpu" if args.deepspeed and not bits
+                                                else distributed.local_device(), quantization_bit=bits)
+    if bits:
+        from tuning.methods import prepare_quantized_base
+
+        prepare_quantized_base(model)
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+def apply_method(model, cfg):
+    """Gradient checkpointing on the base, then LoRA / P-tuning v2 (peft_config) or full fine-tuning (none)."""
+    args = cfg.training_args
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
         model.enable_input_require_grads()
@@ -176,42 +210,28 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
     from tuning.methods import trainable_summary
 
     say(trainable_summary(model))
+    return model
 
-    # 4. Generation for evaluation: greedy, stop at <|endoftext|>, <|user|> or <|observation|>.
-    spec = get_spec(MODEL_NAME)
-    generation = args.generation_config
-    generation.pad_token_id, generation.eos_token_id = spec.pad_id, list(spec.stop_ids)
-    (model.get_base_model() if cfg.peft_config is not None else model).generation_config = generation
 
-    from glm4_finetune.trainer import train_rows
+def build_trainer(model, tokenizer, cfg, splits: dict, group_by_length: bool, packing: bool):
+    """The generating Seq2SeqTrainer over the training rows (less padding when asked), with the recipes' callbacks."""
+    from glm4_finetune.trainer import DataCollator, GenerationTrainer, train_rows
     from model_hub.registry import packed_layout
     from tuning.packing import less_padding
     from tuning.text_metrics import generation_metrics
     from tuning.training import DataNotesAtEnd, LossPlot, NanGuard
 
+    args = cfg.training_args
     training_rows = less_padding(
         splits["train"], lambda: [len(ids) for ids in splits["train"]["input_ids"]], rows_fn=train_rows,
         collator=DataCollator(tokenizer, padding="longest", return_tensors="pt"),
         pad_token_id=tokenizer.pad_token_id, packed_layout=packed_layout(model.config), packing=packing,
         group_by_length=group_by_length, capacity=cfg.max_input_length + cfg.max_output_length + 1,
         batch_size=args.per_device_train_batch_size, seed=args.seed)
-    trainer = GenerationTrainer(
+    return GenerationTrainer(
         model=model, args=args, eval_dataset=splits.get("validation"), processing_class=tokenizer,
         compute_metrics=lambda p: generation_metrics(tokenizer, p.predictions, p.label_ids),
         callbacks=[NanGuard(model), LossPlot(), DataNotesAtEnd()], **training_rows.trainer_inputs())
-
-    # 5. Train, save the final weights (the original kept only checkpoint-N), score the test split.
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()
-    if trainer.is_world_process_zero():  # serving/ reads it to build GLM-4's chat prompt
-        record_prompt_format(args.output_dir, "glm4_chat", "glm4_finetune")
-    if "test" in splits:
-        result = trainer.predict(splits["test"])
-        trainer.log_metrics("test", result.metrics)
-        trainer.save_metrics("test", result.metrics)
-        if trainer.is_world_process_zero():
-            write_predictions(tokenizer, result, os.path.join(args.output_dir, "test_predictions.jsonl"))
-    return trainer
 
 
 def write_predictions(tokenizer, result, path: str) -> None:

@@ -117,8 +117,9 @@ def load_checkpoint(engine, folder: str, tag: str) -> int:
     return int(client_state["global_step"])
 
 
-def main():
-    args = ConfigParser(CONFIG, help_text=__doc__, help_keys=HELP).parse_main()
+def check_run(args):
+    """Everything that can be refused before a model loads: launcher, precision, values, DeepSpeed config, resume.
+    Returns (on_gpu, DeepSpeed config, quantization bits, resume point or None)."""
     if not distributed.launched():
         raise UserError("launch with `deepspeed --num_gpus 1 llama_ner/train_deepspeed.py …` or `torchrun "
                         "--nproc_per_node 1 llama_ner/train_deepspeed.py …` (DeepSpeed needs a launcher)",
@@ -137,19 +138,16 @@ def main():
     resume = resume_point(args.resume_from_checkpoint, checkpoint_root(args))
     if resume and args.max_steps > 0:  # a finished run changes nothing (not even train_args.json)
         stop_at_end(os.path.join(*resume), resumed_step(resume), args.max_steps, "--max_steps=N")
-    resolve_data_paths(args, CONFIG, ("train_path",))
-    load_data(args.train_path, (args.instruct_column, args.query_column, args.response_column))  # fail fast
+    return on_gpu, conf, bits, resume
 
-    from model_hub.loader import load_tokenizer, resolve_model_path
 
-    tokenizer = load_tokenizer(args.model_dir)
-    train_data = load_training_rows(args, tokenizer)
-
+def claim_output_folder(args, resume, model_dir: str):
+    """The save folder checked, locked and claimed (refusals come before anything is written); train_args.json."""
     def claim_own_checkpoints():
         return claim_checkpoints(checkpoint_root(args), os.path.join(*resume) if resume else None,
                                  DEEPSPEED_CHECKPOINTS, "--resume_from_checkpoint=last")
 
-    refuse_output_in_model(args.save_dir, resolve_model_path(args.model_dir))
+    refuse_output_in_model(args.save_dir, model_dir)
     claim_own_checkpoints()  # refused: nothing written yet
     check_training_folder(args.save_dir, inputs=[args.train_path], overwrite=args.overwrite_output_dir,
                           flag="--overwrite_output_dir=true", earlier_run=is_earlier_run)
@@ -158,15 +156,10 @@ def main():
     claim = claim_own_checkpoints()  # again, under the lock
     if distributed.is_main():
         write_train_args(args, args.save_dir)
+    return claim
 
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_for_lora(args, bits, dtype="fp16" if on_gpu else "fp32")
-    model = apply_lora(model, r=args.lora_r, **get_family("llama").lora())
-    distributed.say(trainable_summary(model))
 
-    import deepspeed
-
-    distributed.init_process_group()
+def data_loader(args, tokenizer, model, train_data):
     train_data, collate_fn, sampler = training_inputs(args, tokenizer, model, train_data,
                                                       rank=distributed.rank(), world=distributed.world_size())
     if sampler is None:  # (with --group_by_length each process takes its share of the batches)
@@ -176,19 +169,23 @@ def main():
                         collate_fn=collate_fn, generator=torch.Generator().manual_seed(args.seed))  # not the global RNG
     if len(loader) == 0:
         raise UserError(f"fewer rows ({len(train_data)}) than one batch per process", field="train_batch_size")
-    engine, _, _, _ = deepspeed.initialize(config=conf, model=model,
-                                           model_parameters=[p for p in model.parameters() if p.requires_grad])
-    steps_per_epoch = len(loader) // args.gradient_accumulation_steps
-    total_step = steps_per_epoch * args.num_train_epochs
-    if args.max_steps > 0:
-        total_step = min(total_step, args.max_steps)
-    if resume:  # (the end of the epochs is known only now)
-        stop_at_end(os.path.join(*resume), resumed_step(resume), total_step, "--max_steps=N or --num_train_epochs")
+    return loader, sampler
 
-    global_step = load_checkpoint(engine, *resume) if resume else 0
+
+def stop_on_non_finite(loss, global_step: int, saved_step: int, args, conf) -> None:
+    if distributed.all_ranks(bool(torch.isfinite(loss))):  # every rank stops, none waits forever
+        return
+    hint = ("fp16 overflow is the usual cause: use --bf16=true on a CPU, or lower the learning rate"
+            if conf.get("fp16", {}).get("enabled") else "lower the learning rate or check the data")
+    saved = (f"the adapter saved at step {saved_step} in {args.save_dir} is intact" if saved_step
+             else "no adapter was saved yet")
+    raise TrainingStopped(f"non-finite loss at step {global_step + 1}; {hint}. Weights were not updated; {saved}")
+
+
+def train(engine, loader, sampler, args, conf, total_step: int, global_step: int, claim) -> None:
+    """The original's loop: micro-batches skipped up to the resumed step, a log line every log_steps, the adapter and
+    a checkpoint every save_steps and at the end."""
     saved_step = global_step
-    if resume:
-        distributed.say(f"resumed from {os.path.join(*resume)} at step {global_step}")
     bar = tqdm(total=total_step, initial=global_step, desc="training", disable=not distributed.is_main())
     engine.train()
     skip = global_step * args.gradient_accumulation_steps  # micro-batches already trained on
@@ -202,13 +199,7 @@ def main():
                 continue
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             loss = engine(**batch).loss
-            if not distributed.all_ranks(bool(torch.isfinite(loss))):  # every rank stops, none waits forever
-                hint = ("fp16 overflow is the usual cause: use --bf16=true on a CPU, or lower the learning rate"
-                        if conf.get("fp16", {}).get("enabled") else "lower the learning rate or check the data")
-                saved = (f"the adapter saved at step {saved_step} in {args.save_dir} is intact" if saved_step
-                         else "no adapter was saved yet")
-                raise TrainingStopped(f"non-finite loss at step {global_step + 1}; {hint}. Weights were not "
-                                      f"updated; {saved}")
+            stop_on_non_finite(loss, global_step, saved_step, args, conf)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
             engine.step()
@@ -225,6 +216,40 @@ def main():
             if global_step >= total_step:
                 break
     bar.close()
+
+
+def main():
+    args = ConfigParser(CONFIG, help_text=__doc__, help_keys=HELP).parse_main()
+    on_gpu, conf, bits, resume = check_run(args)
+    resolve_data_paths(args, CONFIG, ("train_path",))
+    load_data(args.train_path, (args.instruct_column, args.query_column, args.response_column))  # fail fast
+
+    from model_hub.loader import load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(args.model_dir)
+    train_data = load_training_rows(args, tokenizer)
+    claim = claim_output_folder(args, resume, resolve_model_path(args.model_dir))
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_for_lora(args, bits, dtype="fp16" if on_gpu else "fp32")
+    model = apply_lora(model, r=args.lora_r, **get_family("llama").lora())
+    distributed.say(trainable_summary(model))
+
+    import deepspeed
+
+    distributed.init_process_group()
+    loader, sampler = data_loader(args, tokenizer, model, train_data)
+    engine, _, _, _ = deepspeed.initialize(config=conf, model=model,
+                                           model_parameters=[p for p in model.parameters() if p.requires_grad])
+    total_step = len(loader) // args.gradient_accumulation_steps * args.num_train_epochs
+    if args.max_steps > 0:
+        total_step = min(total_step, args.max_steps)
+    if resume:  # (the end of the epochs is known only now)
+        stop_at_end(os.path.join(*resume), resumed_step(resume), total_step, "--max_steps=N or --num_train_epochs")
+    global_step = load_checkpoint(engine, *resume) if resume else 0
+    if resume:
+        distributed.say(f"resumed from {os.path.join(*resume)} at step {global_step}")
+    train(engine, loader, sampler, args, conf, total_step, global_step, claim)
     distributed.say(f"adapter: {args.save_dir}")
     print_data_notes()
 
