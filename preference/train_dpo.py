@@ -173,8 +173,6 @@ def save_result(trainer, model, tokenizer, args, prompt_format: str) -> None:
     from tuning.checkpoints import save_pretrained_atomically
     from tuning.distributed import is_main
 
-    if "ref" in model.peft_config:
-        model.delete_adapter("ref")
     if is_main():
         save_pretrained_atomically(lambda folder: (model.save_pretrained(folder, selected_adapters=["default"]),
                                                    tokenizer.save_pretrained(folder)), args.save_dir)

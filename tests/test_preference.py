@@ -186,3 +186,93 @@ def test_check_only_counts_drops_and_lengths_without_a_model(pairs, tmp_path):
     assert "dropped (chosen equals rejected): 1" in stdout
     assert f"dropped (prompt fills max_length): {len(rows) - 1 - len(kept)}" in stdout
     assert "tokens per kept row (before the cut): p50" in stdout
+
+
+@pytest.fixture(scope="module")
+def glm4_run(pairs, tmp_path_factory):
+    """An SFT LoRA on tiny GLM-4 (random, saved as glm4_finetune saves: adapter, tokenizer, prompt record), then 1
+    DPO step on 4 tool-call pairs continuing it."""
+    from peft import LoraConfig, get_peft_model
+
+    from model_hub.loader import load_adapted
+    from model_hub.prompt_format import record_prompt_format
+    from model_hub.registry import get_family
+
+    folder = tmp_path_factory.mktemp("glm4")
+    sft = str(folder / "sft")
+    base, tokenizer = load_adapted(GLM4)
+    torch.manual_seed(0)
+    lora = LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=list(get_family("glm4").lora_targets),
+                      init_lora_weights=False)
+    get_peft_model(base, lora).save_pretrained(sft)
+    tokenizer.save_pretrained(sft)
+    record_prompt_format(sft, "glm4_chat", "glm4_finetune")
+    sft_model, _ = load_adapted(None, sft)
+    records = open(pairs["tools"], encoding="utf-8").read().splitlines()[:4]
+    train = folder / "tools.jsonl"
+    train.write_text("\n".join(records) + "\n", encoding="utf-8")
+    out = str(folder / "dpo")
+    trainer = train_dpo.main(["--adapter", sft, "--train_path", str(train), "--save_dir", out, "--max_steps", "1",
+                              "--train_batch_size", "2", "--max_length", "1024", "--learning_rate", "1e-2",
+                              "--log_steps", "1", "--save_steps", "1"])
+    rows, _ = tokenize_file(str(train), AnswerEncoder("glm4_chat", tokenizer), 1024)
+    return {"sft": sft, "sft_model": sft_model, "tokenizer": tokenizer, "trainer": trainer, "out": out,
+            "records": [json.loads(r) for r in records], "rows": rows, "batch": collated(trainer, rows)}
+
+
+def test_glm4_multi_turn_scores_only_the_final_assistant_turn_as_sft(glm4_run):
+    """prompt + chosen = glm4_finetune's SFT row (combine: false) of the whole conversation; the scored tokens are
+    exactly that row's labels of the final assistant turn (its call and the <|user|> after it); the earlier
+    assistant turns, trained by SFT, are not scored."""
+    from glm4_finetune.data import ASSISTANT, process_batch
+
+    batch, records, n = glm4_run["batch"], glm4_run["records"], len(glm4_run["records"])
+    labels = scored(batch)
+    multi_turn = 0
+    for i, record in enumerate(records):
+        for half, answer in ((0, record["chosen"]), (n, record["rejected"])):
+            sft = process_batch({"messages": [[*record["messages"], answer]]}, glm4_run["tokenizer"], 10 ** 6, 0,
+                                combine=False)
+            sft_ids, sft_labels = sft["input_ids"][0], sft["labels"][0]
+            row = batch["input_ids"][half + i][batch["attention_mask"][half + i] == 1].tolist()
+            assert row == sft_ids
+            last = len(sft_ids) - 1 - sft_ids[::-1].index(ASSISTANT)
+            final_turn = [t if k > last else -100 for k, t in enumerate(sft_labels)]
+            assert labels[half + i][:len(row)].tolist() == final_turn
+            multi_turn += any(t != -100 for t in sft_labels[:last])
+    assert multi_turn >= 2  # the demo set's multi-turn rows (earlier call + observation + answer) are among them
+
+
+def test_continuing_an_sft_adapter_keeps_it_as_the_reference(glm4_run):
+    """From a recipe's LoRA: TRL keeps a frozen copy of it ("ref") as the reference — its log-probs equal the SFT
+    model's — while the adapter itself trains."""
+    trainer, batch = glm4_run["trainer"], glm4_run["batch"]
+    assert trainer.ref_model is None and set(trainer.model.peft_config) == {"default", "ref"}
+    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+    sft = sequence_logps(glm4_run["sft_model"], batch)
+    assert torch.allclose(torch.cat([ref_chosen, ref_rejected]), sft, atol=1e-3), (ref_chosen, sft)
+    policy = sequence_logps(trainer.model, batch)
+    assert not torch.allclose(policy, sft, atol=1e-3)
+    trained = {n: p for n, p in trainer.model.named_parameters()}
+    assert all(p.requires_grad == (".default." in n) for n, p in trained.items() if "lora_" in n)
+
+
+def test_the_glm4_result_serves_with_tools_like_any_adapter(glm4_run):
+    from serving.engine import Engine, Finished
+    from serving.loading import load_for_serving
+    from serving.sampling import SamplingParams
+
+    out = glm4_run["out"]
+    assert "ref" not in os.listdir(out)  # the frozen reference copy is not part of the result
+    engine = Engine(load_for_serving(None, out), max_batch=2)
+    try:
+        assert engine.loaded.prompt_format == "glm4_chat"
+        record = glm4_run["records"][0]
+        from preference.pairs import openai_shape
+
+        messages, tools = openai_shape(record["messages"])
+        assert engine.prompt_ids(messages, tools) == glm4_run["rows"][0]["prompt_ids"]
+        events = list(engine.generate(messages, SamplingParams(max_tokens=4, temperature=0), tools=tools))
+        assert isinstance(events[-1], Finished) and events[-1].completion_tokens >= 1
+    finally:
+        engine.close()
