@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 REQS := requirements/base.txt requirements/chatglm_lora.txt requirements/llama_ner.txt \
         requirements/glm4_finetune.txt requirements/serving.txt requirements/web_demo.txt \
-        requirements/dev.txt
+        requirements/preference.txt requirements/dev.txt
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=

@@ -11,8 +11,10 @@ import pytest
 from conftest import REPO
 
 RECIPES = ("chatglm_lora", "llama_ner", "glm4_finetune")
-HIGHER = {"tuning": ("model_hub", "serving", "bench", *RECIPES), "model_hub": ("serving", "bench", *RECIPES),
-          "serving": ("bench", *RECIPES)}  # serving imports no recipe: prompt formats are model_hub data
+HIGHER = {"tuning": ("model_hub", "serving", "bench", "preference", *RECIPES),
+          "model_hub": ("serving", "bench", "preference", *RECIPES),
+          "serving": ("bench", "preference", *RECIPES),  # serving imports no recipe: prompt formats are model_hub data
+          **{recipe: ("bench", "preference") for recipe in RECIPES}}  # nothing imports preference/
 
 
 def python_files(folder: str):
@@ -42,7 +44,7 @@ def test_a_layer_imports_only_the_layers_below(layer):
 
 def test_no_script_edits_sys_path():
     edits = []
-    for folder in ("tuning", "model_hub", "serving", "bench", *RECIPES):
+    for folder in ("tuning", "model_hub", "serving", "bench", "preference", *RECIPES):
         for path, tree in python_files(folder):
             for node in ast.walk(tree):
                 if (isinstance(node, ast.Attribute) and node.attr in ("insert", "append")
@@ -57,7 +59,7 @@ def test_lora_target_names_are_registry_data_only():
 
     names = {name for family in FAMILIES.values() for name in family.lora_targets}
     found = []
-    for folder in ("tuning", "serving", "bench", *RECIPES):
+    for folder in ("tuning", "serving", "bench", "preference", *RECIPES):
         for path, tree in python_files(folder):
             found += [(path, node.lineno, node.value) for node in ast.walk(tree)
                       if isinstance(node, ast.Constant) and node.value in names]
@@ -105,7 +107,7 @@ def test_one_adapter_loader():
     """Loading an adapter onto a base happens in model_hub.loader.load_adapted only (issue 30: five drifting copies
     were merged; a sixth would drift again)."""
     found = []
-    for folder in ("tuning", "model_hub", "serving", "bench", *RECIPES):
+    for folder in ("tuning", "model_hub", "serving", "bench", "preference", *RECIPES):
         for path, tree in python_files(folder):
             found += [(path, node.lineno) for node in ast.walk(tree)
                       if isinstance(node, ast.Attribute) and node.attr == "from_pretrained"
@@ -136,7 +138,7 @@ def test_the_adapter_loader_takes_the_adapters_tokenizer_and_applies_the_family_
 def import_graph() -> dict[str, set[str]]:
     """module → the project modules it imports (top level and inside functions; `from pkg import mod` → pkg.mod)."""
     modules = {}
-    for folder in ("tuning", "model_hub", "serving", "bench", *RECIPES):
+    for folder in ("tuning", "model_hub", "serving", "bench", "preference", *RECIPES):
         for path, tree in python_files(folder):
             name = path[:-3].replace(os.sep, ".").removesuffix(".__init__")
             modules[name] = (path, tree)

@@ -1,0 +1,82 @@
+"""TRL's DPOTrainer / KTOTrainer with the recipes' atomic checkpoints, fed our pre-tokenized rows, and a plot of the
+reward margin beside loss.png.
+
+TRL 1.16 tokenizes text itself in `_prepare_dataset` (the prompt rendered by the tokenizer's chat template, "prompt +
+answer" tokenized together). Our rows are already token ids, rendered by the recipe's PromptFormat and tokenized as
+its SFT step (preference/pairs.py), so that step is replaced: the rows go to TRL's own collators unchanged.
+"""
+import math
+import os
+
+from transformers import TrainerCallback
+from trl import DPOTrainer, KTOTrainer
+
+from tuning.checkpoints import AtomicCheckpoints
+
+PAIRED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+UNPAIRED_COLUMNS = ("prompt_ids", "completion_ids", "label")
+
+
+def _require_columns(dataset, columns) -> None:
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"expected pre-tokenized rows (preference.pairs), missing {missing}")
+
+
+class PreferenceDPOTrainer(AtomicCheckpoints, DPOTrainer):
+    """DPOTrainer over rows {prompt_ids, chosen_ids, rejected_ids}; checkpoints staged and renamed."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        _require_columns(dataset, PAIRED_COLUMNS)
+        return dataset  # rows whose prompt fills max_length were dropped (and counted) by preference.pairs
+
+
+class PreferenceKTOTrainer(AtomicCheckpoints, KTOTrainer):
+    """KTOTrainer over rows {prompt_ids, completion_ids, label}. The KL term's mismatched completions are built as
+    TRL builds them: each batch's completions rotated by one."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        _require_columns(dataset, UNPAIRED_COLUMNS)
+        if not self.calculate_KL:
+            return dataset
+
+        def rotate(batch):
+            completions = batch["completion_ids"]
+            return {"KL_completion_ids": completions[-1:] + completions[:-1]}
+
+        return dataset.map(rotate, batched=True, batch_size=args.per_device_train_batch_size)
+
+
+class MarginPlot(TrainerCallback):
+    """OUTPUT/margins.png at the end: the logged reward margin (chosen − rejected) and reward accuracy per step."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            save_margin_plot(state.log_history, os.path.join(args.output_dir, "margins.png"))
+
+
+def save_margin_plot(log_history: list[dict], path: str) -> str | None:
+    points = [(e["step"], e["rewards/margins"]) for e in log_history
+              if "rewards/margins" in e and math.isfinite(e["rewards/margins"])]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tuning.durable import atomic_file
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(*zip(*points), marker="." if len(points) < 50 else None, label="reward margin (chosen - rejected)")
+    accuracy = [(e["step"], e["rewards/accuracies"]) for e in log_history if "rewards/accuracies" in e]
+    if accuracy:
+        ax.plot(*zip(*accuracy), linestyle="--", label="reward accuracy")
+    ax.set_xlabel("step")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return path
