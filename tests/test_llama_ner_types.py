@@ -54,7 +54,7 @@ def test_entity_types_option_fixes_the_list_and_refuses_a_missing_type(tmp_path)
     code, out, err = run_in_process(process_main, ["--in_file", dev, "--out_file", tmp_path / "dev_rows.txt",
                                                    "--mode", "train", "--entity_types", "疾病,产品"])
     assert code == 0, err
-    rows = [json.loads(line) for line in (tmp_path / "dev_rows.txt").read_text(encoding="utf-8").split("\n")]
+    rows = [json.loads(line) for line in (tmp_path / "dev_rows.txt").read_text(encoding="utf-8").splitlines()]
     assert {row["instruct"] for row in rows} == {OWN_PROMPT}
     assert "entity types in the instruction: 产品、疾病" in out
     code, out, err = run_in_process(process_main, ["--in_file", write_raw(tmp_path / "all.txt"), "--out_file",
