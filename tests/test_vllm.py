@@ -81,7 +81,7 @@ def test_llama_adapters_unmerged_and_the_export_answer_as_our_server(llama):
     base, adapters, export = llama
     names = [os.path.basename(a) for a in adapters]
     theirs = {}
-    server = VllmServer(*adapters)
+    server = VllmServer(*adapters, compiled=True)  # vLLM's default path (torch.compile), as users run it
     try:
         listed = [m["id"] for m in server.request("GET", "/v1/models")[2]["data"]]
         assert listed == [os.path.basename(base), *names]  # the base first, then the adapters

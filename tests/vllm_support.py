@@ -117,8 +117,11 @@ def exported(src: str, name: str) -> str:
 class VllmServer(Server):
     """`python -m serving.vllm FOLDER…` on a free 127.0.0.1 port; waits (bounded) until /health answers."""
 
-    def __init__(self, *folders: str, startup_seconds: float = 400):
+    def __init__(self, *folders: str, startup_seconds: float = 400, compiled: bool = False):
+        """compiled=False adds --enforce-eager: vLLM's torch.compile of a new model costs ~35 s of a cold start on
+        this CPU (57 s vs 23 s measured); one server of the suite keeps vLLM's default, compiled path."""
         python = vllm_python()
+        eager = [] if compiled else ["--enforce-eager"]
         self.start(lambda port: [sys.executable, "-m", "serving.vllm", *folders, "--port", str(port), "--vllm_python",
-                                 python, "--", "--max-model-len", "1024", "--max-num-seqs", "8"],
+                                 python, "--", "--max-model-len", "1024", "--max-num-seqs", "8", *eager],
                    "vllm-test", ENV, startup_seconds, poll=1)
