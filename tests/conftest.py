@@ -21,7 +21,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# The cores shared among the parallel workers (`make test`: pytest -n 2 on 2 cores → 1 thread each): more threads
+# than cores makes OpenMP's threads wait on each other.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", 0)) or max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(REPO, "tests", "golden")
