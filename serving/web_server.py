@@ -3,7 +3,8 @@ supported way to put an app behind middleware) and run by uvicorn as the API ser
 - serving/origin_guard.py: loopback host names only while bound to loopback (DNS rebinding), no cross-origin
   browser requests unless named (issue 29, item 8);
 - serving/login_limit.py: failed logins from one address are limited (issue 29, item 15);
-- no uploads (the page takes none; Gradio's upload route answers with server temp paths: issue 29, item 11);
+- no uploads (the page takes none; Gradio's upload route answers with server temp paths: issue 29, item 11), and
+  with a login, none of Gradio's routes before it (its heartbeat stream was open);
 - serving/connection_guard.py: header deadline and connection cap (issue 29, item 6);
 - SIGTERM / Ctrl-C: the API's drain (replies in flight finish for up to --drain_timeout s, the rest end cut where
   they are), then the page's open streams end, exit 0 (issue 33, item 8).
@@ -21,6 +22,7 @@ from .login_limit import LoginLimit
 from .origin_guard import OriginGuard
 
 CLOSED_PATHS = ("/gradio_api/upload", "/gradio_api/upload_progress")
+OPEN_STREAMS = ("/gradio_api/heartbeat/",)  # Gradio routes that answer without a login (LoginRequired closes them)
 HEADER_TIMEOUT, MAX_CONNECTIONS = 10.0, 512  # the API's defaults (serving/api.py --header_timeout, --max_connections)
 
 
@@ -35,6 +37,33 @@ class ClosedPaths:
         if scope["type"] == "http" and any(path == p or path.startswith(p + "/") for p in self.paths):
             body = b'{"detail": "not available on this server"}'
             await send({"type": "http.response.start", "status": 404, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
+class LoginRequired:
+    """401 for the given path prefixes without a logged-in session: Gradio 6.31 leaves its per-tab heartbeat stream
+    (`/gradio_api/heartbeat/…`) open to anyone, a stream held as long as the visitor wants. The session is Gradio's
+    own: its login cookie (`access-token[-unsecure]-<cookie_id>`) naming one of its tokens."""
+
+    def __init__(self, app, prefixes, gradio_app):
+        self.app, self.prefixes, self.gradio_app = app, tuple(prefixes), gradio_app
+
+    def _logged_in(self, scope) -> bool:
+        from starlette.requests import HTTPConnection
+
+        cookies, gradio_app = HTTPConnection(scope).cookies, self.gradio_app
+        for name in (f"access-token-{gradio_app.cookie_id}", f"access-token-unsecure-{gradio_app.cookie_id}"):
+            if cookies.get(name) in gradio_app.tokens:
+                return True
+        return False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("path", "").startswith(self.prefixes) and not self._logged_in(scope):
+            body = b'{"detail": "Not authenticated"}'
+            await send({"type": "http.response.start", "status": 401, "headers": [
                 (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
             return
@@ -73,13 +102,14 @@ def web_app(page: gr.Blocks, engine, *, host: str = "127.0.0.1", auth=None, allo
     def health():
         return {"status": "draining" if engine.stats()["closed"] else "ok"}
 
+    gr.mount_gradio_app(root, page, path="/", auth=auth, server_name=host, theme=theme, css=css, show_error=True,
+                        ssr_mode=False, pwa=False, mcp_server=False, run_history=False,
+                        footer_links=["gradio", "settings"])
+    streams.gradio_app = next(r.app for r in root.routes if isinstance(r, Mount))
     app = ClosedPaths(root, CLOSED_PATHS)
     if auth:
-        app = LoginLimit(app, **(login_limit or {}))
-    gr.mount_gradio_app(root, page, path="/", auth=auth, auth_message=app.rule() if auth else None,
-                        server_name=host, theme=theme, css=css, show_error=True, ssr_mode=False, pwa=False,
-                        mcp_server=False, run_history=False, footer_links=["gradio", "settings"])
-    streams.gradio_app = next(r.app for r in root.routes if isinstance(r, Mount))
+        app = LoginLimit(LoginRequired(app, OPEN_STREAMS, streams.gradio_app), **(login_limit or {}))
+        page.auth_message = app.rule()  # the login page says it (Gradio reads it at each request)
     return OriginGuard(app, bound_host=host, allowed_hosts=allowed_hosts, cors_origins=cors_origins,
                        json_posts=False), streams
 
