@@ -23,7 +23,8 @@ class LoginLimit:
         self._clients: OrderedDict[str, tuple[deque, list]] = OrderedDict()  # address → (try times, [locked until])
 
     def rule(self) -> str:
-        return (f"After {self.max_failures} failed logins within {self.window:g} s, logins from that address are "
+        return (f"同一地址 {self.window:g} 秒内登录失败 {self.max_failures} 次后，{self.lockout:g} 秒内不再接受其登录。/ "
+                f"After {self.max_failures} failed logins within {self.window:g} s, logins from that address are "
                 f"refused for {self.lockout:g} s.")
 
     def _client(self, address: str) -> tuple[deque, list]:
