@@ -8,8 +8,11 @@ middleware, in front of the API:
   (bound elsewhere: any host unless `--allowed_hosts` names them);
 - refuses a request that a browser marks as cross-origin (an `Origin` other than the server's own) unless
   `--cors_origins` names it, and answers CORS preflights for those it names;
-- takes POST bodies only as `application/json` (a browser cannot send that cross-origin without a preflight).
-Refusals are OpenAI-shaped JSON errors; the connection stays up for the next request.
+- takes POST bodies only as `application/json` (a browser cannot send that cross-origin without a preflight);
+  `json_posts=False` for the web demo, whose login is a form POST (there the Origin check is the guard: browsers
+  send `Origin` with every cross-origin POST).
+The web demo (serving/web_server.py) runs the same guard in front of its Gradio page. Refusals are OpenAI-shaped
+JSON errors; the connection stays up for the next request.
 """
 import json
 from urllib.parse import urlsplit
@@ -30,8 +33,8 @@ def loopback(host: str) -> bool:
 
 
 class OriginGuard:
-    def __init__(self, app, *, bound_host: str, allowed_hosts=(), cors_origins=()):
-        self.app = app
+    def __init__(self, app, *, bound_host: str, allowed_hosts=(), cors_origins=(), json_posts: bool = True):
+        self.app, self.json_posts = app, json_posts
         extra = {host_name(h) for h in allowed_hosts if h}
         self.hosts = (LOOPBACK_HOSTS | extra) if loopback(bound_host) or extra else None  # None: any host
         self.origins = {o.rstrip("/").lower() for o in cors_origins if o}
@@ -59,15 +62,17 @@ class OriginGuard:
         elif origin == "null":
             return await _refuse(send, 403, "requests from an opaque origin (a sandboxed page or a file) are "
                                             "refused", "cross_origin")
-        if scope["method"] == "POST" and not headers.get("content-type", "").lower().startswith("application/json"):
+        json_body = headers.get("content-type", "").lower().startswith("application/json")
+        if self.json_posts and scope["method"] == "POST" and not json_body:
             return await _refuse(send, 415, "expected Content-Type: application/json", "unsupported_media_type",
                                  cors or [])
         if cors is None:
             return await self.app(scope, receive, send)
 
         async def send_with_cors(message):
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": list(message.get("headers", [])) + cors}
+            if message["type"] == "http.response.start":  # ours replace the app's own (Gradio sets some)
+                own = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"access-control-allow-origin"]
+                message = {**message, "headers": own + cors}
             await send(message)
 
         return await self.app(scope, receive, send_with_cors)

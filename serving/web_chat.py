@@ -33,8 +33,8 @@ def escape(text: str) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    """What the page's sliders and boxes say for one reply."""
-    max_tokens: int = 512
+    """What the page's sliders and boxes say for one reply (as start values: max_tokens None = from the device)."""
+    max_tokens: int | None = None
     temperature: float = 0.6
     top_p: float = 0.8
     system: str = ""

@@ -79,7 +79,7 @@ class Demo:
         self.engine = RecordingEngine(load_for_serving(model, served_name=name))
         self.engine.submitted = []
         self.url = f"http://127.0.0.1:{free_port()}/"
-        self.page = launch(WebDemo(self.engine).build(), port=int(self.url.split(":")[2].strip("/")), block=False)
+        self.page = launch(WebDemo(self.engine), port=int(self.url.split(":")[2].strip("/")), block=False)
         self.driver = driver
         driver.get(self.url)
         wait_for(lambda: driver.find_elements("css selector", "#send"), 30, "the page")
@@ -285,7 +285,7 @@ def test_auth_keeps_the_page_closed_until_login(tiny_demo):
     from serving.web_demo import WebDemo, launch
 
     port = free_port()
-    page = launch(WebDemo(tiny_demo.engine).build(), port=port, auth=("demo", "s3cret"), block=False)
+    page = launch(WebDemo(tiny_demo.engine), port=port, auth=("demo", "s3cret"), block=False)
     base = f"http://127.0.0.1:{port}"
     try:
         with pytest.raises(urllib.error.HTTPError) as refused:
@@ -304,3 +304,4 @@ def test_auth_keeps_the_page_closed_until_login(tiny_demo):
         assert config.status == 200
     finally:
         page.close()
+
