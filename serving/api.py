@@ -288,7 +288,7 @@ def main(argv=None):
     print(f"serving {loaded.name!r} ({loaded.family}, prompt format {loaded.prompt_format}, "
           f"{str(loaded.core.dtype).replace('torch.', '')} on {loaded.device}) at http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", flush=True)
-    _DrainingServer = _draining_server_class(engine, args.drain_timeout)
+    _DrainingServer = draining_server_class(engine, args.drain_timeout)
     from .connection_guard import guarded_protocol
 
     # uvicorn cuts what is still open DRAIN_MARGIN s after the engine has ended it with an error event / 503
@@ -302,7 +302,7 @@ def main(argv=None):
 DRAIN_MARGIN = 5.0
 
 
-def _draining_server_class(engine: Engine, drain_timeout: float):
+def draining_server_class(engine: Engine, drain_timeout: float):
     import threading
 
     import uvicorn

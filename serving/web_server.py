@@ -139,9 +139,9 @@ class _DrainThenEndStreams:
 
 def serve(app, streams: PageStreams, engine, *, host: str, port: int, drain_timeout: float) -> None:
     """Run in this (the main) thread until SIGTERM / Ctrl-C, then drain as the API does; returns (exit 0)."""
-    from .api import _draining_server_class
+    from .api import draining_server_class
 
-    server_class = _draining_server_class(_DrainThenEndStreams(engine, streams), drain_timeout)
+    server_class = draining_server_class(_DrainThenEndStreams(engine, streams), drain_timeout)
     server_class(uvicorn_config(app, host, port, drain_timeout)).run()
 
 
