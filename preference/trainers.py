@@ -5,13 +5,13 @@ TRL 1.16 tokenizes text itself in `_prepare_dataset` (the prompt rendered by the
 answer" tokenized together). Our rows are already token ids, rendered by the recipe's PromptFormat and tokenized as
 its SFT step (preference/pairs.py), so that step is replaced: the rows go to TRL's own collators unchanged.
 """
-import math
 import os
 
 from transformers import TrainerCallback
 from trl import DPOTrainer, KTOTrainer
 
 from tuning.checkpoints import AtomicCheckpoints
+from tuning.training import save_step_plot
 
 PAIRED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 UNPAIRED_COLUMNS = ("prompt_ids", "completion_ids", "label")
@@ -56,27 +56,5 @@ class MarginPlot(TrainerCallback):
 
 
 def save_margin_plot(log_history: list[dict], path: str) -> str | None:
-    points = [(e["step"], e["rewards/margins"]) for e in log_history
-              if "rewards/margins" in e and math.isfinite(e["rewards/margins"])]
-    if not points:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from tuning.durable import atomic_file
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot(*zip(*points), marker="." if len(points) < 50 else None, label="reward margin (chosen - rejected)")
-    accuracy = [(e["step"], e["rewards/accuracies"]) for e in log_history if "rewards/accuracies" in e]
-    if accuracy:
-        ax.plot(*zip(*accuracy), linestyle="--", label="reward accuracy")
-    ax.set_xlabel("step")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
-    return path
+    return save_step_plot(log_history, path, {"rewards/margins": "reward margin (chosen - rejected)",
+                                              "rewards/accuracies": "reward accuracy"})

@@ -26,7 +26,7 @@ from tuning.errors import UserError, run_main
 from .chat import AnswerShaper
 from .engine import Delta, Engine, EngineBusy, EngineClosed, Finished
 from .model_args import add_model_arguments, chosen_model
-from .origin_guard import OriginGuard
+from .origin_guard import OriginGuard, add_origin_flags
 from .protocol import ApiError, chunk, completion, parse_chat_request, usage
 
 API_KEY_ENV = "SERVING_API_KEY"
@@ -251,12 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a connection has to send a whole request head (a guard against slowloris)")
     parser.add_argument("--max_connections", type=int, default=512,
                         help="open connections at most; beyond, new ones are closed at once")
-    parser.add_argument("--allowed_hosts", nargs="*", default=[], metavar="HOST",
-                        help="host names clients may use besides 127.0.0.1 / localhost / ::1 (a guard against DNS "
-                             "rebinding; bound to a non-loopback address: only these, when given)")
-    parser.add_argument("--cors_origins", nargs="*", default=[], metavar="ORIGIN",
-                        help="web pages (e.g. http://localhost:3000) allowed to call this server from a browser; "
-                             "other cross-origin requests are refused")
+    add_origin_flags(parser, "clients")
     return parser
 
 

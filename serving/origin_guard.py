@@ -14,6 +14,7 @@ middleware, in front of the API:
 The web demo (serving/web_server.py) runs the same guard in front of its Gradio page. Refusals are OpenAI-shaped
 JSON errors; the connection stays up for the next request.
 """
+import argparse
 import json
 from urllib.parse import urlsplit
 
@@ -88,3 +89,13 @@ async def _respond(send, status: int, body: bytes, headers):
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-length", str(len(body)).encode()), *headers]})
     await send({"type": "http.response.body", "body": body})
+
+
+def add_origin_flags(parser: argparse.ArgumentParser, clients: str) -> None:
+    """--allowed_hosts and --cors_origins, the same for the API and the web demo (`clients`: who connects)."""
+    parser.add_argument("--allowed_hosts", nargs="*", default=[], metavar="HOST",
+                        help=f"host names {clients} may use besides 127.0.0.1 / localhost / ::1 (a guard against DNS "
+                             "rebinding; bound to a non-loopback address: only these, when given)")
+    parser.add_argument("--cors_origins", nargs="*", default=[], metavar="ORIGIN",
+                        help="other web pages (e.g. http://localhost:3000) allowed to call this server from a "
+                             "browser; other cross-origin requests are refused")

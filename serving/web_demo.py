@@ -24,6 +24,7 @@ import torch
 
 from tuning.errors import UserError, run_main
 
+from .origin_guard import add_origin_flags
 from .model_args import add_model_arguments, chosen_model
 from .web_chat import Settings, display, error_message, last_tool_call_id, retry_point, stream_reply
 from .web_server import BackgroundServer, serve, web_app
@@ -222,12 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--system", default="", help="the system prompt box's start value (GLM-4)")
     parser.add_argument("--drain_timeout", type=float, default=30.0,
                         help="seconds SIGTERM / Ctrl-C lets the replies in flight finish")
-    parser.add_argument("--allowed_hosts", nargs="*", default=[], metavar="HOST",
-                        help="host names browsers may use besides 127.0.0.1 / localhost / ::1 (a guard against DNS "
-                             "rebinding; bound to a non-loopback address: only these, when given)")
-    parser.add_argument("--cors_origins", nargs="*", default=[], metavar="ORIGIN",
-                        help="other web pages (e.g. http://localhost:3000) allowed to call this server from a "
-                             "browser; other cross-origin requests are refused")
+    add_origin_flags(parser, "browsers")
     return parser
 
 

@@ -231,8 +231,15 @@ class LossPlot(TrainerCallback):
 
 
 def save_loss_plot(log_history: list[dict], path: str) -> str | None:
-    points = [(e["step"], e["loss"]) for e in log_history if "loss" in e and math.isfinite(e["loss"])]
-    if not points:
+    return save_step_plot(log_history, path, {"loss": None}, ylabel="training loss")
+
+
+def save_step_plot(log_history: list[dict], path: str, series: dict, ylabel: str | None = None) -> str | None:
+    """A PNG of logged values per step (atomically written): `series` maps a log key to its legend label (None: no
+    legend); the first key decides whether there is anything to plot. None when there is not."""
+    lines = {key: [(e["step"], e[key]) for e in log_history if key in e and math.isfinite(e[key])] for key in series}
+    first = next(iter(series))
+    if not lines[first]:
         return None
     import matplotlib
 
@@ -242,9 +249,15 @@ def save_loss_plot(log_history: list[dict], path: str) -> str | None:
     from .durable import atomic_file
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
+    for i, (key, label) in enumerate(series.items()):
+        if lines[key]:
+            ax.plot(*zip(*lines[key]), marker="." if len(lines[key]) < 50 else None, linestyle="-" if i == 0 else "--",
+                    label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if any(series.values()):
+        ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_file(path, "wb") as f:
