@@ -2,19 +2,42 @@
 serving engine: the same sampling as `model.generate` (transformers' processors in its order, its default
 top_k=50 when sampling, the global RNG that `set_seed` seeds), so a seeded answer is the text it was before,
 now printed as it comes."""
+import atexit
+
 from .engine import Delta, Engine, Finished
 from .loading import wrap_loaded
 from .sampling import SamplingParams
 
-_ENGINES: dict[int, Engine] = {}
+class _CliEngine:
+    """The engine of the model a CLI loaded, asked many times; asked for another model (or another tokenizer or
+    prompt format), it closes the old engine first. Compared by identity, never by id(): an id can be reused once a
+    model is freed, and the old engine must not outlive its model. Closed at exit."""
+
+    def __init__(self):
+        self.key, self.engine = None, None
+
+    def get(self, model, tokenizer, prompt_format: str) -> Engine:
+        key = (model, tokenizer, prompt_format)
+        if (self.engine is None or self.engine.stats()["closed"] or model is not self.key[0]
+                or tokenizer is not self.key[1] or prompt_format != self.key[2]):
+            self.close()
+            self.engine = Engine(wrap_loaded(model, tokenizer, prompt_format), max_batch=1, max_queue=1)
+            self.key = key
+        return self.engine
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close(timeout=1.0)
+        self.key, self.engine = None, None
+
+
+_CLI_ENGINE = _CliEngine()
+atexit.register(_CLI_ENGINE.close)
 
 
 def engine_for(model, tokenizer, prompt_format: str) -> Engine:
-    """One engine per loaded model object (a CLI loads one model and asks it many times)."""
-    key = id(model)
-    if key not in _ENGINES:
-        _ENGINES[key] = Engine(wrap_loaded(model, tokenizer, prompt_format), max_batch=1, max_queue=1)
-    return _ENGINES[key]
+    """One engine for the loaded model (a CLI loads one model and asks it many times)."""
+    return _CLI_ENGINE.get(model, tokenizer, prompt_format)
 
 
 def generate_streamed(model, tokenizer, prompt_ids: list[int], *, prompt_format: str, on_delta=None,

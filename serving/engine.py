@@ -145,6 +145,12 @@ class Engine:
                     "steps": self.steps, "step_rows": self.step_rows, "prefills": self.prefills,
                     "prefill_rows": self.prefill_rows}
 
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self, timeout: float = 30.0) -> bool:
         """Take no new requests, let the running ones finish for up to `timeout` s, cancel the rest, stop.
         True when everything finished in time."""

@@ -87,3 +87,21 @@ def test_chat_ner_answers_are_generate_s_and_stream(monkeypatch, capsys):
     ids, _ = chat_ner.prompt_ids(tokenizer, "找出人名：张三在北京。", None, True, False)
     expected = generate_text(model, tokenizer, ids, tokenizer.eos_token_id, 1, **chat_ner.GENERATION_CONFIG).strip()
     assert f"Response:  {expected}\n" in capsys.readouterr().out
+
+
+def test_one_engine_per_loaded_model_and_the_old_one_is_closed(glm4):
+    """The CLIs ask one engine many times; another model gets its own and the old engine stops (before, engines were
+    kept forever in a dict keyed by id(model), which a later model can reuse)."""
+    from serving.cli import engine_for
+
+    model, tokenizer = glm4
+    first = engine_for(model, tokenizer, "glm4_chat")
+    assert engine_for(model, tokenizer, "glm4_chat") is first
+    other, _ = load_model_and_tokenizer("tiny:glm-4-9b-chat")
+    second = engine_for(other, tokenizer, "glm4_chat")
+    assert second is not first and second.loaded.core is other
+    assert first.stats()["closed"] and not first._thread.is_alive()
+    with second:  # the engine's life as a context manager
+        assert not second.stats()["closed"]
+    assert second.stats()["closed"]
+    assert engine_for(other, tokenizer, "glm4_chat") is not second  # a closed engine is not handed out again
