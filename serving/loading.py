@@ -3,7 +3,7 @@ from adapter_config.json unless given) or an exported (merged) model, for the th
 
 The engine runs forwards on the transformers model itself (`core`): LoRA layers live inside it, and a P-tuning v2
 prefix becomes the first keys/values of every request's cache (`prefix`), with the text numbered from 0 as the
-recipe trained it (tuning/prefix_positions.py).
+recipe trained it (model_hub/glm4/prefix_positions.py).
 """
 import os
 from dataclasses import dataclass

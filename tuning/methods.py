@@ -1,5 +1,5 @@
-"""The three ways the recipes tune a model: LoRA, P-tuning v2 (prefix tuning) and full fine-tuning.
-Each returns the model to train and prints what is trainable, as the originals did."""
+"""How the recipes tune a model: LoRA (`apply_lora`; P-tuning v2 and full fine-tuning go through peft and the
+Trainer directly), what a quantized (QLoRA) base allows, and the originals' "trainable params" line."""
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
 from .distributed import say
@@ -20,12 +20,6 @@ def apply_lora(model, target_modules, r: int, alpha: int, dropout: float,
     config = LoraConfig(task_type=TaskType.CAUSAL_LM, inference_mode=False, r=r, lora_alpha=alpha,
                         lora_dropout=dropout, target_modules=list(target_modules), modules_to_save=modules_to_save)
     return get_peft_model(model, config)
-
-
-def freeze_all_but(model, predicate) -> None:
-    """Full fine-tuning of a subset (or `lambda name: True` for everything)."""
-    for name, param in model.named_parameters():
-        param.requires_grad_(bool(predicate(name)))
 
 
 def quantized_bits(model) -> int | None:
