@@ -9,9 +9,8 @@ an assistant message is refused with a clear message.
 """
 import copy
 
-# GLM-4 special ids (the tokenizer's; model_hub/registry.py holds the stop ids).
-GMASK, SOP = 151331, 151333
-USER, ASSISTANT = 151336, 151337
+from model_hub.glm4.prompts import ASSISTANT, GMASK, SOP, USER  # noqa: F401  (GLM-4's special ids, one home)
+
 EOS_FOR_CHAT = USER  # the original appends <|user|> after every training row: the model learns to stop there
 
 ROLES = ("system", "user", "assistant", "observation")

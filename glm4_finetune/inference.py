@@ -16,10 +16,10 @@ from typing import Annotated
 
 import typer
 
+from model_hub.glm4.prompts import OBSERVATION
 from tuning.errors import UserError, run_main
 from tuning.files import read_json
 
-OBSERVATION = 151338
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 

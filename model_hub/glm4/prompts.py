@@ -8,6 +8,11 @@ tokenizer's chat template, what serving renders, how a tool call comes back.
 """
 import json
 
+# GLM-4's special token ids (its tokenizer's; the stop ids are in model_hub/registry.py): one home for the recipe,
+# its inference CLI and serving.
+GMASK, SOP = 151331, 151333
+USER, ASSISTANT, OBSERVATION = 151336, 151337, 151338
+
 
 def _text(message: dict) -> str:
     content = message.get("content")
