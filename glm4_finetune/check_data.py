@@ -32,7 +32,8 @@ def check_folder(data_dir: str, model_dir: str, config_file: str) -> tuple[DataR
     report = DataReport(os.path.join(data_dir, cfg.data_config.train_file), limit,
                         "max_input_length + max_output_length + 1")
     report.rows_read = len(train)
-    full = process_batch({"messages": train}, tokenizer, 10 ** 9, 0, cfg.combine, cfg.train_first_answer_token)["input_ids"]
+    full = process_batch({"messages": train}, tokenizer, 10 ** 9, 0, cfg.combine,
+                         cfg.train_first_answer_token)["input_ids"]
     for ids in full:
         report.keep(len(ids), len(ids) > limit)
     return report, {split: len(rows) for split, rows in conversations.items()}

@@ -29,7 +29,10 @@ from tuning.errors import run_main
 from conftest import REPO
 
 pytestmark = pytest.mark.slow
-CHILD_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1",
+# The children compute with as many threads as this process's uninterrupted reference run (conftest: 1 per worker
+# under `make test`): a bit-identical comparison needs the same reduction order.
+CHILD_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads()),
+             "HF_HUB_OFFLINE": "1",
              "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
