@@ -107,7 +107,7 @@ def test_llama_adapters_unmerged_and_the_export_answer_as_our_server(llama):
         ours.stop()
 
 
-def test_glm4_tool_calls_and_an_unmerged_adapter_answer_as_our_server(glm4):
+def test_glm4_tool_calls_an_unmerged_adapter_and_its_export_answer_as_our_server(glm4):
     base, adapter, tool_model = glm4
     server, ours = VllmServer(tool_model), Server("--model", tool_model)
     try:
@@ -130,7 +130,18 @@ def test_glm4_tool_calls_and_an_unmerged_adapter_answer_as_our_server(glm4):
     server, ours = VllmServer(adapter), Server("--adapter", adapter)
     try:
         name = os.path.basename(adapter)
-        assert [ask(server, name, chat) for chat in GLM4_CHATS] == [ask(ours, name, chat) for chat in GLM4_CHATS]
+        unmerged = [ask(server, name, chat) for chat in GLM4_CHATS]
+        assert unmerged == [ask(ours, name, chat) for chat in GLM4_CHATS]
+    finally:
+        server.stop()
+        ours.stop()
+    export = exported(adapter, "glm4-lora-export")  # the same adapter merged: vLLM reads the native GlmForCausalLM
+    server, ours = VllmServer(export), Server("--model", export)
+    try:
+        name = os.path.basename(export)
+        merged = [ask(server, name, chat) for chat in GLM4_CHATS]
+        assert merged == [ask(ours, name, chat) for chat in GLM4_CHATS]
+        assert [prompt for _, _, prompt in merged] == [prompt for _, _, prompt in unmerged]
     finally:
         server.stop()
         ours.stop()
