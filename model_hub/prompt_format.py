@@ -171,7 +171,21 @@ def record_prompt_format(folder: str, prompt_format: str, recipe: str) -> str:
         json.dump({"prompt_format": prompt_format, "recipe": recipe}, f, indent=2)
         f.write("\n")
     write_chat_template(folder, prompt_format)
+    write_stop_ids(folder, prompt_format)
     return path
+
+
+def write_stop_ids(folder: str, prompt_format: str) -> None:
+    """The format's stop ids as generation_config.json where the folder has none (an adapter folder): an engine
+    serving it (vLLM, plain transformers' generate) stops where training taught the model to. A model folder's own
+    file (a full fine-tuning output, an export: both write the family's stops) is left as it is."""
+    path = os.path.join(folder, "generation_config.json")
+    if os.path.exists(path):
+        return
+    stops = list(PROMPT_FORMATS[prompt_format].stop_ids)
+    with atomic_file(path) as f:
+        json.dump({"eos_token_id": stops[0] if len(stops) == 1 else stops}, f, indent=2)
+        f.write("\n")
 
 
 def write_chat_template(folder: str, prompt_format: str) -> None:

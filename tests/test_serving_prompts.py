@@ -178,3 +178,25 @@ def test_glm4_role_tokens_in_user_or_tool_text_stay_text(glm4_tokenizer):
 
     assert build_prompt_ids("glm4_chat", glm4_tokenizer, plain, WEATHER) == list(glm4_tokenizer.apply_chat_template(
         glm4_messages(plain, WEATHER), add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def test_the_record_brings_the_stop_ids_to_an_adapter_folder_and_keeps_a_model_folders_own(tmp_path):
+    """Issue 31.2: an adapter folder carries the format's stop ids in generation_config.json (vLLM and plain
+    transformers stop where training taught the model to); a model folder's own file is left as it is."""
+    import json
+
+    from model_hub.registry import get_spec
+
+    for name, prompt_format in (("ner", "llama_ner"), ("glm4", "glm4_chat"), ("chatglm", "chatglm_tuning")):
+        folder = tmp_path / name
+        record_prompt_format(str(folder), prompt_format, "test")
+        written = json.loads((folder / "generation_config.json").read_text())
+        family_model = {"llama_ner": "chinese-alpaca-7b", "glm4_chat": "glm-4-9b-chat",
+                        "chatglm_tuning": "chatglm-6b"}[prompt_format]
+        stops = list(get_spec(family_model).stop_ids)
+        assert written == {"eos_token_id": stops[0] if len(stops) == 1 else stops}
+    own = tmp_path / "model"
+    own.mkdir()
+    (own / "generation_config.json").write_text('{"eos_token_id": 7, "do_sample": true}')
+    record_prompt_format(str(own), "glm4_chat", "test")
+    assert json.loads((own / "generation_config.json").read_text()) == {"eos_token_id": 7, "do_sample": True}
