@@ -65,3 +65,27 @@ def test_trainer_info_lines_name_the_published_checkpoint_and_not_the_hub():
         logger.removeHandler(handler)
         logger.setLevel(level)
     assert seen == ["Saving model checkpoint to out/run/checkpoint-4", "Saving model checkpoint to out/run/checkpoint-6"]
+
+
+def test_data_notes_at_the_end_start_on_their_own_line_below_an_open_progress_bar():
+    """Issue 33.1: the notes were printed while the Trainer's bar was still open (its callback closes it after ours),
+    so in a terminal they ran on at the end of the bar's line ("…3.14it/s]data notes …")."""
+    import contextlib
+    import io
+
+    from tqdm import tqdm
+
+    from tuning import training
+
+    screen = io.StringIO()  # a terminal: the bar (stderr) and the notes (stdout) on one screen
+    with contextlib.redirect_stdout(screen), contextlib.redirect_stderr(screen):
+        bar = tqdm(total=4, file=screen)
+        bar.update(4)
+        training.DATA_NOTES.append("train.txt: 4 of 1000 rows have their answer truncated")
+        training.print_data_notes()
+        bar.close()
+    text = screen.getvalue()
+    at = text.index("data notes (rows dropped or cut before training):")
+    assert text[at - 1] in "\r\n", repr(text[max(0, at - 60):at + 20])
+    assert "\n  train.txt: 4 of 1000 rows have their answer truncated\n" in text
+    assert not training.DATA_NOTES

@@ -205,13 +205,16 @@ def data_note(message: str) -> None:
 
 
 def print_data_notes() -> None:
-    """Repeat the data notes of this run once, at its end (rank 0), then forget them."""
-    from .distributed import say
+    """Repeat the data notes of this run once, at its end (rank 0), then forget them. Through tqdm.write: the
+    Trainer's progress bar is still open when training ends (its callback closes it after ours), and a plain print
+    ran on at the end of the bar's line (issue 33.1)."""
+    from tqdm import tqdm
 
-    if DATA_NOTES:
-        say("data notes (rows dropped or cut before training):")
-        for message in DATA_NOTES:
-            say(f"  {message}")
+    from .distributed import is_main
+
+    if DATA_NOTES and is_main():
+        tqdm.write("\n".join(["data notes (rows dropped or cut before training):",
+                               *(f"  {message}" for message in DATA_NOTES)]))
     DATA_NOTES.clear()
 
 
