@@ -102,11 +102,10 @@ def prepare_tokenizer(family: str, model: str, adapters: list[str], prompt_forma
     if os.path.isfile(os.path.join(folder, "chat_template.jinja")):
         return folder
     os.makedirs(os.path.dirname(folder), exist_ok=True)
-    if family == "llama":  # the original's ids, whatever class the folder names (an export says LlamaTokenizer)
-        from model_hub.llama.tokenizer import bos_keeps_preceding_space, load_llama_tokenizer
+    if family == "llama":  # the original's ids, whatever class the folder names; saving keeps the space before "<s>"
+        from model_hub.llama.tokenizer import load_llama_tokenizer
 
         tokenizer = load_llama_tokenizer(source)
-        bos_keeps_preceding_space(tokenizer)
     else:
         tokenizer = tokenizer_from_folder(source)
     template = get_prompt_format(prompt_format).chat_template(tokenizer)

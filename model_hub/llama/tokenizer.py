@@ -257,18 +257,3 @@ def load_llama_tokenizer(name_or_dir: str, **kwargs) -> LlamaSentencePieceTokeni
 # Registers the class by name for AutoTokenizer. LlamaConfig is a transformers config, so its own mapping is left
 # unchanged (transformers skips remapping native configs); only the tokenizer_class lookup learns our class.
 AutoTokenizer.register(LlamaConfig, tokenizer_class=LlamaSentencePieceTokenizer)
-
-
-def bos_keeps_preceding_space(tokenizer) -> None:
-    """For a tokenizer that reads a rendered chat template: "<s>" no longer strips the whitespace before it.
-
-    llama_ner trains on the prompt and on "<s>answer</s>" tokenized apart, so the prompt's trailing space stays a
-    "▁" (29871) before "<s>" (1). A chat template renders both as one text ("…### Response: <s>"), where the Chinese
-    models' "<s>" (a plain-string special token: stripped on both sides, as transformers 4.28 did) would eat that
-    space. With this, the rendered text gives the trained ids; no golden string has whitespace before "<s>"."""
-    bos = tokenizer.bos_token_id
-    token = tokenizer._added_tokens_decoder[bos]
-    tokenizer._added_tokens_decoder[bos] = AddedToken(token.content, lstrip=False, rstrip=token.rstrip,
-                                                      single_word=token.single_word, normalized=token.normalized,
-                                                      special=token.special)
-    tokenizer._update_trie()
