@@ -147,8 +147,6 @@ def run(args, save=lambda report: None) -> dict:
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("gpu_check.py: error: no CUDA device here; run with --dry_run on a CPU")
     device = torch.device("cpu" if args.dry_run else "cuda")
-    if args.dry_run:
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
     installed = [n for n in os.environ.get(INSTALLED_ENV, "").split(",") if n]
     ctx = Context(device=device, real=not args.dry_run, card=support.card_info(device), steps=args.steps,
                   decode_tokens=args.decode_tokens)
@@ -228,7 +226,15 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     run_again_with_the_wheels(args, argv)
-    report = run(args, lambda partial: save(partial, args.out_dir))
+    import torch
+
+    threads = torch.get_num_threads()
+    if args.dry_run:  # the CPU rehearsal: both cores, then back (a test calls main() in a worker that shares them)
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    try:
+        report = run(args, lambda partial: save(partial, args.out_dir))
+    finally:
+        torch.set_num_threads(threads)
     print(markdown(report))
     print(f"[gpu_check] wrote {os.path.join(args.out_dir, 'gpu_check.json')} and gpu_check.md")
     return report

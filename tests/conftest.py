@@ -26,6 +26,18 @@ import torch  # noqa: E402
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", 0)) or max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
 
+TEST_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _same_torch_threads_for_every_test():
+    """A test that changes torch's thread count (a bench or launcher called in-process) must not hand it on: bit-exact
+    comparisons between an in-process run and a child process depend on the same reduction order."""
+    yield
+    if torch.get_num_threads() != TEST_THREADS:
+        torch.set_num_threads(TEST_THREADS)
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(REPO, "tests", "golden")
 

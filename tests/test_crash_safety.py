@@ -29,11 +29,8 @@ from tuning.errors import run_main
 from conftest import REPO
 
 pytestmark = pytest.mark.slow
-# The children compute with as many threads as this process's uninterrupted reference run (conftest: 1 per worker
-# under `make test`): a bit-identical comparison needs the same reduction order.
-CHILD_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads()),
-             "HF_HUB_OFFLINE": "1",
-             "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+CHILD_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+             "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 # --- the three recipes: how to start a run, where its checkpoints and final weights are ---------------------
@@ -132,7 +129,10 @@ def run_in_process(recipe, argv):
 
 def start(recipe, argv, preexec_fn=None):
     script = RECIPES[recipe][0]
-    return subprocess.Popen([sys.executable, os.path.join(REPO, script), *argv], cwd=REPO, env=CHILD_ENV,
+    # The child computes with as many threads as this process's in-process runs (read now, not at import: conftest
+    # pins 1 per worker under `make test`): a bit-identical comparison needs the same reduction order.
+    env = {**CHILD_ENV, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    return subprocess.Popen([sys.executable, os.path.join(REPO, script), *argv], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=preexec_fn)
 
 
