@@ -14,24 +14,24 @@ WRITTEN_FOR = {"python": "3.11", "transformers": "5.23.0"}
 
 
 class _AfterTransformersImport(importlib.abc.MetaPathFinder):
-    """A finder that finds nothing itself: for `transformers` and the modules of `package` it asks the other finders
-    for the spec and wraps that spec's loader.exec_module, to call `callback` once `import transformers` has
-    finished; when a `package` module's own import is what loads transformers, once that module (the outermost one)
-    is complete, so the callback never meets a half-initialised module of ours. It removes itself after."""
+    """A finder that finds nothing itself: for `library` (transformers) and the modules of `package` it asks the
+    other finders for the spec and wraps that spec's loader.exec_module, to call `callback` once `import library`
+    has finished; when a `package` module's own import is what loads the library, once that module (the outermost
+    one) is complete, so the callback never meets a half-initialised module of ours. It removes itself after."""
 
-    def __init__(self, callback, package: str):
-        self.callback, self.package = callback, package
+    def __init__(self, callback, package: str, library: str = "transformers"):
+        self.callback, self.package, self.library = callback, package, library
         self.depth, self.pending = 0, False
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != "transformers" and not fullname.startswith(self.package + "."):
+        if fullname != self.library and not fullname.startswith(self.package + "."):
             return None
         spec = next((found for finder in sys.meta_path if finder is not self and hasattr(finder, "find_spec")
                      for found in [finder.find_spec(fullname, path, target)] if found is not None), None)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         load = spec.loader.exec_module
-        ours = fullname != "transformers"
+        ours = fullname != self.library
 
         def exec_module(module):
             self.depth += ours
