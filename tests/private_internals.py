@@ -54,8 +54,9 @@ def third_party_names(tree) -> dict[str, str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name.split(".")[0] in LIBRARIES:
-                    names[alias.asname or alias.name.split(".")[0]] = alias.asname and alias.name or alias.name.split(".")[0]
+                if alias.name.split(".")[0] in LIBRARIES:  # `import a.b as c` binds a.b; `import a.b` binds a
+                    bound = alias.name if alias.asname else alias.name.split(".")[0]
+                    names[alias.asname or bound] = bound
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
                 and node.module.split(".")[0] in LIBRARIES:
             for alias in node.names:
