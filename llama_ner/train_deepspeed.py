@@ -104,10 +104,10 @@ def save_checkpoint(engine, args, step: int, claim) -> None:
 
 
 def load_checkpoint(engine, folder: str, tag: str) -> int:
-    from tuning.checkpoints import deepspeed_loads_weights_only
+    from tuning.checkpoints import deepspeed_reads_weights_only
 
-    deepspeed_loads_weights_only()  # no pickled code runs while resuming
-    _, client_state = engine.load_checkpoint(folder, tag=tag, load_module_strict=False)
+    with deepspeed_reads_weights_only():  # no pickled code runs while resuming
+        _, client_state = engine.load_checkpoint(folder, tag=tag, load_module_strict=False)
     rng_file = os.path.join(folder, tag, f"rng_state_{distributed.rank()}.pth")
     if os.path.isfile(rng_file):
         rng = torch.load(rng_file, weights_only=True)

@@ -4,16 +4,16 @@ recipe uses, the tiny-model factory, the memory estimator; the vendored real tok
 
 Importing `model_hub` registers the `chatglm` model type and our tokenizer classes with transformers' Auto classes,
 so that `AutoConfig/AutoModel/AutoModelForCausalLM/AutoTokenizer.from_pretrained(DIR)` work offline with
-`trust_remote_code` left off. The registration runs as soon as transformers is imported (at once if it already
-is): light modules such as `model_hub.chatglm6b.text` can then be used without paying for torch.
+`trust_remote_code` left off. The registration (transformers' public register API) runs as soon as transformers is
+imported (at once if it already is; model_hub.patches.call_when_transformers_loads): light modules such as
+`model_hub.chatglm6b.text` can then be used without paying for torch. The loader registers before every load.
 """
 import importlib
-import importlib.abc
-import importlib.util
 import os
-import sys
 
 import tuning  # noqa: F401  (first: silences library lines no user can act on, before any model_hub module loads them)
+
+from .patches import call_when_transformers_loads
 
 HUB_DIR = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER_FILES = os.path.join(HUB_DIR, "tokenizer_files")
@@ -44,39 +44,4 @@ def register_with_transformers() -> None:
             importlib.import_module(module)
 
 
-class _RegisterWhenTransformersLoads(importlib.abc.MetaPathFinder):
-    """Runs `register_with_transformers` once `import transformers` has finished, whoever imports it; when a
-    model_hub module's own import is what loads transformers, once that module (the outermost one) is complete, so
-    the registration never meets a half-initialised module of ours."""
-
-    def __init__(self):
-        self.depth, self.pending = 0, False
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != "transformers" and not fullname.startswith(__name__ + "."):
-            return None
-        spec = next((found for finder in sys.meta_path if finder is not self and hasattr(finder, "find_spec")
-                     for found in [finder.find_spec(fullname, path, target)] if found is not None), None)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        load = spec.loader.exec_module
-
-        def exec_module(module):
-            self.depth += fullname != "transformers"
-            try:
-                load(module)
-            finally:
-                self.depth -= fullname != "transformers"
-            self.pending |= fullname == "transformers"
-            if self.pending and self.depth == 0 and self in sys.meta_path:
-                sys.meta_path.remove(self)
-                register_with_transformers()
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-if "transformers" in sys.modules:
-    register_with_transformers()
-elif not any(isinstance(f, _RegisterWhenTransformersLoads) for f in sys.meta_path):
-    sys.meta_path.insert(0, _RegisterWhenTransformersLoads())
+call_when_transformers_loads(register_with_transformers, __name__)  # (model_hub.patches: why and how)

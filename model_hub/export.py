@@ -106,7 +106,9 @@ class Plan:
         """The tokenizer that goes into OUT loads (no remote code) and fits the embedding."""
         from transformers import AutoTokenizer
 
-        import model_hub  # noqa: F401  (our tokenizer classes)
+        from . import register_with_transformers
+
+        register_with_transformers()  # our tokenizer classes
 
         source = self.tokenizer_dir
         if not os.path.isfile(os.path.join(source, "tokenizer_config.json")):

@@ -109,7 +109,9 @@ def tokenizer_from_folder(folder: str, trust_remote_code: bool | None = None):
     """AutoTokenizer of a folder that holds tokenizer files only (an adapter's, a --tokenizer_path)."""
     from transformers import AutoTokenizer
 
-    import model_hub  # noqa: F401  (registers our tokenizer classes)
+    from . import register_with_transformers
+
+    register_with_transformers()
 
     if _names_llama_sentencepiece(folder):
         # Folders the project writes declare transformers' generic sentencepiece class (plain transformers reads the
@@ -119,7 +121,7 @@ def tokenizer_from_folder(folder: str, trust_remote_code: bool | None = None):
 
         return load_llama_tokenizer(folder)
     with remote_code_refused(folder, "tokenizer folder"):
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=_trust(trust_remote_code))
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=_trust(trust_remote_code), local_files_only=True)
 
 
 def _names_llama_sentencepiece(folder: str) -> bool:
@@ -140,32 +142,33 @@ def load_model_config(name_or_path: str, trust_remote_code: bool | None = None):
     """The AutoConfig of a model folder (or tiny:NAME), without loading weights."""
     from transformers import AutoConfig
 
-    import model_hub  # noqa: F401  (registers the chatglm model type)
+    from . import register_with_transformers
+
+    register_with_transformers()
 
     path = resolve_model_path(name_or_path)
     with remote_code_refused(path):
-        return AutoConfig.from_pretrained(path, trust_remote_code=_trust(trust_remote_code))
+        return AutoConfig.from_pretrained(path, trust_remote_code=_trust(trust_remote_code), local_files_only=True)
 
 
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-@contextlib.contextmanager
-def adapter_inside_ignored(path: str):
-    """transformers applies any PEFT adapter it finds inside a model folder (left there by a run whose output
-    folder was the model folder): silently another model. It is not applied; the user is told, and loads it by
-    passing the folder as the adapter. (transformers 5.23 looks for it in these two places.)"""
-    if not os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
-        yield
-        return
-    from unittest import mock
+# transformers applies any PEFT adapter it finds inside a model folder (left there by a run whose output folder
+# was the model folder): silently another model. from_pretrained's documented `adapter_kwargs` go to that lookup
+# (find_adapter_config_file, transformers 5.23); its `subfolder` pointed into config.json, a file
+# (resolve_model_path checks it), means no adapter_config.json can ever be found there.
+NO_ADAPTER_LOOKUP = {"subfolder": "config.json"}
 
-    print(f"note: {path} also holds a PEFT adapter ({ADAPTER_CONFIG}); it is NOT applied to the base model. To use "
-          "it, give this folder as the adapter (e.g. --lora_path / --lora_model / inference.py MODEL_DIR), and move "
-          "it out of the model folder")
-    with mock.patch("transformers.models.auto.auto_factory.find_adapter_config_file", return_value=None), \
-            mock.patch("transformers.integrations.peft.find_adapter_config_file", return_value=None):
-        yield
+
+def adapter_inside_ignored(path: str) -> dict:
+    """from_pretrained arguments that leave a PEFT adapter inside the model folder `path` unapplied; the user is told
+    and loads it by passing the folder as the adapter."""
+    if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+        print(f"note: {path} also holds a PEFT adapter ({ADAPTER_CONFIG}); it is NOT applied to the base model. To "
+              "use it, give this folder as the adapter (e.g. --lora_path / --lora_model / inference.py MODEL_DIR), "
+              "and move it out of the model folder")
+    return {"adapter_kwargs": dict(NO_ADAPTER_LOOKUP)}
 
 
 def load_model_and_tokenizer(name_or_path: str, *, dtype=None, device: str | None = None,
@@ -176,6 +179,9 @@ def load_model_and_tokenizer(name_or_path: str, *, dtype=None, device: str | Non
     `trust_remote_code` None: as the user's --trust_remote_code flag (off by default)."""
     from transformers import AutoModelForCausalLM
 
+    from . import register_with_transformers
+
+    register_with_transformers()
     trust_remote_code = _trust(trust_remote_code)
     path = resolve_model_path(name_or_path)
     dev = pick_device(device)
@@ -185,9 +191,10 @@ def load_model_and_tokenizer(name_or_path: str, *, dtype=None, device: str | Non
     if bits:
         model_kwargs["quantization_config"] = bitsandbytes_config(bits, dev)
         model_kwargs.setdefault("device_map", "auto" if dev.type == "cuda" else {"": dev})
-    with refuse_pickled_code(path), remote_code_refused(path), adapter_inside_ignored(path):
+    model_kwargs.update(adapter_inside_ignored(path))
+    with refuse_pickled_code(path), remote_code_refused(path):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                                     **model_kwargs)
+                                                     local_files_only=True, **model_kwargs)
     if not bits:
         model = model.to(dev)  # (bitsandbytes placed a quantized model through device_map)
     return model, tokenizer

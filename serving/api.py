@@ -19,7 +19,7 @@ import os
 import sys
 import time
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 
 from tuning.errors import UserError, run_main
 
@@ -306,16 +306,43 @@ def draining_server_class(engine: Engine, drain_timeout: float):
         """SIGTERM / Ctrl-C is a planned stop: uvicorn stops accepting, the engine lets the requests in flight
         finish for up to --drain_timeout s and then ends the rest itself (a stream gets an error event, a waiting
         client a 503 in OpenAI's shape, not a cut connection: uvicorn's own cut comes DRAIN_MARGIN s later), the
-        process exits 0 (uvicorn would re-raise the signal afterwards and die by it)."""
+        process exits 0."""
+
+        draining = False
+
+        def run(self, *args, **kwargs):
+            with stop_signals_handled_by(self.handle_exit):
+                return super().run(*args, **kwargs)
 
         def handle_exit(self, sig, frame):
             super().handle_exit(sig, frame)
-            self._captured_signals.clear()
-            if not getattr(self, "_draining", False):
-                self._draining = True
+            if not self.draining:
+                self.draining = True
                 threading.Thread(target=engine.close, args=(drain_timeout,), daemon=True).start()
 
     return DrainingServer
+
+
+@contextmanager
+def stop_signals_handled_by(handle_exit):
+    """SIGINT/SIGTERM go to `handle_exit` (the server's) while inside, also just before uvicorn installs its own
+    handlers and just after it restores them. After a graceful stop uvicorn 0.54 raises the stop signal again for the
+    handler that was there before it ran, so that the process dies by it (Server.capture_signals): that handler is
+    this one, for which the stop is already under way, so the process goes on to exit 0. Main thread only (signals
+    are not ours to set elsewhere); the handlers before are restored afterwards."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stops = [signal.SIGINT, signal.SIGTERM]
+    before = {sig: signal.signal(sig, handle_exit) for sig in stops}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The layers stay layers: tuning/ names no model and imports no higher layer, model_hub/ imports no recipe, no
 script edits sys.path (the project is installed), LoRA target names live in the registry only, and the light
-ChatGLM-6B text path stays free of torch while `import model_hub` still registers our classes."""
+ChatGLM-6B text path stays free of torch while `import model_hub` still registers our classes, and private names of
+third-party libraries are touched in the layers' patches modules only."""
 import ast
 import os
 import subprocess
@@ -193,3 +194,17 @@ def test_no_import_circle_anywhere():
         if node not in index:
             visit(node)
     assert not circles, circles
+
+
+def test_private_library_names_are_touched_in_patches_modules_only():
+    """Issue 30.5: a private name of a third-party library (`_`-prefixed: an attribute of a library object, a
+    `super()._name`, a library base class's private method overridden or its private state used) appears only in
+    tuning/patches.py or model_hub/patches.py, where each says what it changes, why and for which version — or is a
+    hook or tokenizer table listed in tests/private_internals.py ALLOWED, with its reason. Everything listed there is
+    checked to still exist by tests/test_patches.py."""
+    from private_internals import ALLOWED, PATCH_MODULES, private_uses, production_files
+
+    found = [(path, line, what) for path, tree in production_files() if path not in PATCH_MODULES
+             for line, name, what in sorted(private_uses(path, tree)) if name not in ALLOWED.get(path, {})]
+    assert not found, "move these into a patches module (or use a public API): " + "; ".join(
+        f"{path}:{line} {what}" for path, line, what in found)

@@ -135,9 +135,9 @@ def test_remote_code_is_not_run_unless_asked(tmp_path):
 
 
 def test_deepspeed_checkpoints_are_read_weights_only(tmp_path, marker):
-    """DeepSpeed's checkpoint reader (used when a DeepSpeed Trainer run resumes) after
-    tuning.checkpoints.deepspeed_loads_weights_only(): the DeepSpeed objects of a real ZeRO optimizer state load,
-    a crafted pickle is refused."""
+    """DeepSpeed's checkpoint reader (used when a DeepSpeed run resumes) inside
+    tuning.checkpoints.deepspeed_reads_weights_only(): the DeepSpeed objects of a real ZeRO optimizer state load,
+    a crafted pickle is refused; outside it, nothing of torch's settings is left changed."""
     import pickle
 
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -145,13 +145,15 @@ def test_deepspeed_checkpoints_are_read_weights_only(tmp_path, marker):
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from tuning.checkpoints import deepspeed_loads_weights_only
+    from tuning.checkpoints import FORCE_WEIGHTS_ONLY, deepspeed_reads_weights_only
 
-    deepspeed_loads_weights_only()
     state = {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients,
              "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}], "state": torch.ones(4)}
     torch.save(state, tmp_path / "optim_states.pt")
-    loaded = TorchCheckpointEngine().load(str(tmp_path / "optim_states.pt"))
-    assert loaded["zero_stage"] == ZeroStageEnum.gradients and torch.equal(loaded["state"], torch.ones(4))
-    with pytest.raises(pickle.UnpicklingError):
-        TorchCheckpointEngine().load(crafted(tmp_path / "evil_optim_states.pt", marker))
+    allowed_before = torch.serialization.get_safe_globals()
+    with deepspeed_reads_weights_only():
+        loaded = TorchCheckpointEngine().load(str(tmp_path / "optim_states.pt"))
+        assert loaded["zero_stage"] == ZeroStageEnum.gradients and torch.equal(loaded["state"], torch.ones(4))
+        with pytest.raises(pickle.UnpicklingError):
+            TorchCheckpointEngine().load(crafted(tmp_path / "evil_optim_states.pt", marker))
+    assert FORCE_WEIGHTS_ONLY not in os.environ and torch.serialization.get_safe_globals() == allowed_before

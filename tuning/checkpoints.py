@@ -19,6 +19,7 @@ and stops training with one line naming the last good checkpoint and how to resu
 Before training the run locks its output folder and claims its checkpoints (tuning.run_folder): only the
 checkpoints this run wrote or resumed from are ever replaced or rotated away.
 """
+import contextlib
 import os
 import shutil
 
@@ -27,6 +28,7 @@ from transformers import Trainer
 from .errors import TrainingStopped
 from .durable import fsync_dir, fsync_tree  # noqa: F401  (also imported from here)
 from .publish import STAGING, finish_publish, publish_pending, replace_files, swap_in
+from .patches import TrainerCheckpointHooks
 from .run_folder import claim_checkpoints, lock_output_dir
 from .safe_loading import refuse_pickled_code
 from .training import TRAINER_CHECKPOINTS, list_checkpoints
@@ -155,38 +157,41 @@ def _any_rank(flag: bool, device=None) -> bool:
     return bool(value.item())
 
 
-def deepspeed_loads_weights_only() -> None:
-    """DeepSpeed 0.19 reads its own checkpoints with torch.load(weights_only=False) (TorchCheckpointEngine.load),
-    so resuming a DeepSpeed checkpoint could run pickled code. From here on it reads them with
-    weights_only=True, allowing only the DeepSpeed classes its optimizer states hold (found on ZeRO-1/2/3
-    checkpoints: the loss scaler, the ZeRO stage enum, fragment addresses). Called before any DeepSpeed resume."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    if getattr(TorchCheckpointEngine.load, "weights_only", False):
-        return
+@contextlib.contextmanager
+def deepspeed_reads_weights_only():
+    """Inside, every torch.load reads weights only, DeepSpeed's own checkpoint reader included: DeepSpeed 0.19
+    calls torch.load(weights_only=False) (TorchCheckpointEngine.load), so resuming a DeepSpeed checkpoint could run
+    pickled code. torch's public switches do it: TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 (wins over an explicit
+    weights_only=False) and torch.serialization.safe_globals, allowing only the DeepSpeed classes its optimizer
+    states hold (found on ZeRO-1/2/3 checkpoints: the loss scaler, the ZeRO stage enum, fragment addresses).
+    Used around every DeepSpeed resume."""
     import torch
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    before = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = before
 
-    def load(self, path: str, map_location=None):
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location=map_location, weights_only=True)
 
-    load.weights_only = True
-    TorchCheckpointEngine.load = load
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
-class AtomicCheckpoints:
+class AtomicCheckpoints(TrainerCheckpointHooks):
     """Mix into a transformers Trainer class (before it): checkpoints are staged and renamed (module docstring).
 
     `resume_hint` is how the recipe's user resumes, shown when a save fails. `train_sampler` (from
     tuning.packing.less_padding, --group_by_length) replaces the Trainer's random sampler."""
 
     resume_hint = "--resume_from_checkpoint last"
-    _staging_root = None
     _claim = None
 
     def __init__(self, *args, train_sampler=None, **kwargs):
@@ -205,16 +210,13 @@ class AtomicCheckpoints:
             found = list_checkpoints(self.args.output_dir)
             resume_from_checkpoint = found[-1][1] if found else None
         self._claim = claim_run_folder(self.args.output_dir, resume_from_checkpoint or None, self.resume_hint)
-        if resume_from_checkpoint and getattr(self, "is_deepspeed_enabled", False):
-            deepspeed_loads_weights_only()
-        with refuse_pickled_code(str(resume_from_checkpoint or self.args.output_dir)):
+        resuming_deepspeed = resume_from_checkpoint and getattr(self, "is_deepspeed_enabled", False)
+        with deepspeed_reads_weights_only() if resuming_deepspeed else contextlib.nullcontext(), \
+                refuse_pickled_code(str(resume_from_checkpoint or self.args.output_dir)):
             return super().train(resume_from_checkpoint, *args, **kwargs)
 
-    def _get_output_dir(self, trial):
-        return self._staging_root or super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial):
-        run_dir = super()._get_output_dir(trial)
+    def save_checkpoint(self, model, trial):
+        run_dir = self.trainer_run_dir(trial)
         name = f"checkpoint-{self.state.global_step}"
         staging = os.path.join(run_dir, STAGING + name)
         saver = self.args.should_save
@@ -223,11 +225,7 @@ class AtomicCheckpoints:
             remove_leftovers(run_dir)
 
         def write():
-            self._staging_root = staging
-            try:
-                super(AtomicCheckpoints, self)._save_checkpoint(model, trial)
-            finally:
-                self._staging_root = None
+            self.trainer_save_checkpoint(model, trial, into=staging)
 
         def finish():
             final = os.path.join(run_dir, name)
@@ -249,7 +247,7 @@ class AtomicCheckpoints:
     def save_model(self, output_dir=None, _internal_call=False):
         """The final weights (a call from the recipe, not from a checkpoint save, which is staged already) go to
         a staging folder first; their files then replace those in output_dir, each whole or not at all."""
-        if _internal_call or self._staging_root:
+        if _internal_call or self.saving_checkpoint:
             return super().save_model(output_dir, _internal_call)
         folder = output_dir or self.args.output_dir
         staging = os.path.join(folder, STAGING + "final")

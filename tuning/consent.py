@@ -10,7 +10,6 @@ transformers and datasets unless the user set HF_HUB_OFFLINE themselves: HF_HUB_
 downloads (e.g. --push_to_hub). A path that does not exist is then never taken for a Hub repo id.
 """
 import os
-import sys
 
 OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 REMOTE_CODE_FLAG = "--trust_remote_code"
@@ -46,10 +45,6 @@ def stay_offline() -> None:
         return
     for name in OFFLINE_SWITCHES:
         os.environ[name] = "1"
-    # huggingface_hub and datasets read the variable when imported: set their copies too if they are loaded
-    hub = sys.modules.get("huggingface_hub.constants")
-    if hub is not None:
-        hub.HF_HUB_OFFLINE = True
-    datasets_config = sys.modules.get("datasets.config")
-    if datasets_config is not None:
-        datasets_config.HF_HUB_OFFLINE = datasets_config.HF_DATASETS_OFFLINE = True
+    from .patches import switch_loaded_hub_libraries_offline
+
+    switch_loaded_hub_libraries_offline()  # their copies of the variable, read when they were imported

@@ -127,10 +127,11 @@ def trainer_arguments(kwargs: dict) -> dict:
 
 
 def _deepspeed_state_on_gloo() -> None:
-    from accelerate.state import AcceleratorState, DistributedType, PartialState
+    from accelerate.state import PartialState
 
-    if PartialState._shared_state and PartialState().distributed_type != DistributedType.DEEPSPEED:
-        AcceleratorState._reset_state(reset_partial_state=True)  # an earlier in-process run left its own
+    from .patches import reset_accelerate_state_unless_deepspeed
+
+    reset_accelerate_state_unless_deepspeed()  # an earlier in-process run left its own
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what TrainingArguments sets while it makes the state
     try:
         PartialState(backend="gloo")

@@ -23,8 +23,9 @@ def parse_bool(value: str) -> bool:
 
 def _end_progress_bars() -> None:
     """Close open tqdm bars so the error starts on its own line, not glued to a half-drawn bar."""
-    tqdm = sys.modules.get("tqdm")
-    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+    from .patches import open_progress_bars
+
+    for bar in open_progress_bars():
         bar.close()
 
 

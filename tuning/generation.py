@@ -10,6 +10,8 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
+from .patches import forward_replaced
+
 
 def left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(ids) for ids in batch)
@@ -48,11 +50,8 @@ def vocab_projection_as_tall_matmul(model):
             logits = torch.addmm(head.bias.unsqueeze(1), head.weight, flat.t()).t()
         return logits.contiguous().reshape(*hidden.shape[:-1], head.out_features)
 
-    head.forward = forward  # an instance attribute: nn.Module.__call__ uses it, hooks stay in place
-    try:
+    with forward_replaced(head, forward):  # on this instance only: its hooks stay in place
         yield
-    finally:
-        del head.forward
 
 
 @torch.no_grad()

@@ -123,10 +123,11 @@ def merge(base_model: str, lora_dirs: list[str], output_type: str, output_dir: s
 
     from transformers import AutoModelForCausalLM
 
-    import model_hub  # noqa: F401
+    from model_hub import register_with_transformers
     from model_hub.loader import load_tokenizer, remote_code_refused, resolve_model_path
     from tuning.consent import remote_code_allowed
 
+    register_with_transformers()
     base_path = resolve_model_path(base_model)
     load_kwargs = {"offload_folder": offload_dir} if offload_dir else {}
     with remote_code_refused(base_path):
