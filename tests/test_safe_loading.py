@@ -150,10 +150,11 @@ def test_deepspeed_checkpoints_are_read_weights_only(tmp_path, marker):
     state = {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients,
              "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}], "state": torch.ones(4)}
     torch.save(state, tmp_path / "optim_states.pt")
-    allowed_before = torch.serialization.get_safe_globals()
     with deepspeed_reads_weights_only():
         loaded = TorchCheckpointEngine().load(str(tmp_path / "optim_states.pt"))
         assert loaded["zero_stage"] == ZeroStageEnum.gradients and torch.equal(loaded["state"], torch.ones(4))
         with pytest.raises(pickle.UnpicklingError):
             TorchCheckpointEngine().load(crafted(tmp_path / "evil_optim_states.pt", marker))
-    assert FORCE_WEIGHTS_ONLY not in os.environ and torch.serialization.get_safe_globals() == allowed_before
+    # (torch's own defaults may grow meanwhile, as modules it registers lazily load: only ours must be gone)
+    assert FORCE_WEIGHTS_ONLY not in os.environ
+    assert not {LossScaler, ZeroStageEnum, fragment_address} & set(torch.serialization.get_safe_globals())
