@@ -16,6 +16,8 @@ class Family:
     packed_layout: str | None = None  # "module:Class" of a model that builds its own packed masks/positions
     padded_vocab: bool = False       # the embedding has more rows than the tokenizer has tokens (by design)
     prefix_hook: str | None = None   # "module:function" applied to a P-tuning v2 PeftModel when it is loaded
+    decode_layout: str | None = None  # "module:Class" of a model that decodes from a cache with its own positions
+    serves_prefix: bool = True       # a PEFT P-tuning v2 prefix can be served (its KV cache put before the prompt)
 
     def lora(self) -> dict:
         """Keyword arguments of tuning.methods.apply_lora for the original recipe's LoRA (r is the user's)."""
@@ -52,7 +54,8 @@ FAMILIES = {
         Family("chatglm6b", "chatglm",
                ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
                ("query_key_value",),
-               packed_layout="model_hub.chatglm6b.packing:ChatGLMBlocks", padded_vocab=True),
+               packed_layout="model_hub.chatglm6b.packing:ChatGLMBlocks", padded_vocab=True,
+               decode_layout="model_hub.chatglm6b.decoding:ChatGLMDecoding", serves_prefix=False),
     ]
 }
 
@@ -110,3 +113,12 @@ def packed_layout(config):
     if family is None or family.packed_layout is None:
         return None
     return load_hook(family.packed_layout)(config)
+
+
+def decode_layout(config):
+    """serving.kv_batch's decoding inputs for a model config: the family's own, or None (1-D positions, a 0/1
+    attention mask, logits of the last position only)."""
+    family = FAMILIES.get(family_of_config(config))
+    if family is None or family.decode_layout is None:
+        return None
+    return load_hook(family.decode_layout)(config)

@@ -10,12 +10,13 @@ leave, the columns that are padding in every remaining row are cut off.
 Two layouts: transformers' LLaMA / GLM-4 (2-D 0/1 mask, [B, L] positions counting the text from 0, also after a
 P-tuning prefix) and our ChatGLM-6B (bool mask True = hidden, 2-D [position, block] positions after <sop>).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from model_hub.registry import decode_layout
 from tuning.generation import vocab_projection_as_tall_matmul
 
 SPARE_COLUMNS = 64
@@ -27,8 +28,7 @@ class RowState:
     pad: int = 0                 # left padding columns in the batch cache
     length: int = 0              # cache entries of this row (prefix + text so far)
     next_position: int = 0       # LLaMA / GLM-4: the text position of the next input token
-    mask_position: int = 0       # ChatGLM-6B: index of [gMASK]
-    context_length: int = 0      # ChatGLM-6B: index of <sop>
+    marks: dict = field(default_factory=dict)  # what a family's decode layout keeps of the prompt (ChatGLM-6B's)
 
 
 class BufferLayer(DynamicLayer):
@@ -99,8 +99,7 @@ def _left_pad(tensor: torch.Tensor, columns: int) -> torch.Tensor:
 class KVBatch:
     def __init__(self, loaded):
         self.model = loaded.core
-        self.glm6b = loaded.family == "chatglm6b"
-        self.config = loaded.core.config
+        self.decoding = decode_layout(loaded.core.config)  # the family's own (registry), else None: the standard
         self.prefix = loaded.prefix
         self.cache: DynamicCache | None = None   # per layer [B, heads, width, head_dim], rows left-padded
         self.rows: list[RowState] = []
@@ -118,11 +117,9 @@ class KVBatch:
         """Run one prompt alone: (last logits [vocab], its cache layers, its state)."""
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([ids], device=device)
-        if self.glm6b:
+        if self.decoding:  # the model builds its own prefill positions and mask
             out = self.model(input_ids=input_ids, past_key_values=DynamicCache(), use_cache=True)
-            gmask = self.config.gmask_token_id if self.config.gmask_token_id in ids else self.config.mask_token_id
-            state = RowState(length=len(ids), mask_position=ids.index(gmask),
-                             context_length=ids.index(self.config.bos_token_id))
+            state = RowState(length=len(ids), marks=self.decoding.row_marks(ids))
         else:
             n_prefix = self.prefix[0][0].shape[2] if self.prefix else 0
             cache = _cache_of(self.prefix) if self.prefix else DynamicCache()
@@ -134,7 +131,7 @@ class KVBatch:
 
     @property
     def prefills_together(self) -> bool:
-        return not self.glm6b and not self.prefix
+        return (self.decoding is None or self.decoding.batched_prefill) and not self.prefix
 
     @torch.no_grad()
     def prefill_together(self, prompts: list[list[int]]) -> tuple[torch.Tensor, list, list[RowState]]:
@@ -205,17 +202,15 @@ class KVBatch:
         columns = torch.arange(width + 1, device=device)[None]
         pads = torch.tensor([row.pad for row in self.rows], device=device)[:, None]
         visible = columns >= pads   # [B, width + 1]: the new token's column is always visible
-        if self.glm6b:
-            position_ids = torch.tensor([[row.mask_position, row.length - row.context_length + 1]
-                                         for row in self.rows], device=device)[:, :, None]
-            attention_mask = (~visible)[:, None, None, :]
+        if self.decoding:
+            inputs = self.decoding.step_inputs(self.rows, visible)
+            if self.decoding.keeps_last_logits:
+                inputs["logits_to_keep"] = 1
         else:
-            position_ids = torch.tensor([[row.next_position] for row in self.rows], device=device)
-            attention_mask = visible.long()
+            inputs = {"position_ids": torch.tensor([[row.next_position] for row in self.rows], device=device),
+                      "attention_mask": visible.long(), "logits_to_keep": 1}
         with vocab_projection_as_tall_matmul(self.model):  # a faster CPU gemm for a few rows x the vocab
-            out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                             past_key_values=self.cache, use_cache=True,
-                             **({} if self.glm6b else {"logits_to_keep": 1}))
+            out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, **inputs)
         for row in self.rows:
             row.length += 1
             row.next_position += 1

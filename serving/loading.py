@@ -93,8 +93,8 @@ def load_for_serving(model: str | None, adapter: str | None = None, *, dtype: st
             if peft_model.active_peft_config.peft_type != "PREFIX_TUNING":
                 raise UserError(f"{peft_model.active_peft_config.peft_type} adapters are not served (LoRA and "
                                 "P-tuning v2 are)", path=adapter)
-            if family == "chatglm6b":
-                raise UserError("a PEFT prefix on ChatGLM-6B is not served", path=adapter)
+            if not FAMILIES[family].serves_prefix:
+                raise UserError(f"a PEFT P-tuning prefix is not served on {family} models", path=adapter)
             with torch.no_grad():
                 prefix = _prefix_cache(peft_model)
     core.eval()

@@ -75,6 +75,17 @@ def test_tuning_names_no_model_family():
     assert not found, found
 
 
+def test_the_serving_engine_branches_on_registry_data_not_on_family_names():
+    """Issue 30.6: how a family decodes from a cache (ChatGLM-6B's 2-D positions) and whether its P-tuning prefix is
+    served are the registry's (decode_layout, serves_prefix); the engine, its KV batch and the loader name no family."""
+    from model_hub.registry import FAMILIES
+
+    files = {os.path.join("serving", name) for name in ("engine.py", "kv_batch.py", "loading.py", "sampling.py")}
+    found = [(path, node.lineno, node.value) for path, tree in python_files("serving") if path in files
+             for node in ast.walk(tree) if isinstance(node, ast.Constant) and node.value in FAMILIES]
+    assert not found, found
+
+
 def test_chatglm_text_path_is_torch_free_and_model_hub_still_registers():
     probe = ("import sys; import model_hub.chatglm6b.text; assert 'torch' not in sys.modules, 'torch imported'; "
              "from transformers import AutoConfig; import model_hub; "
