@@ -69,6 +69,11 @@ def _ids(encoded) -> list[int]:
 _SLOT = re.compile("\ue000(\\d+)\ue001")  # private-use characters mark where a message's text goes
 
 
+def _open_glm4_tool_call(tokenizer, name: str) -> list[int]:
+    """GLM-4 writes a call as "NAME\\n{arguments}" right after <|assistant|>: the name and its newline are given."""
+    return tokenizer.encode(name + "\n", add_special_tokens=False)
+
+
 def _render_glm4(tokenizer, messages, tools):
     """GLM-4's chat template. Text a user typed or a tool returned stays text: "<|system|>" in it is the letters, not
     the special token (it would open a forged turn). Only when such a string is there is the prompt put together
@@ -120,6 +125,9 @@ class PromptFormat:
     # (tokenizer) → the same prompt as a Jinja chat template over OpenAI messages (+ `tools`), for engines that
     # render it themselves (vLLM); None where no such engine serves the family (ChatGLM-6B).
     chat_template: Callable[[object], str] | None = None
+    # (tokenizer, tool name) → the ids that open the answer as a call of that tool (tool_choice naming a function);
+    # None where the format has no tool calls.
+    open_tool_call: Callable[[object, str], list[int]] | None = None
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -142,7 +150,8 @@ PROMPT_FORMATS = {
                      False, False, _render_alpaca, str.strip, chat_template=lambda tokenizer: ALPACA_CHAT_TEMPLATE),
         PromptFormat("glm4_chat", "glm4", "GLM-4's chat template: system, tools, observation (glm4_finetune)",
                      True, True, _render_glm4, str.strip,
-                     chat_template=lambda tokenizer: openai_chat_template(tokenizer.chat_template)),
+                     chat_template=lambda tokenizer: openai_chat_template(tokenizer.chat_template),
+                     open_tool_call=_open_glm4_tool_call),
         PromptFormat("chatglm6b_chat", "chatglm6b", "ChatGLM-6B's '[Round N]\\n问：…\\n答：' chat format (base "
                      "ChatGLM-6B)", True, False, _render_chatglm6b, process_response, hold_back=1),
     ]

@@ -71,14 +71,12 @@ async def prompt_ids(engine: Engine, chat, max_prompt_tokens: int | None) -> lis
         raise ApiError(400, f"the prompt is {prompt_characters(chat)} characters, more than {limit} tokens can "
                             "hold", param="messages", code="context_length_exceeded")
     try:
-        ids = await asyncio.to_thread(engine.prompt_ids, chat.messages, chat.tools)
+        ids = await asyncio.to_thread(engine.prompt_ids, chat.messages, chat.tools, chat.forced_tool)
     except UserError as exc:
         raise ApiError(400, str(exc), param=exc.field) from None
     if max_prompt_tokens and max_prompt_tokens < len(ids) < context:
         raise ApiError(400, f"the prompt is {len(ids)} tokens; this server accepts at most {max_prompt_tokens} "
                             "(--max_prompt_tokens)", param="messages", code="context_length_exceeded")
-    if chat.forced_tool:
-        ids = ids + engine.loaded.tokenizer.encode(chat.forced_tool + "\n", add_special_tokens=False)
     return ids
 
 

@@ -97,8 +97,9 @@ class Engine:
         self._thread.start()
 
     # ---- client side ----------------------------------------------------------------------------------------
-    def prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        return build_prompt_ids(self.loaded.prompt_format, self.loaded.tokenizer, messages, tools)
+    def prompt_ids(self, messages: list[dict], tools: list[dict] | None = None,
+                   forced_tool: str | None = None) -> list[int]:
+        return build_prompt_ids(self.loaded.prompt_format, self.loaded.tokenizer, messages, tools, forced_tool)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_event) -> Request:
         if not prompt_ids:
