@@ -191,7 +191,7 @@ def test_check_only_counts_drops_and_lengths_without_a_model(pairs, tmp_path):
 @pytest.fixture(scope="module")
 def glm4_run(pairs, tmp_path_factory):
     """An SFT LoRA on tiny GLM-4 (random, saved as glm4_finetune saves: adapter, tokenizer, prompt record), then 1
-    DPO step on 4 tool-call pairs continuing it."""
+    DPO step on 2 tool-call pairs continuing it."""
     from peft import LoraConfig, get_peft_model
 
     from model_hub.loader import load_adapted
@@ -208,7 +208,8 @@ def glm4_run(pairs, tmp_path_factory):
     tokenizer.save_pretrained(sft)
     record_prompt_format(sft, "glm4_chat", "glm4_finetune")
     sft_model, _ = load_adapted(None, sft)
-    records = open(pairs["tools"], encoding="utf-8").read().splitlines()[:4]
+    lines = open(pairs["tools"], encoding="utf-8").read().splitlines()
+    records = [lines[0], lines[3]]  # a single-turn call and a multi-turn one (earlier call + observation + answer)
     train = folder / "tools.jsonl"
     train.write_text("\n".join(records) + "\n", encoding="utf-8")
     out = str(folder / "dpo")
@@ -240,7 +241,7 @@ def test_glm4_multi_turn_scores_only_the_final_assistant_turn_as_sft(glm4_run):
             final_turn = [t if k > last else -100 for k, t in enumerate(sft_labels)]
             assert labels[half + i][:len(row)].tolist() == final_turn
             multi_turn += any(t != -100 for t in sft_labels[:last])
-    assert multi_turn >= 2  # the demo set's multi-turn rows (earlier call + observation + answer) are among them
+    assert multi_turn == 2  # the multi-turn pair (earlier call + observation + answer): its chosen and rejected
 
 
 def test_continuing_an_sft_adapter_keeps_it_as_the_reference(glm4_run):
