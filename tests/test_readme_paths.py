@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO
 from readme_commands import READMES, commands
 
-TARGETS = ["chatglm-alpaca", "llama-ner", "glm4-lora", "glm4-ptuning", "glm4-sft"]
+TARGETS = ["chatglm-alpaca", "llama-ner", "glm4-lora", "glm4-ptuning", "glm4-sft", "llama-ner-dpo", "glm4-dpo"]
 PATH = re.compile(r"(?<![\w/.-])((?:build|output|runs|checkpoint)/[\w./<>-]*)")
 # Flags (and make variables) whose value a command writes; the rest of its paths are read.
 WRITES = re.compile(r"(?:--(?:save_dir|out_dir|out_file|output_dir|save_path|output)[= ]|OUT=|>\s*)(\S+)$")
