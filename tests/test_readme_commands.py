@@ -41,7 +41,7 @@ PARSE_ONLY = [
     (r"AdvertiseGen/train\.json", "the full AdvertiseGen download (the internet); data/ vendors its sample"),
     (r"my_ner|my\.jsonl|my_data/", "the user's own data file"),
     (r"^python -m serving\.vllm", "vLLM's server needs minutes to start on a CPU; tests/test_vllm.py serves through it"),
-    # time budget (this test's ~3 min): what other tests run, or what a make target here ran already
+    # the time budget: what other tests run, or what a make target here runs already
     (r"^torchrun --nproc_per_node 1 llama_ner/train_deepspeed\.py", "DeepSpeed compiles its CPU ops on a first run "
      "(1-2 min); tests/test_llama_ner_e2e.py runs this loop"),
     (r"^python llama_ner/train_trainer\.py .*--max_steps=40", "40 training steps (minutes on 2 busy cores); make "
