@@ -9,23 +9,12 @@ import subprocess
 
 import pytest
 from conftest import REPO
+from readme_commands import READMES, commands
 
-READMES = ["README.md", "chatglm_lora/README.md", "llama_ner/README.md", "glm4_finetune/README.md"]
-TARGETS = ["chatglm-alpaca", "llama-ner", "glm4-lora", "glm4-ptuning", "glm4-sft"]
+TARGETS = ["chatglm-alpaca", "llama-ner", "glm4-lora", "glm4-ptuning", "glm4-sft", "llama-ner-dpo", "glm4-dpo"]
 PATH = re.compile(r"(?<![\w/.-])((?:build|output|runs|checkpoint)/[\w./<>-]*)")
 # Flags (and make variables) whose value a command writes; the rest of its paths are read.
 WRITES = re.compile(r"(?:--(?:save_dir|out_dir|out_file|output_dir|save_path|output)[= ]|OUT=|>\s*)(\S+)$")
-
-
-def commands(text: str) -> list[str]:
-    """The lines of the README's bash blocks, continuation lines joined, comments dropped."""
-    found = []
-    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = re.split(r"\s#", line, maxsplit=1)[0].strip()
-            if line and not line.startswith("#"):
-                found.append(line)
-    return found
 
 
 def split_paths(command: str) -> tuple[set, set]:
