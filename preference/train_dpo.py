@@ -158,7 +158,7 @@ def trainer_config(args, on_gpu: bool):
         gradient_accumulation_steps=args.gradient_accumulation_steps, num_train_epochs=args.num_train_epochs,
         max_steps=args.max_steps, save_strategy="steps", save_steps=args.save_steps, logging_steps=args.log_steps,
         save_total_limit=args.save_total_limit, seed=args.seed, bf16=args.bf16, fp16=False, use_cpu=not on_gpu,
-        beta=args.beta, max_length=args.max_length, gradient_checkpointing=False, report_to=["tensorboard"],
+        beta=args.beta, max_length=args.max_length, activation_checkpointing=False, report_to=["tensorboard"],
         dataloader_num_workers=0, pad_to_multiple_of=None,
     )
     common = distributed.trainer_arguments(common)

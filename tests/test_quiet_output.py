@@ -89,3 +89,16 @@ def test_data_notes_at_the_end_start_on_their_own_line_below_an_open_progress_ba
     assert text[at - 1] in "\r\n", repr(text[max(0, at - 60):at + 20])
     assert "\n  train.txt: 4 of 1000 rows have their answer truncated\n" in text
     assert not training.DATA_NOTES
+
+
+def test_the_preference_configs_do_not_warn_about_deprecated_arguments():
+    """`make llama-ner-dpo` printed transformers' "`gradient_checkpointing` is deprecated" FutureWarning: the DPO
+    script passed the old argument name (activation_checkpointing is today's)."""
+    result = run("import warnings, argparse; warnings.simplefilter('always'); "
+                 "from preference.train_dpo import trainer_config; "
+                 "common = dict(save_dir='/tmp/x', learning_rate=1e-4, train_batch_size=1, gradient_accumulation_steps=1, "
+                 "num_train_epochs=1, max_steps=1, save_steps=1, log_steps=1, save_total_limit=1, seed=0, bf16=False, "
+                 "beta=0.1, max_length=64); "
+                 "[trainer_config(argparse.Namespace(**common, loss_type=kind), on_gpu=False) for kind in ('sigmoid', 'kto')]")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "FutureWarning" not in result.stderr, result.stderr[-2000:]
