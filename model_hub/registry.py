@@ -107,18 +107,19 @@ def load_hook(reference: str):
     return getattr(importlib.import_module(module), name)
 
 
+def _layout(config, kind: str):
+    """The family's `kind` layout class (a "module:Class" field of Family) built for `config`, or None."""
+    family = FAMILIES.get(family_of_config(config))
+    reference = getattr(family, kind, None)
+    return None if reference is None else load_hook(reference)(config)
+
+
 def packed_layout(config):
     """The tuning.packing layout for a model config: the family's own, or None (positions restarting at 0)."""
-    family = FAMILIES.get(family_of_config(config))
-    if family is None or family.packed_layout is None:
-        return None
-    return load_hook(family.packed_layout)(config)
+    return _layout(config, "packed_layout")
 
 
 def decode_layout(config):
     """serving.kv_batch's decoding inputs for a model config: the family's own, or None (1-D positions, a 0/1
     attention mask, logits of the last position only)."""
-    family = FAMILIES.get(family_of_config(config))
-    if family is None or family.decode_layout is None:
-        return None
-    return load_hook(family.decode_layout)(config)
+    return _layout(config, "decode_layout")

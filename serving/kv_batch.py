@@ -131,7 +131,7 @@ class KVBatch:
 
     @property
     def prefills_together(self) -> bool:
-        return (self.decoding is None or self.decoding.batched_prefill) and not self.prefix
+        return self.decoding is None and not self.prefix  # a family's own layout prefills one prompt at a time
 
     @torch.no_grad()
     def prefill_together(self, prompts: list[list[int]]) -> tuple[torch.Tensor, list, list[RowState]]:
@@ -202,10 +202,8 @@ class KVBatch:
         columns = torch.arange(width + 1, device=device)[None]
         pads = torch.tensor([row.pad for row in self.rows], device=device)[:, None]
         visible = columns >= pads   # [B, width + 1]: the new token's column is always visible
-        if self.decoding:
+        if self.decoding:  # (its forward has no logits_to_keep)
             inputs = self.decoding.step_inputs(self.rows, visible)
-            if self.decoding.keeps_last_logits:
-                inputs["logits_to_keep"] = 1
         else:
             inputs = {"position_ids": torch.tensor([[row.next_position] for row in self.rows], device=device),
                       "attention_mask": visible.long(), "logits_to_keep": 1}

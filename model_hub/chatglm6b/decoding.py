@@ -3,14 +3,12 @@
 Where LLaMA and GLM-4 take 1-D positions, a 0/1 attention mask and `logits_to_keep`, ChatGLM-6B builds its own 2-D
 positions from the prompt's [gMASK] and <sop> at prefill, and a decoding step's position is the pair [index of
 [gMASK], tokens since <sop> + 1]; its attention mask is boolean, True where a column is hidden; its forward has no
-`logits_to_keep`. Its prefill builds the mask for one prompt, so prompts are prefilled one at a time."""
+`logits_to_keep`. Its prefill builds the mask for one prompt, so prompts are prefilled one at a time. (serving.kv_batch
+takes all three from any family that has a decode layout: ChatGLM-6B is the only one.)"""
 import torch
 
 
 class ChatGLMDecoding:
-    batched_prefill = False   # the model's own mask building assumes one prompt
-    keeps_last_logits = False  # no logits_to_keep argument
-
     def __init__(self, config):
         self.gmask, self.mask, self.bos = config.gmask_token_id, config.mask_token_id, config.bos_token_id
 
