@@ -40,17 +40,10 @@ HOSTILE = [  # (body, extra headers, expected status)
 ]
 
 
-def post(port: int, body, headers=None, timeout: float = ROUND_SECONDS):
+def post(server: Server, body, headers=None):
     """(status, parsed body) of one POST /v1/chat/completions."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        connection.request("POST", "/v1/chat/completions", body=data,
-                           headers={"Content-Type": "application/json", **(headers or {})})
-        response = connection.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        connection.close()
+    status, _, answer = server.request("POST", "/v1/chat/completions", body, headers, timeout=ROUND_SECONDS)
+    return status, answer
 
 
 def stream_text(port: int, body: dict) -> str:
@@ -91,9 +84,9 @@ def half_open(port: int) -> socket.socket:
     return connection
 
 
-def one_round(port: int, expected: str) -> list[str]:
+def one_round(server: Server, expected: str) -> list[str]:
     """Every kind of client at once; returns what went wrong (empty: nothing)."""
-    problems, lock = [], threading.Lock()
+    problems, lock, port = [], threading.Lock(), server.port
 
     def client(name, work):
         try:
@@ -107,12 +100,12 @@ def one_round(port: int, expected: str) -> list[str]:
         assert got == expected, f"answer {got!r} != {expected!r}"
 
     def tiny_temperature():
-        status, body = post(port, {**NORMAL, "temperature": 1e-30})
+        status, body = post(server, {**NORMAL, "temperature": 1e-30})
         assert status == 200 and body["choices"][0]["message"]["content"] == expected, body
 
     def hostile(body, headers, status):
         def work():
-            got, answer = post(port, body, headers)
+            got, answer = post(server, body, headers)
             assert got == status and set(answer["error"]) == {"message", "type", "param", "code"}, (got, answer)
         return work
 
@@ -141,12 +134,12 @@ def test_the_server_stays_up_and_answers_everyone_alone_under_rounds_of_hostile_
     server = Server("--model", MODEL, "--max_batch", "8", "--max_queue", "16", "--max_body_mb", "0.1",
                     "--header_timeout", "1", "--max_connections", "64", "--max_tokens", "200")
     try:
-        status, body = post(server.port, NORMAL)
+        status, body = post(server, NORMAL)
         assert status == 200, body
         expected = body["choices"][0]["message"]["content"]
         assert expected
         for round_number in range(ROUNDS):
-            problems = one_round(server.port, expected)
+            problems = one_round(server, expected)
             assert not problems, f"round {round_number + 1}: " + "\n".join(problems)
             idle = server.wait_idle(10)  # the clients that hung up were freed, nothing runs on
             assert idle["status"] == "ok"
