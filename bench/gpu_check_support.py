@@ -214,19 +214,8 @@ def recipe_seams(model, tokenizer, recorder: StepRecorder, seen: dict):
             model.config.use_cache = use_cache
         return model, tokenizer
 
-    def load_for_lora(args, bits, dtype):
-        from tuning.distributed import local_device
-        from tuning.methods import prepare_quantized_base
-
-        load_model_and_tokenizer(args.model_dir, dtype=dtype, device=local_device(), quantization_bit=bits)
-        if bits:
-            prepare_quantized_base(model)
-        model.config.use_cache = False
-        return model, tokenizer
-
     patches = [mock.patch.object(loader, "load_model_and_tokenizer", load_model_and_tokenizer),
                mock.patch.object(loader, "load_model_config", lambda *a, **k: model.config),
-               mock.patch.object(llama_trainer, "load_for_lora", load_for_lora),
                mock.patch.object(training, "save_loss_plot", lambda *a, **k: None),
                mock.patch.object(chatglm_finetune, "AtomicTrainer", measured(chatglm_finetune.AtomicTrainer, recorder)),
                mock.patch.object(llama_trainer, "AtomicTrainer", measured(llama_trainer.AtomicTrainer, recorder)),

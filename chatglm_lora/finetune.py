@@ -23,15 +23,22 @@ from dataclasses import dataclass, field
 
 import tuning  # noqa: F401  (first: silences library lines no user can act on, before those load)
 import torch
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import HfArgumentParser, TrainingArguments
 
+from model_hub.loader import quantization_bits, resolve_model_path
 from model_hub.prompt_format import record_prompt_format
+from model_hub.registry import get_family, packed_layout
 from tuning import distributed
-from tuning.checkpoints import AtomicTrainer, claim_run_folder, save_pretrained_atomically
+from tuning.checkpoints import AtomicTrainer, save_pretrained_atomically
 from tuning.errors import UserError, run_main
-from tuning.methods import apply_lora, prepare_quantized_base, quantization_conflict, trainable_summary
-from tuning.training import (LossPlot, NanGuard, check_precision, check_resume_launcher, resolve_resume,
-                             stop_if_finished)
+from tuning.labelled_logits import compute_logits_only_at_labels
+from tuning.methods import apply_lora
+from tuning.packing import less_padding
+from tuning.run_plan import (Spelling, add_method, check_combination, claim_output, plan_run, prepare_base,
+                             training_callbacks)
+
+# How this script's user says things, for tuning.run_plan's messages.
+SPELLING = Spelling(with_deepspeed="pass the same --deepspeed CONFIG again", without_deepspeed="leave out --deepspeed")
 
 
 @dataclass
@@ -139,18 +146,13 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[FinetuneArguments, T
     finetune_args = FinetuneArguments(**{f.name: values.pop(f.name) for f in dataclasses.fields(FinetuneArguments)})
     from model_hub.loader import quantization_bits
 
-    quantization_bits(finetune_args.quantization_bit, bool(finetune_args.load_in_8bit))  # 4 or 8, no contradiction
-    if values.get("deepspeed"):
-        stage = distributed.zero_stage(values["deepspeed"])
-        if stage == 3 and finetune_args.load_in_8bit:
-            raise UserError("8-bit base weights (bitsandbytes) cannot be partitioned by ZeRO-3; use a ZeRO-1/2 "
-                            "config (e.g. glm4_finetune/configs/ds_zero_2.json) or --load_in_8bit false",
-                            field="load_in_8bit")
-        conflict = quantization_conflict(finetune_args.quantization_bit, "lora", stage)
-        if conflict:
-            raise UserError(conflict, field="quantization_bit")
-        if stage == 3 and finetune_args.load_in_8bit is None:
-            finetune_args.load_in_8bit = False  # the GPU default would be 8-bit; ZeRO-3 shards 16-bit weights
+    bits = quantization_bits(finetune_args.quantization_bit, bool(finetune_args.load_in_8bit))  # 4/8, no contradiction
+    stage = distributed.zero_stage(values["deepspeed"]) if values.get("deepspeed") else None
+    check_combination(method="lora", bits=bits, zero_stage=stage, fp16=values["fp16"], bf16=values["bf16"],
+                      use_cpu=values["use_cpu"], quantized_by="load_in_8bit" if finetune_args.load_in_8bit
+                      else "quantization_bit")
+    if stage == 3 and finetune_args.load_in_8bit is None:
+        finetune_args.load_in_8bit = False  # the GPU default would be 8-bit; ZeRO-3 shards 16-bit weights
     try:
         training_args = TrainingArguments(**distributed.trainer_arguments(values))
     except ValueError as exc:  # TrainingArguments rejects inconsistent flags in __post_init__
@@ -159,62 +161,49 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[FinetuneArguments, T
 
 
 def main():
-    finetune_args, training_args = parse_arguments()
-    check_precision(training_args.fp16, training_args.bf16, training_args.use_cpu)
+    finetune_args, training_args = parse_arguments()  # method × quantization × ZeRO stage × precision checked there
     training_args.remove_unused_columns = False  # the collator needs seq_len (the README had to say so)
     if not training_args.report_to or training_args.report_to in ("none", ["none"]):
         training_args.report_to = ["tensorboard"]
-    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
-    stop_if_finished(resume, training_args.max_steps, training_args.num_train_epochs)
-    check_resume_launcher(resume, bool(training_args.deepspeed), "pass the same --deepspeed CONFIG again",
-                          "leave out --deepspeed")
-    dataset = load_rows(finetune_args.dataset_path)  # validate data before loading the model
-    distributed.say(f"train rows: {len(dataset)}")  # the original printed the bare number
-
-    from model_hub.loader import load_model_and_tokenizer, quantization_bits, resolve_model_path
-    from model_hub.registry import get_family, packed_layout
-
-    model_path = resolve_model_path(finetune_args.chatglm_path)  # a wrong path: one line before anything is written
-    claim_run_folder(training_args.output_dir, resume, model_dir=model_path, inputs=[finetune_args.dataset_path],
-                     overwrite=finetune_args.overwrite_output_dir)  # locked; not inside the model or over user files
-
-    device = distributed.local_device()
     load_in_8bit = finetune_args.load_in_8bit
     if load_in_8bit is None:  # the original's 8-bit default on a GPU, unless 4 bits were asked for
-        load_in_8bit = device.type == "cuda" and _has_bitsandbytes() and not finetune_args.quantization_bit
-    bits = quantization_bits(finetune_args.quantization_bit, load_in_8bit)
+        load_in_8bit = distributed.local_device().type == "cuda" and _has_bitsandbytes() and \
+            not finetune_args.quantization_bit
+    run = plan_run(output_dir=training_args.output_dir, method="lora",
+                   bits=quantization_bits(finetune_args.quantization_bit, load_in_8bit),
+                   zero_stage=distributed.zero_stage(training_args.deepspeed) if training_args.deepspeed else None,
+                   resume=training_args.resume_from_checkpoint, max_steps=training_args.max_steps,
+                   num_train_epochs=training_args.num_train_epochs, seed=training_args.seed,
+                   inputs=[finetune_args.dataset_path], overwrite=finetune_args.overwrite_output_dir,
+                   spelling=SPELLING)
+    dataset = load_rows(finetune_args.dataset_path)  # validate data before loading the model
+    distributed.say(f"train rows: {len(dataset)}")  # the original printed the bare number
+    claim_output(run, resolve_model_path(finetune_args.chatglm_path))  # a wrong path: one line, nothing written
+
+    device = distributed.local_device()
     dtype = "bf16" if training_args.bf16 else ("fp16" if training_args.fp16 else ("auto" if device.type == "cuda"
                                                                                   else "fp32"))
     # 8-bit: the original's device_map="auto" alone; one whole copy per GPU under a launcher (DDP / ZeRO-1/2).
-    placement = {"device_map": {"": device}} if bits and distributed.world_size() > 1 else {}
-    model, tokenizer = load_model_and_tokenizer(finetune_args.chatglm_path, dtype=dtype, quantization_bit=bits,
-                                                device=None if bits else device, **placement)
-    if bits:
-        prepare_quantized_base(model)
-    if finetune_args.gradient_checkpointing_base:
-        model.activation_checkpointing_enable({"use_reentrant": False})
-        model.enable_input_require_grads()
-    model.config.use_cache = False
+    placement = {"device_map": {"": device}} if run.bits and distributed.world_size() > 1 else {}
+    from model_hub.loader import load_model_and_tokenizer  # (looked up now: bench.gpu_check measures through it)
 
-    set_seed(training_args.seed)  # the adapter's random init: the same --seed gives the same run
-    model = apply_lora(model, r=finetune_args.lora_rank, **get_family("chatglm6b").lora())
-    distributed.say(trainable_summary(model))
+    model, tokenizer = load_model_and_tokenizer(finetune_args.chatglm_path, dtype=dtype, quantization_bit=run.bits,
+                                                device=None if run.bits else device, **placement)
+    prepare_base(run, model, gradient_checkpointing=finetune_args.gradient_checkpointing_base)
+    model = add_method(run, model, lambda base: apply_lora(base, r=finetune_args.lora_rank,
+                                                           **get_family("chatglm6b").lora()))
     if finetune_args.lm_head_on_labels_only:
-        from tuning.labelled_logits import compute_logits_only_at_labels
-
         compute_logits_only_at_labels(model)
-
-    from tuning.packing import less_padding
 
     collator = DataCollator(tokenizer.pad_token_id)
     training_rows = less_padding(
-        dataset, lambda: [len(ids) for ids in dataset["input_ids"]], rows_fn=collator.rows, collator=collator, pad_token_id=tokenizer.pad_token_id,
-        packed_layout=packed_layout(model.config), packing=finetune_args.packing,
-        group_by_length=finetune_args.group_by_length, capacity=None,
+        dataset, lambda: [len(ids) for ids in dataset["input_ids"]], rows_fn=collator.rows, collator=collator,
+        pad_token_id=tokenizer.pad_token_id, packed_layout=packed_layout(model.config),
+        packing=finetune_args.packing, group_by_length=finetune_args.group_by_length, capacity=None,
         batch_size=training_args.per_device_train_batch_size, seed=training_args.seed)
-    trainer = AtomicTrainer(model=model, args=training_args, callbacks=[NanGuard(model), LossPlot()],
+    trainer = AtomicTrainer(model=model, args=training_args, callbacks=training_callbacks(model),
                             **training_rows.trainer_inputs())
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=run.resume)
     # Collective: under ZeRO-3 the LoRA shards are gathered on every rank, rank 0 writes.
     distributed.save_trainable(model, lambda trained: save_pretrained_atomically(trained.save_pretrained,
                                                                                  training_args.output_dir))

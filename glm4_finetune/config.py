@@ -24,7 +24,6 @@ import yaml
 
 from tuning.errors import UserError
 from tuning.files import read_json, read_text
-from tuning.methods import quantization_conflict
 
 TOP_KEYS = {"data_config", "max_input_length", "max_output_length", "combine", "train_first_answer_token", "freezeV",
             "training_args", "peft_config", "quantization_bit", "weights_dtype"}
@@ -109,37 +108,47 @@ def _resolve_deepspeed(value: str, config_path: str) -> str:
     return value
 
 
-def _check_quantization(raw: dict, fail) -> int | None:
-    """quantization_bit: 4, 8 or null; only with an adapter (full fine-tuning cannot train k-bit weights)."""
-    bits = raw.get("quantization_bit")
-    if bits not in (None, 4, 8) or isinstance(bits, bool):
-        fail("quantization_bit", f"expected 4, 8 or null, got {bits!r}")
-    conflict = quantization_conflict(bits, "full" if raw.get("peft_config") is None else "adapter")
-    if conflict:
-        fail("quantization_bit", conflict)
-    return bits
-
-
-def _check_deepspeed(ds_path: str, peft: dict | None, fail, bits: int | None = None) -> None:
-    """Combinations that cannot work on this stack, refused before any process group or weight exists."""
+def _check_deepspeed(ds_path: str, peft: dict | None, fail) -> int:
+    """The DeepSpeed config exists and, for ZeRO-3 with an adapter, gathers its weights on save; its ZeRO stage."""
     from tuning.distributed import read_deepspeed_config, zero_stage
 
     if not os.path.isfile(ds_path):
         fail("training_args.deepspeed", f"DeepSpeed config not found: {ds_path}")
     ds = read_deepspeed_config(ds_path)
     stage = zero_stage(ds_path)
-    conflict = quantization_conflict(bits, "adapter", stage)
-    if conflict:
-        fail("quantization_bit", conflict)
-    if stage != 3 or not isinstance(peft, dict):
-        return
-    if peft.get("peft_type") == "PREFIX_TUNING":
-        fail("training_args.deepspeed", "ZeRO-3 with P-tuning v2 (prefix tuning) hangs at the first save; use "
-                                        "configs/ds_zero_2.json")
-    if not ds["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save", False):
+    if stage == 3 and isinstance(peft, dict) and peft.get("peft_type") != "PREFIX_TUNING" and \
+            not ds["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save", False):
         fail("training_args.deepspeed", f"{ds_path}: ZeRO-3 with an adapter needs zero_optimization."
                                         "stage3_gather_16bit_weights_on_model_save: true (else the saved adapter "
                                         "is empty)")
+    return stage
+
+
+def method_of(peft) -> str:
+    """tuning.run_plan's method name for a peft_config (the YAML mapping or the PeftConfig; none: full)."""
+    if peft is None:
+        return "full"
+    kind = peft.get("peft_type") if isinstance(peft, dict) else peft.peft_type
+    return "ptuning" if kind == "PREFIX_TUNING" else "lora"
+
+
+def _check_combination(raw: dict, training: dict, stage: int | None, fail) -> int | None:
+    """quantization_bit (4, 8 or null) × method × ZeRO stage × precision, by tuning.run_plan's one rule set, before
+    any process group or weight exists; each refusal at the line of the key it names."""
+    from tuning.run_plan import Spelling, check_combination
+
+    bits = raw.get("quantization_bit")
+    if bits not in (None, 4, 8) or isinstance(bits, bool):
+        fail("quantization_bit", f"expected 4, 8 or null, got {bits!r}")
+    keys = {"fp16": "training_args.fp16", "bf16": "training_args.bf16", "deepspeed": "training_args.deepspeed"}
+    try:
+        check_combination(method=method_of(raw.get("peft_config")), bits=bits, zero_stage=stage,
+                          fp16=bool(training.get("fp16")), bf16=bool(training.get("bf16")),
+                          use_cpu=bool(training.get("use_cpu")),
+                          spelling=Spelling(option=lambda key: f"training_args.{key}: true"))
+    except UserError as exc:
+        fail(keys.get(exc.field, exc.field), exc.message)
+    return bits
 
 
 def load_config(path: str) -> FinetuningConfig:
@@ -164,19 +173,7 @@ def load_config(path: str) -> FinetuningConfig:
         if key not in TOP_KEYS:
             fail(key, f"unknown key; expected one of {', '.join(sorted(TOP_KEYS))}")
 
-    data = raw.get("data_config")
-    if not isinstance(data, dict):
-        fail("data_config", "missing or not a mapping; expected {train_file, val_file, test_file, num_proc}")
-    for key, value in data.items():
-        if key not in DATA_KEYS:
-            fail(f"data_config.{key}", f"unknown key; expected one of {', '.join(sorted(DATA_KEYS))}")
-        if key != "num_proc" and value is not None and not (isinstance(value, str) and value.endswith(".jsonl")):
-            fail(f"data_config.{key}", f"expected a .jsonl file name (relative to DATA_DIR), got {value!r}")
-    if not data.get("train_file"):
-        fail("data_config.train_file", "missing; expected a .jsonl file name relative to DATA_DIR")
-    num_proc = data.get("num_proc")
-    if num_proc is not None and (not isinstance(num_proc, int) or isinstance(num_proc, bool) or num_proc < 1):
-        fail("data_config.num_proc", f"expected a positive integer or null, got {num_proc!r}")
+    data = _data_config(raw.get("data_config"), fail)
 
     for key in ("max_input_length", "max_output_length"):
         value = raw.get(key)
@@ -198,13 +195,15 @@ def load_config(path: str) -> FinetuningConfig:
     if not isinstance(generation, dict):
         fail("training_args.generation_config", "missing or not a mapping; expected e.g. {max_new_tokens: 512}")
     training.setdefault("output_dir", "./output")
-    bits = _check_quantization(raw, fail)
+    stage = None
     if training.get("deepspeed"):
         training["deepspeed"] = _resolve_deepspeed(training["deepspeed"], path)
         if isinstance(training["deepspeed"], str):
             if not isinstance(read_json(training["deepspeed"]), dict):
                 raise UserError("expected a JSON object (a DeepSpeed config)", path=training["deepspeed"])
-        _check_deepspeed(training["deepspeed"], raw.get("peft_config"), fail, bits)
+        stage = _check_deepspeed(training["deepspeed"], raw.get("peft_config"), fail)
+    _check_training_keys(training, generation, fail)
+    bits = _check_combination(raw, training, stage, fail)
     from tuning.distributed import trainer_arguments
 
     args = _training_args(trainer_arguments(training), generation, fail)  # torchrun / deepspeed, GPU or CPU
@@ -224,7 +223,24 @@ def load_config(path: str) -> FinetuningConfig:
                             raw.get("train_first_answer_token", True), path, lines)
 
 
-def _training_args(training: dict, generation: dict, fail):
+def _data_config(data, fail) -> dict:
+    if not isinstance(data, dict):
+        fail("data_config", "missing or not a mapping; expected {train_file, val_file, test_file, num_proc}")
+    for key, value in data.items():
+        if key not in DATA_KEYS:
+            fail(f"data_config.{key}", f"unknown key; expected one of {', '.join(sorted(DATA_KEYS))}")
+        if key != "num_proc" and value is not None and not (isinstance(value, str) and value.endswith(".jsonl")):
+            fail(f"data_config.{key}", f"expected a .jsonl file name (relative to DATA_DIR), got {value!r}")
+    if not data.get("train_file"):
+        fail("data_config.train_file", "missing; expected a .jsonl file name relative to DATA_DIR")
+    num_proc = data.get("num_proc")
+    if num_proc is not None and (not isinstance(num_proc, int) or isinstance(num_proc, bool) or num_proc < 1):
+        fail("data_config.num_proc", f"expected a positive integer or null, got {num_proc!r}")
+    return data
+
+
+def _check_training_keys(training: dict, generation: dict, fail) -> None:
+    """Every training_args / generation_config key known to transformers 5, with the type its field declares."""
     from transformers import GenerationConfig, Seq2SeqTrainingArguments
 
     fields = {f.name for f in dataclasses.fields(Seq2SeqTrainingArguments)}
@@ -238,6 +254,11 @@ def _training_args(training: dict, generation: dict, fail):
     for key in generation:
         if key not in known:
             fail(f"training_args.generation_config.{key}", "unknown GenerationConfig keyword")
+
+
+def _training_args(training: dict, generation: dict, fail):
+    from transformers import GenerationConfig, Seq2SeqTrainingArguments
+
     try:
         args = Seq2SeqTrainingArguments(**training)
         args.generation_config = GenerationConfig(**generation)

@@ -22,16 +22,17 @@ from typing import Annotated
 
 import typer
 
-from glm4_finetune.config import load_config
+from glm4_finetune.config import load_config, method_of
 from glm4_finetune.data import process_batch, process_batch_eval  # noqa: F401  (the original's API)
 from glm4_finetune.validate import read_conversations
 from model_hub import REPO_DIR
 from model_hub.registry import get_family, get_spec
 from model_hub.prompt_format import record_prompt_format
 from tuning import distributed
-from tuning.distributed import say
 from tuning.errors import UserError, run_main
-from tuning.training import check_resume_launcher, resolve_resume, stop_if_finished
+from tuning.run_plan import (RunPlan, Spelling, add_method, claim_output, plan_run, prepare_base,
+                             training_callbacks)
+from tuning.training import resolve_resume
 
 MODEL_NAME = "glm-4-9b-chat"  # model_hub/registry.py: stop ids, pad id, LoRA targets
 
@@ -43,6 +44,23 @@ def resolve_auto_resume(value: str, output_dir: str) -> str | None:
     error (the original silently skipped training)."""
     return resolve_resume(value, output_dir, field="AUTO_RESUME_FROM_CHECKPOINT", paths=False,
                           fresh_when_none_saved=True)
+
+
+# How this script's user says things, for tuning.run_plan's messages.
+SPELLING = Spelling(option=lambda key: f"training_args.{key}: true", resume="AUTO_RESUME_FROM_CHECKPOINT yes",
+                    resume_field="AUTO_RESUME_FROM_CHECKPOINT", max_steps="training_args.max_steps",
+                    with_deepspeed="set training_args.deepspeed in the config again",
+                    without_deepspeed="remove training_args.deepspeed from the config")
+
+
+def plan(cfg, auto_resume_from_checkpoint: str, data_dir: str, overwrite_output_dir: bool) -> RunPlan:
+    """The run the config describes (its method × quantization × ZeRO × precision were checked by load_config)."""
+    args = cfg.training_args
+    zero_stage = distributed.zero_stage(args.deepspeed) if args.deepspeed else None
+    return plan_run(output_dir=args.output_dir, method=method_of(cfg.peft_config),
+                    bits=cfg.quantization_bit, zero_stage=zero_stage, resume=auto_resume_from_checkpoint,
+                    max_steps=args.max_steps, num_train_epochs=args.num_train_epochs, seed=args.seed, inputs=[data_dir],
+                    overwrite=overwrite_output_dir, spelling=SPELLING, resolve=resolve_auto_resume)
 
 
 def check_method_fits(cfg, model_config) -> None:
@@ -77,17 +95,10 @@ def check_method_fits(cfg, model_config) -> None:
 
 def weights_dtype(cfg) -> str:
     """bf16 weights as the original ("Must use BFloat 16"), unless mixed precision keeps fp32 master weights or the
-    YAML's weights_dtype says which. fp16 on a CPU is refused at its line of the YAML (no --fp16/--bf16 flags here)."""
-    from tuning.training import check_precision
-
-    args = cfg.training_args
-    try:
-        check_precision(args.fp16, args.bf16, args.use_cpu, lambda key: f"training_args.{key}: true")
-    except UserError as exc:
-        raise cfg.error(f"training_args.{exc.field}", exc.message) from None
+    YAML's weights_dtype says which (fp16 on a CPU was refused by load_config, at its line of the YAML)."""
     if cfg.weights_dtype:
         return cfg.weights_dtype
-    return "fp32" if (args.bf16 or args.fp16) else "bf16"
+    return "fp32" if (cfg.training_args.bf16 or cfg.training_args.fp16) else "bf16"
 
 
 # Not in git: data/prepare.py builds it from the shipped xl.jsonl (a fresh clone has no train.jsonl yet).
@@ -115,30 +126,28 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
              group_by_length: bool = False, packing: bool = False, overwrite_output_dir: bool = False):
     """The whole recipe; returns the Trainer (its model is the trained one)."""
     # 1. Config, data and resume point: every user mistake surfaces here, before any weight is loaded.
-    cfg = load_config(config_file)
+    cfg = load_config(config_file)  # (method × quantization × ZeRO stage × precision checked there, at their lines)
     args = cfg.training_args
-    dtype = weights_dtype(cfg)
     if not os.path.isdir(data_dir):
         raise UserError("data folder not found", path=data_dir)
     conversations = read_data(cfg, data_dir)
-    resume = resolve_auto_resume(auto_resume_from_checkpoint, args.output_dir)
-    stop_if_finished(resume, args.max_steps, args.num_train_epochs, "training_args.max_steps")
-    check_resume_launcher(resume, bool(args.deepspeed), "set training_args.deepspeed in the config again",
-                          "remove training_args.deepspeed from the config", field="AUTO_RESUME_FROM_CHECKPOINT")
-    if packing and cfg.peft_config is not None and cfg.peft_config.peft_type == "PREFIX_TUNING":
+    run = plan(cfg, auto_resume_from_checkpoint, data_dir, overwrite_output_dir)
+    if packing and run.method == "ptuning":
         raise UserError("packing does not work with P-tuning v2 (the prefix cache turns off the per-row "
                         "attention); use --group_by_length", field="packing")
 
-    from model_hub.loader import load_model_config, resolve_model_path
-    from tuning.checkpoints import claim_run_folder
+    from model_hub.loader import load_model_and_tokenizer, load_model_config, resolve_model_path
 
     model_path = resolve_model_path(model_dir)
     check_method_fits(cfg, load_model_config(model_path))
-    claim_run_folder(args.output_dir, resume, "AUTO_RESUME_FROM_CHECKPOINT yes", model_path,  # locked; checked
-                     inputs=[data_dir], overwrite=overwrite_output_dir)
+    claim_output(run, model_path)
 
-    # 2. Tokenizer and model (left padding, as the original; no KV cache while training), then the data.
-    model, tokenizer = load_model(cfg, model_path, dtype)
+    # 2. Tokenizer and model (QLoRA: a frozen 4/8-bit base on this rank's device; left padding, as the original),
+    # then the data.
+    model, tokenizer = load_model_and_tokenizer(model_path, dtype=weights_dtype(cfg), use_cache=False,
+                                                device="cpu" if args.deepspeed and not run.bits
+                                                else distributed.local_device(), quantization_bit=run.bits)
+    tokenizer.padding_side = "left"
     from glm4_finetune.trainer import tokenize_split
 
     splits = {split: tokenize_split(rows, split, tokenizer, cfg) for split, rows in conversations.items()}
@@ -147,8 +156,11 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
             raise UserError(f"no {split} examples left after tokenisation",
                             path=os.path.join(data_dir, cfg.data_config.data_files[split]))
 
-    # 3. The tuning method: LoRA / P-tuning v2 through peft, or every weight.
-    model = apply_method(model, cfg)
+    # 3. The tuning method: LoRA / P-tuning v2 through peft, or every weight (gradient checkpointing on the base,
+    # done here: the Trainer must not redo it).
+    prepare_base(run, model, gradient_checkpointing=args.gradient_checkpointing)
+    args.gradient_checkpointing = False
+    model = add_method(run, model, None if cfg.peft_config is None else lambda base: peft_model(base, cfg))
 
     # 4. Generation for evaluation: greedy, stop at <|endoftext|>, <|user|> or <|observation|>.
     spec = get_spec(MODEL_NAME)
@@ -158,7 +170,7 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
     trainer = build_trainer(model, tokenizer, cfg, splits, group_by_length, packing)
 
     # 5. Train, save the final weights (the original kept only checkpoint-N), score the test split.
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=run.resume)
     trainer.save_model()
     if trainer.is_world_process_zero():  # serving/ reads it to build GLM-4's chat prompt
         record_prompt_format(args.output_dir, "glm4_chat", "glm4_finetune")
@@ -171,45 +183,17 @@ def finetune(data_dir: str, model_dir: str, config_file: str, auto_resume_from_c
     return trainer
 
 
-def load_model(cfg, model_path: str, dtype: str):
-    """The model in the config's dtype (QLoRA: a frozen 4/8-bit base, loaded straight onto this rank's device) and
-    its tokenizer, padding on the left."""
-    from model_hub.loader import load_model_and_tokenizer
+def peft_model(model, cfg):
+    """LoRA / P-tuning v2 from the config's peft_config; P-tuning's text positions 0…L−1 as the original."""
+    from peft import get_peft_model
 
-    bits, args = cfg.quantization_bit, cfg.training_args
-    model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, use_cache=False,
-                                                device="cpu" if args.deepspeed and not bits
-                                                else distributed.local_device(), quantization_bit=bits)
-    if bits:
-        from tuning.methods import prepare_quantized_base
+    from model_hub.glm4.prefix_positions import number_text_from_zero
 
-        prepare_quantized_base(model)
-    tokenizer.padding_side = "left"
-    return model, tokenizer
-
-
-def apply_method(model, cfg):
-    """Gradient checkpointing on the base, then LoRA / P-tuning v2 (peft_config) or full fine-tuning (none)."""
-    args = cfg.training_args
-    if args.gradient_checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
-        model.enable_input_require_grads()
-        args.gradient_checkpointing = False  # done here, on the base model; the Trainer must not redo it
-    if cfg.peft_config is not None:
-        from peft import get_peft_model
-        from transformers import set_seed
-
-        from model_hub.glm4.prefix_positions import number_text_from_zero
-
-        set_seed(args.seed)  # the adapter's random init, reproducible
-        try:
-            model = get_peft_model(model, cfg.peft_config)
-        except ValueError as exc:
-            raise cfg.error("peft_config", str(exc).splitlines()[0]) from None
-        number_text_from_zero(model)  # P-tuning: text positions 0…L−1 as the original (no-op for LoRA)
-    from tuning.methods import trainable_summary
-
-    say(trainable_summary(model))
+    try:
+        model = get_peft_model(model, cfg.peft_config)
+    except ValueError as exc:
+        raise cfg.error("peft_config", str(exc).splitlines()[0]) from None
+    number_text_from_zero(model)  # (no-op for LoRA)
     return model
 
 
@@ -219,7 +203,6 @@ def build_trainer(model, tokenizer, cfg, splits: dict, group_by_length: bool, pa
     from model_hub.registry import packed_layout
     from tuning.packing import less_padding
     from tuning.text_metrics import generation_metrics
-    from tuning.training import DataNotesAtEnd, LossPlot, NanGuard
 
     args = cfg.training_args
     training_rows = less_padding(
@@ -231,7 +214,7 @@ def build_trainer(model, tokenizer, cfg, splits: dict, group_by_length: bool, pa
     return GenerationTrainer(
         model=model, args=args, eval_dataset=splits.get("validation"), processing_class=tokenizer,
         compute_metrics=lambda p: generation_metrics(tokenizer, p.predictions, p.label_ids),
-        callbacks=[NanGuard(model), LossPlot(), DataNotesAtEnd()], **training_rows.trainer_inputs())
+        callbacks=training_callbacks(model), **training_rows.trainer_inputs())
 
 
 def write_predictions(tokenizer, result, path: str) -> None:

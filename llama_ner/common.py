@@ -6,6 +6,7 @@ import os
 from pprint import pprint
 
 from tuning.errors import UserError
+from tuning.run_plan import Spelling, add_method, check_combination, prepare_base
 from tuning.files import atomic_file, default_input, read_json
 from model_hub.prompt_format import record_prompt_format
 
@@ -157,31 +158,44 @@ def check_speed_flags(args, on_gpu: bool) -> None:
         refuse_off_cpu("cuda" if on_gpu else "cpu")
 
 
-def check_quantization(args, ds_config: dict | None) -> int | None:
-    """quantization_bit → 4, 8 or None, checked before anything is loaded (ZeRO-3 cannot shard it)."""
+# How these scripts' users say things, for tuning.run_plan's messages.
+SPELLING = Spelling(resume="--resume_from_checkpoint=last", max_steps="--max_steps=N",
+                    overwrite="--overwrite_output_dir=true",
+                    with_deepspeed="relaunch with `deepspeed llama_ner/train_trainer.py …`",
+                    without_deepspeed="relaunch with `python` (or `torchrun`), not `deepspeed`")
+
+
+def check_settings(args, ds_config: dict | None, on_gpu: bool) -> tuple[int | None, int | None]:
+    """(quantization bits 4/8/None, ZeRO stage or None without DeepSpeed = `ds_config` None): LoRA × quantization ×
+    ZeRO stage × precision checked by tuning.run_plan's rules, before anything is loaded or written."""
     from model_hub.loader import quantization_bits
-    from tuning.methods import quantization_conflict
+    from tuning.distributed import zero_stage
 
     bits = quantization_bits(args.quantization_bit)
-    conflict = quantization_conflict(bits, "lora", int((ds_config or {}).get("zero_optimization", {}).get("stage", 0)))
-    if conflict:
-        raise UserError(conflict, field="quantization_bit")
-    return bits
+    stage = None if ds_config is None else zero_stage(ds_config)
+    check_combination(method="lora", bits=bits, zero_stage=stage, bf16=args.bf16, use_cpu=not on_gpu,
+                      spelling=SPELLING)
+    return bits, stage
 
 
-def load_for_lora(args, bits: int | None, dtype: str):
+def load_for_lora(args, run, dtype: str):
     """(model, tokenizer) ready for the LoRA adapter: full precision on this rank's device, or a frozen
-    quantized base (QLoRA)."""
+    quantized base (QLoRA), no KV cache."""
     from model_hub.loader import load_model_and_tokenizer
     from tuning.distributed import local_device
-    from tuning.methods import prepare_quantized_base
 
     model, tokenizer = load_model_and_tokenizer(args.model_dir, dtype=dtype, device=local_device(),
-                                                quantization_bit=bits)
-    if bits:
-        prepare_quantized_base(model)
-    model.config.use_cache = False
+                                                quantization_bit=run.bits)
+    prepare_base(run, model, gradient_checkpointing=False)
     return model, tokenizer
+
+
+def add_lora(run, model, r: int):
+    """The recipe's LoRA (r = lora_r, alpha 32, dropout 0.1 on every linear layer), seeded."""
+    from model_hub.registry import get_family
+    from tuning.methods import apply_lora
+
+    return add_method(run, model, lambda base: apply_lora(base, r=r, **get_family("llama").lora()))
 
 
 def training_inputs(args, tokenizer, model, rows: list[str], rank: int = 0, world: int = 1):

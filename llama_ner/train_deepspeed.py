@@ -23,17 +23,16 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, check_quantization, check_speed_flags, check_values,
-                              deepspeed_config, find_deepspeed_json, load_for_lora, load_training_rows,
+from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, SPELLING, add_lora, check_settings, check_speed_flags,
+                              check_values, deepspeed_config, find_deepspeed_json, load_for_lora, load_training_rows,
                               resolve_data_paths, save_adapter, show_args, training_inputs, write_train_args)
 from llama_ner.config_utils import ConfigParser
 from llama_ner.dataset import load_data
-from model_hub.registry import get_family
 from tuning import distributed
 from tuning.errors import TrainingStopped, UserError, run_main
-from tuning.methods import apply_lora, trainable_summary
 from tuning.outputs import check_training_folder, refuse_output_in_model
 from tuning.run_folder import claim_checkpoints, is_earlier_run, lock_output_dir
+from tuning.run_plan import RunPlan
 from tuning.training import (DEEPSPEED_CHECKPOINTS, list_checkpoints, print_data_notes, resolve_resume,
                              stop_at_end)
 
@@ -64,43 +63,34 @@ def resumed_step(resume: tuple[str, str]) -> int:
 
 
 def save_checkpoint(engine, args, step: int, claim) -> None:
-    """Collective: DeepSpeed's checkpoint of the trainable weights and optimizer, plus each rank's RNG, written
-    into save_dir/checkpoints/.saving-global_stepN and renamed to global_stepN once every rank's part is on disk
-    (a kill midway never leaves a global_stepN that resume would pick); then the oldest beyond save_total_limit
-    are removed (renamed first) and DeepSpeed's `latest` file names the new one."""
-    from tuning.checkpoints import (STAGING, failure_reason, publish, remove_leftovers, rotate_folders,
-                                    save_collectively)
+    """Collective: DeepSpeed's checkpoint of the trainable weights and optimizer, plus each rank's RNG, published as
+    the Trainer recipes' checkpoints are (tuning.checkpoints.save_checkpoint_staged: written into
+    save_dir/checkpoints/.saving-global_stepN, renamed to global_stepN once every rank's part is on disk, so a kill
+    midway never leaves a global_stepN that resume would pick); then the oldest of this run's beyond
+    save_total_limit are removed (renamed first) and DeepSpeed's `latest` file names the new one."""
+    from tuning.checkpoints import rotate_folders, save_checkpoint_staged, save_failed
     from tuning.files import atomic_file
 
     root, tag = checkpoint_root(args), f"global_step{step}"
-    staging = os.path.join(root, STAGING + tag)
-    if distributed.is_main():
-        os.makedirs(root, exist_ok=True)
-        remove_leftovers(root)
 
-    def write():
+    def write(staging):
         engine.save_checkpoint(staging, tag=tag, client_state={"global_step": step}, save_latest=False,
                                exclude_frozen_parameters=True)
         os.makedirs(os.path.join(staging, tag), exist_ok=True)
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
         torch.save(rng, os.path.join(staging, tag, f"rng_state_{distributed.rank()}.pth"))
 
-    def finish():  # only this run's checkpoints are replaced or rotated (tuning.run_folder)
-        claim.check_replace(os.path.join(root, tag))
-        claim.mark(os.path.join(staging, tag))
-        publish(os.path.join(staging, tag), os.path.join(root, tag))
+    def rotate_after(final, owner):  # only this run's checkpoints are rotated (tuning.run_folder)
         rotate_folders(root, [os.path.join(root, f"global_step{s}") for s in saved_steps(root)
-                              if f"global_step{s}" in claim.owned], args.save_total_limit)
+                              if f"global_step{s}" in owner.owned], args.save_total_limit)
         with atomic_file(os.path.join(root, "latest")) as f:
             f.write(tag)
 
-    error = save_collectively(write, staging, finish, distributed.is_main())
+    error = save_checkpoint_staged(root, tag, write, lambda: claim, rotate_after, distributed.is_main())
     if error is not None:
         steps = saved_steps(root)
-        good = (f"{os.path.join(root, f'global_step{steps[-1]}')} is the last good checkpoint; free space and "
-                "resume with --resume_from_checkpoint=last") if steps else "there is no earlier checkpoint"
-        raise TrainingStopped(f"saving {tag} failed ({failure_reason(error)}); nothing of it was kept. {good}") \
-            from error
+        last_good = os.path.join(root, f"global_step{steps[-1]}") if steps else None
+        raise TrainingStopped(save_failed(tag, error, last_good, SPELLING.resume)) from error
 
 
 def load_checkpoint(engine, folder: str, tag: str) -> int:
@@ -118,8 +108,8 @@ def load_checkpoint(engine, folder: str, tag: str) -> int:
 
 
 def check_run(args):
-    """Everything that can be refused before a model loads: launcher, precision, values, DeepSpeed config, resume.
-    Returns (on_gpu, DeepSpeed config, quantization bits, resume point or None)."""
+    """Everything that can be refused before a model loads: launcher, precision, values, DeepSpeed config, resume,
+    data paths. Returns (on_gpu, DeepSpeed config, the run's plan, resume point (folder, tag) or None)."""
     if not distributed.launched():
         raise UserError("launch with `deepspeed --num_gpus 1 llama_ner/train_deepspeed.py …` or `torchrun "
                         "--nproc_per_node 1 llama_ner/train_deepspeed.py …` (DeepSpeed needs a launcher)",
@@ -133,12 +123,15 @@ def check_run(args):
     check_speed_flags(args, on_gpu)
     conf = deepspeed_config(find_deepspeed_json(args.deepspeed_jaon_path), args, on_gpu)
     conf["steps_per_print"] = args.log_steps
-    bits = check_quantization(args, conf)
+    bits, stage = check_settings(args, conf, on_gpu)
     conf["gradient_clipping"] = 1.0  # the original clipped model grads by hand; DeepSpeed clips unscaled grads
     resume = resume_point(args.resume_from_checkpoint, checkpoint_root(args))
     if resume and args.max_steps > 0:  # a finished run changes nothing (not even train_args.json)
-        stop_at_end(os.path.join(*resume), resumed_step(resume), args.max_steps, "--max_steps=N")
-    return on_gpu, conf, bits, resume
+        stop_at_end(os.path.join(*resume), resumed_step(resume), args.max_steps, SPELLING.max_steps)
+    resolve_data_paths(args, CONFIG, ("train_path",))
+    run = RunPlan(args.save_dir, "lora", bits, stage, os.path.join(*resume) if resume else None, args.seed,
+                  (args.train_path,), args.overwrite_output_dir, SPELLING)
+    return on_gpu, conf, run, resume
 
 
 def claim_output_folder(args, resume, model_dir: str):
@@ -220,8 +213,7 @@ def train(engine, loader, sampler, args, conf, total_step: int, global_step: int
 
 def main():
     args = ConfigParser(CONFIG, help_text=__doc__, help_keys=HELP).parse_main()
-    on_gpu, conf, bits, resume = check_run(args)
-    resolve_data_paths(args, CONFIG, ("train_path",))
+    on_gpu, conf, run, resume = check_run(args)
     load_data(args.train_path, (args.instruct_column, args.query_column, args.response_column))  # fail fast
 
     from model_hub.loader import load_tokenizer, resolve_model_path
@@ -230,10 +222,8 @@ def main():
     train_data = load_training_rows(args, tokenizer)
     claim = claim_output_folder(args, resume, resolve_model_path(args.model_dir))
 
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_for_lora(args, bits, dtype="fp16" if on_gpu else "fp32")
-    model = apply_lora(model, r=args.lora_r, **get_family("llama").lora())
-    distributed.say(trainable_summary(model))
+    model, tokenizer = load_for_lora(args, run, dtype="fp16" if on_gpu else "fp32")
+    model = add_lora(run, model, args.lora_r)
 
     import deepspeed
 

@@ -18,21 +18,18 @@ import os
 
 import tuning  # noqa: F401  (first: silences library lines no user can act on, before those load)
 import torch
-from transformers import TrainerCallback, TrainingArguments, set_seed
+from transformers import TrainerCallback, TrainingArguments
 
-from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, adapter_dir, check_quantization, check_speed_flags,
-                              check_values, deepspeed_config, find_deepspeed_json, learning_rate, load_for_lora,
-                              load_training_rows, resolve_data_paths, save_adapter, show_args, training_inputs,
-                              write_train_args)
+from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, SPELLING, adapter_dir, add_lora, check_settings,
+                              check_speed_flags, check_values, deepspeed_config, find_deepspeed_json, learning_rate,
+                              load_for_lora, load_training_rows, resolve_data_paths, save_adapter, show_args,
+                              training_inputs, write_train_args)
 from llama_ner.config_utils import ConfigParser
 from llama_ner.dataset import load_data
-from model_hub.registry import get_family
 from tuning import distributed
-from tuning.checkpoints import AtomicTrainer, claim_run_folder
+from tuning.checkpoints import AtomicTrainer
 from tuning.errors import run_main
-from tuning.methods import apply_lora, trainable_summary
-from tuning.training import (DataNotesAtEnd, LossPlot, NanGuard, check_precision, check_resume_launcher,
-                             resolve_resume, stop_if_finished)
+from tuning.run_plan import claim_output, plan_run, training_callbacks
 
 CONFIG = {**BASE_CONFIG, "deepspeed_jaon_path": "deepspeed.json", **EXTRA_CONFIG}
 
@@ -56,17 +53,15 @@ def main():
     show_args(args)
     on_gpu = torch.cuda.is_available()
     use_deepspeed = args.local_rank != -1
-    check_precision(fp16=False, bf16=args.bf16, use_cpu=not on_gpu)
     check_values(args)
     check_speed_flags(args, on_gpu)
-    resume = resolve_resume(args.resume_from_checkpoint, args.save_dir)
-    stop_if_finished(resume, args.max_steps, args.num_train_epochs, "--max_steps=N")
-    check_resume_launcher(resume, use_deepspeed, "relaunch with `deepspeed llama_ner/train_trainer.py …`",
-                          "relaunch with `python` (or `torchrun`), not `deepspeed`")
-    ds_path = find_deepspeed_json(args.deepspeed_jaon_path)
-    ds_config = deepspeed_config(ds_path, args, on_gpu)  # lr and fp16 come from it even without DeepSpeed
-    bits = check_quantization(args, ds_config if use_deepspeed else None)
+    ds_config = deepspeed_config(find_deepspeed_json(args.deepspeed_jaon_path), args, on_gpu)  # lr, fp16 from it
+    bits, stage = check_settings(args, ds_config if use_deepspeed else None, on_gpu)
     resolve_data_paths(args, CONFIG, ("train_path",))
+    run = plan_run(output_dir=args.save_dir, method="lora", bits=bits, zero_stage=stage,
+                   resume=args.resume_from_checkpoint,
+                   max_steps=args.max_steps, num_train_epochs=args.num_train_epochs, seed=args.seed,
+                   inputs=[args.train_path], overwrite=args.overwrite_output_dir, spelling=SPELLING)
     load_data(args.train_path, (args.instruct_column, args.query_column, args.response_column))  # fail fast
 
     from model_hub.loader import load_tokenizer, resolve_model_path
@@ -74,17 +69,13 @@ def main():
     tokenizer = load_tokenizer(args.model_dir)
     train_data = load_training_rows(args, tokenizer)
     distributed.say(f"train rows: {len(train_data)}")
-    claim_run_folder(args.save_dir, resume, "--resume_from_checkpoint=last", resolve_model_path(args.model_dir),
-                     inputs=[args.train_path], overwrite=args.overwrite_output_dir,
-                     flag="--overwrite_output_dir=true")
+    claim_output(run, resolve_model_path(args.model_dir))
     if distributed.is_main():
         write_train_args(args, adapter_dir(args))
 
     # fp32 master weights; the GPU run gets fp16 mixed precision from deepspeed.json, the CPU run bf16 autocast.
-    model, tokenizer = load_for_lora(args, bits, dtype="fp32")
-    set_seed(args.seed)  # the adapter's random init: the same seed gives the same run
-    model = apply_lora(model, r=args.lora_r, **get_family("llama").lora())
-    distributed.say(trainable_summary(model))
+    model, tokenizer = load_for_lora(args, run, dtype="fp32")
+    model = add_lora(run, model, args.lora_r)
 
     training_rows = training_inputs(args, tokenizer, model, train_data)
     fp16 = on_gpu and not args.bf16 and bool(ds_config.get("fp16", {}).get("enabled"))  # as the original on a GPU
@@ -98,10 +89,9 @@ def main():
         deepspeed=ds_config if use_deepspeed else None,
     )))
     trainer = AtomicTrainer(model=model, args=training_args, callbacks=[
-        AdapterToSaveDir(adapter_dir(args)), NanGuard(model), LossPlot(), DataNotesAtEnd()],
-        **training_rows.trainer_inputs())
-    trainer.resume_hint = "--resume_from_checkpoint=last"
-    trainer.train(resume_from_checkpoint=resume)
+        AdapterToSaveDir(adapter_dir(args)), *training_callbacks(model)], **training_rows.trainer_inputs())
+    trainer.resume_hint = SPELLING.resume
+    trainer.train(resume_from_checkpoint=run.resume)
     distributed.say(f"adapter: {adapter_dir(args)}")
     distributed.say(f"loss curve: {os.path.join(args.save_dir, 'loss.png')}")
     return trainer

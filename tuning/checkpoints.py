@@ -101,6 +101,38 @@ def rotate_folders(run_dir: str, oldest_first: list[str], limit: int | None, kee
         excess -= 1
 
 
+def save_checkpoint_staged(run_dir: str, name: str, write, claim, rotate_after, is_saver: bool, device=None,
+                           before_publish=None) -> BaseException | None:
+    """The one way a checkpoint is saved, by the Trainer recipes and the raw DeepSpeed loop alike: every rank's
+    `write(staging)` fills run_dir/.saving-NAME/NAME; when that worked on every rank, the saver checks with
+    `claim()` (tuning.run_folder.Claim) that NAME is this run's to replace, marks it as this run's, renames it to
+    run_dir/NAME in one step (`publish`) and calls `rotate_after(final, claim)`. Returns the error of a failed write
+    (nothing published, older checkpoints untouched), else None."""
+    staging = os.path.join(run_dir, STAGING + name)
+    if is_saver:
+        os.makedirs(run_dir, exist_ok=True)
+        remove_leftovers(run_dir)
+
+    def finish():
+        final = os.path.join(run_dir, name)
+        if before_publish is not None:
+            before_publish(os.path.join(staging, name))
+        owner = claim()
+        owner.check_replace(final)
+        owner.mark(os.path.join(staging, name))
+        publish(os.path.join(staging, name), final)
+        rotate_after(final, owner)
+
+    return save_collectively(lambda: write(staging), staging, finish, is_saver, device)
+
+
+def save_failed(name: str, error: BaseException, last_good: str | None, resume_hint: str) -> str:
+    """The one line a failed checkpoint save stops training with."""
+    good = (f"{last_good} is the last good checkpoint; free space and resume with {resume_hint}" if last_good
+            else "there is no earlier checkpoint; free space and start again")
+    return f"saving {name} failed ({failure_reason(error)}); nothing of it was kept. {good}"
+
+
 def save_pretrained_atomically(save, folder: str) -> None:
     """`save(tmp)` writes a model/adapter into a temporary folder; its files then replace those in `folder` one
     by one (each file whole or not at all). One process only; collective saves use `save_collectively`."""
@@ -218,31 +250,27 @@ class AtomicCheckpoints(TrainerCheckpointHooks):
     def save_checkpoint(self, model, trial):
         run_dir = self.trainer_run_dir(trial)
         name = f"checkpoint-{self.state.global_step}"
-        staging = os.path.join(run_dir, STAGING + name)
-        saver = self.args.should_save
-        if saver:
-            os.makedirs(run_dir, exist_ok=True)
-            remove_leftovers(run_dir)
 
-        def write():
+        def write(staging):
             self.trainer_save_checkpoint(model, trial, into=staging)
 
-        def finish():
-            final = os.path.join(run_dir, name)
-            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging):
-                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(
-                    self.state.best_model_checkpoint))
-                self.state.save_to_json(os.path.join(staging, name, "trainer_state.json"))
-            claim = self._claim or claim_run_folder(run_dir, None, self.resume_hint)
-            claim.check_replace(final)
-            claim.mark(os.path.join(staging, name))
-            publish(os.path.join(staging, name), final)
-            keep = {final} | ({self.state.best_model_checkpoint} if self.state.best_model_checkpoint else set())
-            rotate(run_dir, self.args.save_total_limit, keep, claim.owned)
+        def best_model_renamed(staged):  # a best checkpoint named by its staging path gets its final name
+            best = self.state.best_model_checkpoint
+            if best and best.startswith(os.path.dirname(staged)):
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+                self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
 
-        error = save_collectively(write, staging, finish, saver, self.args.device)
+        def rotate_after(final, claim):
+            best = self.state.best_model_checkpoint
+            rotate(run_dir, self.args.save_total_limit, {final} | ({best} if best else set()), claim.owned)
+
+        error = save_checkpoint_staged(run_dir, name, write,
+                                       lambda: self._claim or claim_run_folder(run_dir, None, self.resume_hint),
+                                       rotate_after, self.args.should_save, self.args.device, best_model_renamed)
         if error is not None:
-            raise TrainingStopped(self._save_failed(name, run_dir, error)) from error
+            found = list_checkpoints(run_dir)
+            raise TrainingStopped(save_failed(name, error, found[-1][1] if found else None,
+                                              self.resume_hint)) from error
 
     def save_model(self, output_dir=None, _internal_call=False):
         """The final weights (a call from the recipe, not from a checkpoint save, which is staged already) go to
@@ -264,15 +292,6 @@ class AtomicCheckpoints(TrainerCheckpointHooks):
                                   f"files there before were kept{kept}") from error
         if self.args.push_to_hub:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
-
-    def _save_failed(self, name: str, run_dir: str, error) -> str:
-        found = list_checkpoints(run_dir)
-        if found:
-            good = f"{found[-1][1]} is the last good checkpoint; free space and resume with {self.resume_hint}"
-        else:
-            good = "there is no earlier checkpoint; free space and start again"
-        return f"saving {name} failed ({failure_reason(error)}); nothing of it was kept. {good}"
-
 
 class AtomicTrainer(AtomicCheckpoints, Trainer):
     """transformers.Trainer whose checkpoints are written atomically."""
