@@ -74,6 +74,7 @@ def measured(tmp_path_factory):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_full_dpo_row_is_within_15_percent_of_the_measured_peak(measured):
     arch = em.arch_from_config(measured["config"], "tiny GLM-4 config")
     result = em.estimate(arch, "sft", objective="dpo", dtype="fp32", batch_size=PAIRS, seq_len=SEQ,
