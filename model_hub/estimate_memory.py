@@ -5,9 +5,14 @@
     python -m model_hub.estimate_memory glm-4-9b-chat lora --quantization_bit 4 --seq_len 1025      # QLoRA
     python -m model_hub.estimate_memory glm-4-9b-chat sft --zero_stage 3 --num_gpus 8 --seq_len 769 --json
     python -m model_hub.estimate_memory path/to/config.json ptuning_v2 --prefix_length 512
+    python -m model_hub.estimate_memory glm-4-9b-chat lora --objective dpo --seq_len 1024   # preference/train_dpo.py
+    python -m model_hub.estimate_memory all --objective dpo --seq_len 1024 --gradient_checkpointing true  # table
 
 MODEL is a registered name (chatglm-6b, glm-4-9b-chat, llama-7b, chinese-llama-7b, chinese-alpaca-7b: the real
-config vendored in model_hub/tokenizer_files/) or a config.json / model folder. METHOD is lora, ptuning_v2 or sft.
+config vendored in model_hub/tokenizer_files/) or a config.json / model folder; "all": one row per real model
+(ChatGLM-6B, Chinese-Alpaca-7B, GLM-4-9B) × LoRA, QLoRA 4-bit, full fine-tuning. METHOD is lora, ptuning_v2 or sft
+(full fine-tuning). --objective: sft (default), or preference training with TRL 1.16 (preference/train_dpo.py): dpo
+(and its other pairwise losses), orpo, kto; --batch_size then counts pairs (dpo, orpo) or completions (kto).
 
 Assumptions (all bytes, per GPU):
 - parameters are counted exactly from the config (ChatGLM-6B: 6,173,286,400; GLM-4-9B: 9,399,951,360).
@@ -36,6 +41,18 @@ Assumptions (all bytes, per GPU):
 - fixed overhead --overhead_mib (default 600 MiB): the CUDA context with PyTorch's kernels loaded (~500 MiB on an
   A100 with PyTorch 2) plus cuBLAS workspaces; a constant, not fitted. Allocator caching and fragmentation, and the
   evaluation/generation phase, are not modelled: nvidia-smi figures include them.
+- preference objectives (TRL 1.16), on top of the above:
+  dpo: chosen and rejected go through the model in one batch: activations of 2·b rows. The reference: LoRA and QLoRA
+  = the same weights with the adapter disabled (nothing more; continuing an SFT adapter adds its frozen copy, adapter-
+  sized); full fine-tuning = a frozen second copy of the weights in --dtype ("reference_weights": no gradients, no
+  optimizer states; split over --num_gpus with ZeRO-3). Its forward runs without autograd after the policy's and
+  keeps nothing, so it adds no peak. The output layer is TRL's fused LM head (no b·s·V logits): one tile of 4,096
+  tokens × 32,768 vocabulary entries in --dtype, the scored hidden states kept for backward (--dtype) and their fp32
+  gradient (4 B · tokens · h), and, when the output layer trains (full) in 16 bits, its fp32 gradient accumulator
+  (4 B · V · h; in fp32 the accumulator is the gradient itself).
+  kto: as dpo with b rows (the KL rows run without autograd). orpo (trl.experimental, no reference model, no fused
+  head): activations of 2·b rows, the full logits of the 2·b rows and their log-softmax in --dtype (2 × dtype B per
+  logit), and the chosen half's NLL term (shifted copy and log-softmax: 2 × dtype B per logit of b rows).
 """
 import argparse
 import json
@@ -47,6 +64,9 @@ from tuning.errors import UserError, parse_bool, run_main
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 METHODS = ("lora", "ptuning_v2", "sft")
+OBJECTIVES = ("sft", "dpo", "orpo", "kto")
+FUSED_TOKENS, FUSED_VOCAB = 4096, 32768  # TRL's fused LM head tile (trl.kernels.chunked_logprob, trl.trainer.utils)
+REAL_MODELS = ("chatglm-6b", "chinese-alpaca-7b", "glm-4-9b-chat")
 MIB = 2**20
 NF4_BLOCK, ABSMAX_BLOCK = 64, 256        # bitsandbytes: 64 weights per absmax, 256 absmax per fp32 scale
 NF4_CODE, DYNAMIC_CODE = 16 * 4, 256 * 4  # the nf4 and the 8-bit absmax code tables, fp32, per layer
@@ -196,10 +216,16 @@ def activation_bytes(arch: Arch, *, batch: int, seq: int, prefix: int, act_bytes
 def estimate(arch: Arch, method: str, *, dtype: str = "bf16", batch_size: int = 1, seq_len: int = 512,
              gradient_checkpointing: bool = False, zero_stage: int = 0, num_gpus: int = 1, load_in_8bit: bool = False,
              quantization_bit: int | None = None, lora_rank: int = 8, lora_targets: list[str] | None = None, prefix_length: int = 128,
-             optimizer_states: str = "fp32", attention: str | None = None, overhead_mib: float = 600) -> dict:
+             optimizer_states: str = "fp32", attention: str | None = None, overhead_mib: float = 600,
+             objective: str = "sft") -> dict:
     """Bytes per GPU of each part; see the module docstring for the formulas."""
     if method not in METHODS:
         raise UserError(f"expected one of {', '.join(METHODS)}, got {method!r}", field="METHOD")
+    if objective not in OBJECTIVES:
+        raise UserError(f"expected one of {', '.join(OBJECTIVES)}, got {objective!r}", field="objective")
+    if objective != "sft" and method == "ptuning_v2":
+        raise UserError("preference training (preference/train_dpo.py) trains LoRA or all weights, not P-tuning v2",
+                        field="objective")
     if load_in_8bit and quantization_bit not in (None, 8):
         raise UserError(f"--load_in_8bit and --quantization_bit {quantization_bit} contradict each other",
                         field="quantization_bit")
@@ -242,11 +268,30 @@ def estimate(arch: Arch, method: str, *, dtype: str = "bf16", batch_size: int = 
         grads = trainable * 4
         optimizer = trainable * 8
     act_bytes = 4 if dtype == "fp32" else 2
-    acts = activation_bytes(arch, batch=batch_size, seq=seq_len, prefix=prefix, act_bytes=act_bytes,
+    rows = 2 * batch_size if objective in ("dpo", "orpo") else batch_size  # chosen + rejected in one batch
+    acts = activation_bytes(arch, batch=rows, seq=seq_len, prefix=prefix, act_bytes=act_bytes,
                             checkpointing=gradient_checkpointing, attention=attention or arch.attention)
     parts = {"weights": weights, "gradients": grads, "optimizer_states": optimizer,
              "activations": acts["layers"], "logits_and_loss": acts["logits"], "cuda_overhead": overhead_mib * MIB}
+    if objective != "sft":
+        parts["logits_and_loss"] = preference_head_bytes(arch, objective, rows, seq_len, act_bytes,
+                                                         output_layer_trains=method == "sft")
+        full_reference = method == "sft" and objective != "orpo"
+        reference = params["total"] * wbytes / (num_gpus if zero_stage == 3 else 1) if full_reference else 0
+        parts = {"weights": weights, "reference_weights": reference, **{k: v for k, v in parts.items()
+                                                                         if k != "weights"}}
     return {"parts": parts, "total": sum(parts.values()), "parameters": params["total"], "trainable": trainable}
+
+
+def preference_head_bytes(arch: Arch, objective: str, rows: int, seq: int, act_bytes: int,
+                          output_layer_trains: bool) -> int:
+    """Output layer and loss of a preference step (module docstring): TRL's fused LM head, or ORPO's full logits."""
+    logits = rows * seq * arch.vocab
+    if objective == "orpo":
+        return 2 * act_bytes * logits + 2 * act_bytes * logits // 2
+    tokens = rows * seq
+    head = min(tokens, FUSED_TOKENS) * min(arch.vocab, FUSED_VOCAB) * act_bytes + tokens * arch.hidden * (act_bytes + 4)
+    return head + (4 * arch.vocab * arch.hidden if output_layer_trains and act_bytes < 4 else 0)
 
 
 def default_lora_targets(arch: Arch) -> tuple[str, ...]:
@@ -271,11 +316,43 @@ class OneLineParser(argparse.ArgumentParser):
         raise UserError(message, field="arguments")
 
 
+TABLE_ROWS = (("LoRA", "lora", None), ("QLoRA 4-bit", "lora", 4), ("full", "sft", None))
+
+
+def table_rows(options: dict) -> list[dict]:
+    """MODEL "all": the three real models × LoRA, QLoRA 4-bit, full fine-tuning, with the other options as given."""
+    rows = []
+    for model in REAL_MODELS:
+        arch, _ = load_arch(model)
+        for label, method, bits in TABLE_ROWS:
+            keep = {k: v for k, v in options.items() if k not in ("load_in_8bit", "quantization_bit", "lora_targets")
+                    and not (k == "zero_stage" and method != "sft")}
+            result = estimate(arch, method, quantization_bit=bits, **keep)
+            rows.append({"model": model, "method": label, **{k: v / MIB for k, v in result["parts"].items()},
+                         "total": result["total"] / MIB})
+    return rows
+
+
+def render_table(rows: list[dict], options: dict) -> str:
+    parts = [k for k in rows[0] if k not in ("model", "method", "total")]
+    shown = {k: v for k, v in options.items() if v is not None and k not in ("lora_targets", "load_in_8bit",
+                                                                               "quantization_bit", "prefix_length")}
+    lines = [", ".join(f"{k} {v}" for k, v in shown.items()) + " (MiB)",
+             "| model | method | " + " | ".join(parts) + " | total GB |", "|---|---|" + "---:|" * (len(parts) + 1)]
+    for row in rows:
+        cells = " | ".join(f"{row[k]:,.0f}" for k in parts)
+        lines.append(f"| {row['model']} | {row['method']} | {cells} | {row['total'] * MIB / 1e9:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = OneLineParser(prog="python -m model_hub.estimate_memory", description=__doc__.split("\n\n")[0],
                            epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="registered name or config.json / model folder")
-    parser.add_argument("method", choices=METHODS)
+    parser.add_argument("model", help="registered name or config.json / model folder; all: the table of the three "
+                                      "real models")
+    parser.add_argument("method", choices=METHODS, nargs="?", help="required unless MODEL is all")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="sft",
+                        help="sft, or preference training: dpo, orpo, kto (batch_size = pairs / completions)")
     parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="weights and activations")
     parser.add_argument("--batch_size", type=int, default=1, help="micro batch per GPU")
     parser.add_argument("--seq_len", type=int, default=512, help="tokens per sequence (the padded length)")
@@ -295,22 +372,28 @@ def main(argv=None):
     parser.add_argument("--overhead_mib", type=float, default=600, help="CUDA context and workspaces")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args(argv)
+    options = dict(objective=args.objective, dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
+                   gradient_checkpointing=args.gradient_checkpointing, zero_stage=args.zero_stage,
+                   num_gpus=args.num_gpus, load_in_8bit=args.load_in_8bit, quantization_bit=args.quantization_bit,
+                   lora_rank=args.lora_rank, lora_targets=args.lora_targets.split(",") if args.lora_targets else None,
+                   prefix_length=args.prefix_length, optimizer_states=args.optimizer_states,
+                   attention=args.attention, overhead_mib=args.overhead_mib)
+    if args.model == "all":
+        rows = table_rows(options)
+        print(json.dumps(rows, indent=2) if args.json else render_table(rows, options))
+        return rows
+    if args.method is None:
+        raise UserError("give METHOD (lora, ptuning_v2 or sft), or MODEL all for the table", field="METHOD")
     arch, path = load_arch(args.model)
-    settings = {"model": args.model, "method": args.method, "dtype": args.dtype, "batch_size": args.batch_size,
-                "seq_len": args.seq_len, "gradient_checkpointing": args.gradient_checkpointing,
-                "zero_stage": args.zero_stage, "num_gpus": args.num_gpus,
-                "quantization_bit": 8 if args.load_in_8bit else args.quantization_bit}
+    settings = {"model": args.model, "method": args.method, "objective": args.objective, "dtype": args.dtype,
+                "batch_size": args.batch_size, "seq_len": args.seq_len,
+                "gradient_checkpointing": args.gradient_checkpointing, "zero_stage": args.zero_stage,
+                "num_gpus": args.num_gpus, "quantization_bit": 8 if args.load_in_8bit else args.quantization_bit}
     if args.method == "lora":
         settings.update(lora_rank=args.lora_rank, lora_targets=args.lora_targets or ",".join(default_lora_targets(arch)))
     if args.method == "ptuning_v2":
         settings["prefix_length"] = args.prefix_length
-    result = estimate(arch, args.method, dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
-                      gradient_checkpointing=args.gradient_checkpointing, zero_stage=args.zero_stage,
-                      num_gpus=args.num_gpus, load_in_8bit=args.load_in_8bit,
-                      quantization_bit=args.quantization_bit, lora_rank=args.lora_rank,
-                      lora_targets=args.lora_targets.split(",") if args.lora_targets else None,
-                      prefix_length=args.prefix_length, optimizer_states=args.optimizer_states,
-                      attention=args.attention, overhead_mib=args.overhead_mib)
+    result = estimate(arch, args.method, **options)
     if args.json:
         print(json.dumps({"settings": settings, "config": path, "arch": asdict(arch), **result,
                           "total_mib": result["total"] / MIB}, indent=2))
