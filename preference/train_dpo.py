@@ -1,10 +1,12 @@
-"""Preference training after SFT (DPO, IPO and TRL's other pairwise losses; KTO on unpaired data) with TRL 1.x, for
-the three recipes' models, with the prompts they were trained on.
+"""Preference training after SFT (DPO, IPO and TRL's other pairwise losses; KTO on unpaired data; the
+reference-free ORPO and SimPO) with TRL 1.x, for the three recipes' models, with the prompts they were trained on.
 
     python preference/train_dpo.py --adapter=build/llama-ner/train_trainer/adapter_model \\
         --train_path=build/preference/msra_ner_pairs.jsonl --save_dir=build/preference/llama-ner-dpo
     python preference/train_dpo.py --model_dir=tiny:glm-4-9b-chat --train_path=pairs.jsonl --save_dir=out \\
         --loss_type=ipo --beta=0.1
+    python preference/train_dpo.py --model_dir=tiny:chinese-alpaca-7b --train_path=pairs.jsonl --save_dir=out \\
+        --loss_type=orpo --quantization_bit=4          (or --loss_type=simpo --simpo_gamma=0.5; --finetuning_type=full)
     python preference/train_dpo.py --model_dir=tiny:glm-4-9b-chat --train_path=pairs.jsonl --check_only=true
 
 Start: --adapter=SFT_LORA_FOLDER (a recipe's LoRA output; its base from adapter_config.json, or --model_dir) keeps
@@ -12,14 +14,18 @@ training that adapter and the reference is the SFT model itself (TRL keeps a fro
 adapter's size, not a second copy of the weights); or --model_dir alone: a new LoRA (the recipe's targets, alpha,
 dropout; r = --lora_r) and the reference is the base (the adapter disabled). The prompt format is the one the
 adapter recorded (prompt_format.json), else the family's (serving's rule), else --prompt_format.
+--quantization_bit=4/8: QLoRA, the base in 4/8 bits (frozen), as the SFT recipes. --finetuning_type=full: every
+weight trains and the DPO/KTO reference is a frozen copy of the start weights (an --adapter is merged first).
+ORPO and SimPO need no reference at all (preference/methods.py). Deviation from TRL's ORPO: its NLL term scores the
+answer only, not the prompt too (the SFT recipes' and the DPO path's scored tokens; preference/reference_free.py).
 
 Data: {"prompt" | "messages", "chosen", "rejected"} JSON/JSONL (--loss_type=kto: {"prompt" | "messages",
 "completion", "label"}), tokenized exactly as the SFT recipe tokenizes (preference/pairs.py). --check_only=true
 validates and tokenizes the file (tokenizer only, no model, nothing written): counts, drops by reason, lengths.
 Bad data: one line `file:line: field: expected …`, exit code 2, nothing written.
 
-Output (--save_dir): a PEFT adapter (adapter_config.json + adapter_model.safetensors), the tokenizer,
-prompt_format.json, loss.png and margins.png; checkpoints save_dir/checkpoint-N written atomically
+Output (--save_dir): a PEFT adapter (adapter_config.json + adapter_model.safetensors; --finetuning_type=full: the
+whole model's config.json + model.safetensors), the tokenizer, prompt_format.json, loss.png and margins.png; checkpoints save_dir/checkpoint-N written atomically
 (--resume_from_checkpoint=last resumes). Serve it like any adapter: python -m serving.api --adapter SAVE_DIR.
 """
 import argparse
@@ -32,8 +38,7 @@ from tuning.errors import UserError, parse_bool, run_main
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
               "apo_zero", "apo_down", "discopop", "sigmoid_norm")
-NOT_YET = {"orpo": "ORPO is in trl.experimental.orpo (reference-free, its own trainer): not wired here yet",
-           "simpo": "SimPO is CPOTrainer(loss_type='simpo') in trl.experimental.cpo: not wired here yet"}
+METHODS = (*DPO_LOSSES, "kto", "orpo", "simpo")
 
 
 def parse_args(argv=None):
@@ -46,9 +51,17 @@ def parse_args(argv=None):
     add("--save_dir", default=None, help="output folder: adapter, tokenizer, checkpoints (required unless "
                                          "--check_only)")
     add("--check_only", type=parse_bool, default=False, help="true: check and count the data, load no model")
-    add("--loss_type", default="sigmoid", help=f"DPO losses of TRL 1.16: {', '.join(DPO_LOSSES)}; or kto "
-                                               "(unpaired data, KTOTrainer)")
-    add("--beta", type=float, default=0.1, help="strength of the pull to the reference (IPO: its tau)")
+    add("--loss_type", default="sigmoid", help=f"DPO losses of TRL 1.16: {', '.join(DPO_LOSSES)}; kto (unpaired "
+                                               "data, KTOTrainer); orpo or simpo (reference-free: no reference model; "
+                                               "trl.experimental's ORPOTrainer and CPOTrainer(loss_type=simpo))")
+    add("--beta", type=float, default=None, help="DPO/KTO: strength of the pull to the reference (IPO: its tau); "
+                                                 "ORPO: the weight lambda of its odds-ratio term; SimPO: the reward "
+                                                 "scale. Default 0.1, SimPO 2.0 (its paper's)")
+    add("--simpo_gamma", type=float, default=0.5, help="SimPO: the target reward margin gamma (TRL's default)")
+    add("--finetuning_type", default="lora", help="lora (default; QLoRA with --quantization_bit) or full: every "
+                                                  "weight trains, the DPO/KTO reference is a frozen copy of the start "
+                                                  "weights (twice the weights in memory; with --adapter, the SFT "
+                                                  "adapter merged into its base first); ORPO/SimPO keep no reference")
     add("--max_length", type=int, default=512, help="prompt + answer tokens; longer rows are cut at the end")
     add("--lora_r", type=int, default=8, help="rank of a new LoRA (with --model_dir alone)")
     add("--learning_rate", type=float, default=5e-6)
@@ -61,7 +74,8 @@ def parse_args(argv=None):
     add("--save_total_limit", type=int, default=2)
     add("--seed", type=int, default=42)
     add("--bf16", type=parse_bool, default=False, help="true: bf16 mixed precision (CPU: ~2x faster than fp32)")
-    add("--quantization_bit", type=int, default=None, help="4 or 8: QLoRA base weights (bitsandbytes)")
+    add("--quantization_bit", type=int, default=None, help="4 or 8: QLoRA, the base in 4/8 bits (bitsandbytes), "
+                                                           "frozen, a LoRA on top; not with --finetuning_type=full")
     add("--resume_from_checkpoint", default=None, help="a checkpoint path, a step N, or last")
     add("--overwrite_output_dir", type=parse_bool, default=False, help="true: write into a foreign non-empty folder")
     args = parser.parse_args(argv)
@@ -70,16 +84,18 @@ def parse_args(argv=None):
 
 
 def check_args(args) -> None:
-    if args.loss_type in NOT_YET:
-        raise UserError(NOT_YET[args.loss_type], field="loss_type")
-    if args.loss_type not in (*DPO_LOSSES, "kto"):
-        raise UserError(f"expected one of {', '.join(DPO_LOSSES)}, kto; got {args.loss_type!r}", field="loss_type")
+    from preference.methods import check_method
+
+    if args.loss_type not in METHODS:
+        raise UserError(f"expected one of {', '.join(METHODS)}; got {args.loss_type!r}", field="loss_type")
+    check_method(args)
     for key in ("max_length", "lora_r", "train_batch_size", "gradient_accumulation_steps", "save_steps",
                 "log_steps"):
         if getattr(args, key) < 1:
             raise UserError(f"expected a whole number >= 1, got {getattr(args, key)}", field=key)
-    if not (args.beta > 0 and args.learning_rate > 0):
-        raise UserError("expected positive numbers", field="beta" if args.beta <= 0 else "learning_rate")
+    for key in ("beta", "learning_rate", "simpo_gamma"):
+        if not getattr(args, key) > 0:
+            raise UserError(f"expected a positive number, got {getattr(args, key)}", field=key)
     if not args.model_dir and not args.adapter:
         raise UserError("give --model_dir (a base model or tiny:NAME) or --adapter (a recipe's LoRA output)",
                         field="model_dir")
@@ -123,62 +139,6 @@ def read_pairs(args, tokenizer, prompt_format: str):
     return rows, report
 
 
-def load_policy(args, model_dir: str, bits):
-    """(model, tokenizer, peft_config): a recipe's LoRA made trainable again, or the base and a new LoRA's config
-    (TRL wraps it, so the reference is the base with the adapter disabled)."""
-    from model_hub.loader import load_adapted
-    from model_hub.registry import family_of_config, get_family
-    from peft import LoraConfig, TaskType
-    from tuning.distributed import local_device
-    from tuning.methods import prepare_quantized_base
-
-    model, tokenizer = load_adapted(model_dir, args.adapter, dtype="fp32", device=str(local_device()),
-                                    quantization_bit=bits, base_flag="--model_dir")
-    model.train()
-    model.config.use_cache = False
-    if args.adapter:
-        model.peft_config["default"].inference_mode = False
-        for name, param in model.named_parameters():
-            param.requires_grad_(".lora_" in name and ".default." in name)
-        return model, tokenizer, None
-    if bits:
-        prepare_quantized_base(model)
-    lora = get_family(family_of_config(model.config)).lora()
-    return model, tokenizer, LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.lora_r, lora_alpha=lora["alpha"],
-                                        lora_dropout=lora["dropout"], target_modules=list(lora["target_modules"]))
-
-
-def trainer_config(args, on_gpu: bool):
-    from trl import DPOConfig, KTOConfig
-
-    from tuning import distributed
-
-    common = dict(
-        output_dir=args.save_dir, learning_rate=args.learning_rate, per_device_train_batch_size=args.train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, num_train_epochs=args.num_train_epochs,
-        max_steps=args.max_steps, save_strategy="steps", save_steps=args.save_steps, logging_steps=args.log_steps,
-        save_total_limit=args.save_total_limit, seed=args.seed, bf16=args.bf16, fp16=False, use_cpu=not on_gpu,
-        beta=args.beta, max_length=args.max_length, activation_checkpointing=False, report_to=["tensorboard"],
-        dataloader_num_workers=0, pad_to_multiple_of=None,
-    )
-    common = distributed.trainer_arguments(common)
-    if args.loss_type == "kto":
-        return KTOConfig(**common, train_sampling_strategy="sequential")  # the KL rows are built per batch
-    return DPOConfig(**common, loss_type=[args.loss_type])
-
-
-def save_result(trainer, model, tokenizer, args, prompt_format: str) -> None:
-    """The adapter (TRL's frozen "ref" copy left out), tokenizer and prompt record into save_dir, each file whole."""
-    from model_hub.prompt_format import record_prompt_format
-    from tuning.checkpoints import save_pretrained_atomically
-    from tuning.distributed import is_main
-
-    if is_main():
-        save_pretrained_atomically(lambda folder: (model.save_pretrained(folder, selected_adapters=["default"]),
-                                                   tokenizer.save_pretrained(folder)), args.save_dir)
-        record_prompt_format(args.save_dir, prompt_format, "preference")
-
-
 def main(argv=None):
     args = parse_args(argv)
     from model_hub.loader import has_tokenizer, load_tokenizer, quantization_bits, tokenizer_from_folder
@@ -198,7 +158,8 @@ def main(argv=None):
 
     from tuning.checkpoints import claim_run_folder
     from tuning.training import DataNotesAtEnd, LossPlot, NanGuard, check_precision, resolve_resume, stop_if_finished
-    from preference.trainers import MarginPlot, PreferenceDPOTrainer, PreferenceKTOTrainer
+    from preference.methods import build_trainer, load_policy, save_result
+    from preference.trainers import MarginPlot
 
     on_gpu = torch.cuda.is_available()
     check_precision(fp16=False, bf16=args.bf16, use_cpu=not on_gpu)
@@ -213,15 +174,13 @@ def main(argv=None):
     dataset = Dataset.from_list(rows)
     if args.loss_type == "kto":
         dataset = dataset.shuffle(seed=args.seed)  # KTO reads in order (its KL rows are built per batch)
-    trainer_class = PreferenceKTOTrainer if args.loss_type == "kto" else PreferenceDPOTrainer
-    trainer = trainer_class(model=model, args=trainer_config(args, on_gpu), train_dataset=dataset,
-                            processing_class=tokenizer, peft_config=peft_config,
-                            callbacks=[LossPlot(), MarginPlot(), DataNotesAtEnd()])
+    trainer = build_trainer(args, model, tokenizer, peft_config, dataset, on_gpu,
+                            [LossPlot(), MarginPlot(), DataNotesAtEnd()])
     trainer.add_callback(NanGuard(trainer.model))
     trainer.resume_hint = "--resume_from_checkpoint=last"
     trainer.train(resume_from_checkpoint=resume)
-    save_result(trainer, trainer.model, tokenizer, args, prompt_format)
-    print(f"adapter: {args.save_dir}")
+    save_result(trainer, tokenizer, args, prompt_format)
+    print(f"{'model' if args.finetuning_type == 'full' else 'adapter'}: {args.save_dir}")
     print(f"loss curve: {os.path.join(args.save_dir, 'loss.png')}, reward margins: "
           f"{os.path.join(args.save_dir, 'margins.png')}")
     return trainer

@@ -23,7 +23,40 @@ def _require_columns(dataset, columns) -> None:
         raise ValueError(f"expected pre-tokenized rows (preference.pairs), missing {missing}")
 
 
-class PreferenceDPOTrainer(AtomicCheckpoints, DPOTrainer):
+class SequenceFirstBackbone:
+    """TRL's fused LM head (DPOTrainer, KTOTrainer) runs `model.base_model(...)` and reads its last_hidden_state as
+    [batch, seq, hidden]. ChatGLM-6B's backbone returns [seq, batch, hidden], as the original's does (model_hub keeps
+    that layout); during a fused call only, its output is transposed. Other families are left as they are."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for model in (self.model, self.ref_model):
+            if model is not None:
+                batch_first_for_fused_head(model.get_base_model() if hasattr(model, "get_base_model") else model)
+
+
+def batch_first_for_fused_head(model) -> None:
+    if getattr(model.config, "model_type", None) != "chatglm":
+        return
+    fused_forward = model.forward  # TRL's, set on the instance by add_fused_lm_head
+
+    def transpose(module, inputs, output):
+        output.last_hidden_state = output.last_hidden_state.transpose(0, 1)
+        return output
+
+    def forward(*args, fused_lm_head=False, **kwargs):
+        if not fused_lm_head:
+            return fused_forward(*args, **kwargs)
+        hook = model.base_model.register_forward_hook(transpose)
+        try:
+            return fused_forward(*args, fused_lm_head=True, **kwargs)
+        finally:
+            hook.remove()
+
+    model.forward = forward
+
+
+class PreferenceDPOTrainer(AtomicCheckpoints, SequenceFirstBackbone, DPOTrainer):
     """DPOTrainer over rows {prompt_ids, chosen_ids, rejected_ids}; checkpoints staged and renamed."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -31,7 +64,7 @@ class PreferenceDPOTrainer(AtomicCheckpoints, DPOTrainer):
         return dataset  # rows whose prompt fills max_length were dropped (and counted) by preference.pairs
 
 
-class PreferenceKTOTrainer(AtomicCheckpoints, KTOTrainer):
+class PreferenceKTOTrainer(AtomicCheckpoints, SequenceFirstBackbone, KTOTrainer):
     """KTOTrainer over rows {prompt_ids, completion_ids, label}. The KL term's mismatched completions are built as
     TRL builds them: each batch's completions rotated by one."""
 
