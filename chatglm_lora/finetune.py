@@ -148,9 +148,10 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[FinetuneArguments, T
 
     bits = quantization_bits(finetune_args.quantization_bit, bool(finetune_args.load_in_8bit))  # 4/8, no contradiction
     stage = distributed.zero_stage(values["deepspeed"]) if values.get("deepspeed") else None
+    eight_bit_flag = dict(quantized_by="load_in_8bit", zero3_advice="use a ZeRO-1/2 config (e.g. glm4_finetune/"
+                          "configs/ds_zero_2.json) or --load_in_8bit false") if finetune_args.load_in_8bit else {}
     check_combination(method="lora", bits=bits, zero_stage=stage, fp16=values["fp16"], bf16=values["bf16"],
-                      use_cpu=values["use_cpu"], quantized_by="load_in_8bit" if finetune_args.load_in_8bit
-                      else "quantization_bit")
+                      use_cpu=values["use_cpu"], **eight_bit_flag)
     if stage == 3 and finetune_args.load_in_8bit is None:
         finetune_args.load_in_8bit = False  # the GPU default would be 8-bit; ZeRO-3 shards 16-bit weights
     try:

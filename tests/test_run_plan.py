@@ -27,7 +27,9 @@ HELPERS = {"llama_ner": "llama_ner/common.py", "glm4_finetune": "glm4_finetune/c
     (dict(method="lora", bits=8, zero_stage=3), "quantization_bit",
      "8-bit base weights (bitsandbytes) cannot be partitioned by ZeRO-3; use a ZeRO-1/2 DeepSpeed config or drop "
      "quantization_bit"),
-    (dict(method="lora", bits=8, zero_stage=3, quantized_by="load_in_8bit"), "load_in_8bit",
+    (dict(method="lora", bits=8, zero_stage=3, quantized_by="load_in_8bit",
+          zero3_advice="use a ZeRO-1/2 config (e.g. glm4_finetune/configs/ds_zero_2.json) or --load_in_8bit false"),
+     "load_in_8bit",
      "8-bit base weights (bitsandbytes) cannot be partitioned by ZeRO-3; use a ZeRO-1/2 config (e.g. "
      "glm4_finetune/configs/ds_zero_2.json) or --load_in_8bit false"),
     (dict(method="ptuning", zero_stage=3), "deepspeed",

@@ -1,7 +1,6 @@
 """One training pipeline behind the three recipes' original command lines: a plan checked once, then named phases.
 
-Each recipe keeps its original argument parser (ChatGLM-Tuning's dataclasses, the NER config keys, GLM-4's YAML)
-and calls, in this order:
+Each recipe keeps its original argument parser (dataclasses, config keys or a YAML file) and calls, in this order:
 
     check_combination(...)                   # method × quantization × ZeRO stage × precision: one rule set
     plan = plan_run(...)                     # resume point; a finished run stops here (exit 0)
@@ -41,18 +40,19 @@ class Spelling:
 
 def check_combination(*, method: str, bits: int | None = None, zero_stage: int | None = None, fp16: bool = False,
                       bf16: bool = False, use_cpu: bool = False, spelling: Spelling = Spelling(),
-                      quantized_by: str = "quantization_bit") -> None:
+                      quantized_by: str = "quantization_bit", zero3_advice: str | None = None) -> None:
     """The rules of what trains together, in one place; the first broken one is a UserError whose `field` names
-    the setting (fp16, bf16, quantization_bit / `quantized_by`, deepspeed). `zero_stage` None: no DeepSpeed."""
+    the setting (fp16, bf16, quantization_bit, deepspeed). `zero_stage` None: no DeepSpeed. A recipe whose own flag
+    asked for the k-bit base names it in `quantized_by`, with `zero3_advice` (how to get a ZeRO-3-free run)."""
     from .methods import quantization_conflict
     from .training import check_precision
 
     if method not in METHODS:
         raise ValueError(f"method {method!r}: expected one of {METHODS}")
     check_precision(fp16, bf16, use_cpu, spelling.option)
-    if bits and zero_stage == 3 and quantized_by == "load_in_8bit":  # ChatGLM-Tuning's own flag, said its way
-        raise UserError("8-bit base weights (bitsandbytes) cannot be partitioned by ZeRO-3; use a ZeRO-1/2 config "
-                        "(e.g. glm4_finetune/configs/ds_zero_2.json) or --load_in_8bit false", field=quantized_by)
+    if bits and zero_stage == 3 and zero3_advice:
+        raise UserError(f"{bits}-bit base weights (bitsandbytes) cannot be partitioned by ZeRO-3; {zero3_advice}",
+                        field=quantized_by)
     conflict = quantization_conflict(bits, method, zero_stage or 0)
     if conflict:
         raise UserError(conflict, field="quantization_bit")
