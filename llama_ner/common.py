@@ -6,7 +6,7 @@ import os
 from pprint import pprint
 
 from tuning.errors import UserError
-from tuning.run_plan import Spelling, add_method, check_combination, prepare_base
+from tuning.run_plan import Spelling, check_combination, prepare_base
 from tuning.files import atomic_file, default_input, read_json
 from model_hub.prompt_format import record_prompt_format
 
@@ -188,14 +188,6 @@ def load_for_lora(args, run, dtype: str):
                                                 quantization_bit=run.bits)
     prepare_base(run, model, gradient_checkpointing=False)
     return model, tokenizer
-
-
-def add_lora(run, model, r: int):
-    """The recipe's LoRA (r = lora_r, alpha 32, dropout 0.1 on every linear layer), seeded."""
-    from model_hub.registry import get_family
-    from tuning.methods import apply_lora
-
-    return add_method(run, model, lambda base: apply_lora(base, r=r, **get_family("llama").lora()))
 
 
 def training_inputs(args, tokenizer, model, rows: list[str], rank: int = 0, world: int = 1):

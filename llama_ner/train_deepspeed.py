@@ -23,16 +23,18 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, SPELLING, add_lora, check_settings, check_speed_flags,
+from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, SPELLING, check_settings, check_speed_flags,
                               check_values, deepspeed_config, find_deepspeed_json, load_for_lora, load_training_rows,
                               resolve_data_paths, save_adapter, show_args, training_inputs, write_train_args)
 from llama_ner.config_utils import ConfigParser
 from llama_ner.dataset import load_data
+from model_hub.registry import get_family
 from tuning import distributed
 from tuning.errors import TrainingStopped, UserError, run_main
+from tuning.methods import apply_lora
 from tuning.outputs import check_training_folder, refuse_output_in_model
 from tuning.run_folder import claim_checkpoints, is_earlier_run, lock_output_dir
-from tuning.run_plan import RunPlan
+from tuning.run_plan import RunPlan, add_method
 from tuning.training import (DEEPSPEED_CHECKPOINTS, list_checkpoints, print_data_notes, resolve_resume,
                              stop_at_end)
 
@@ -223,7 +225,7 @@ def main():
     claim = claim_output_folder(args, resume, resolve_model_path(args.model_dir))
 
     model, tokenizer = load_for_lora(args, run, dtype="fp16" if on_gpu else "fp32")
-    model = add_lora(run, model, args.lora_r)
+    model = add_method(run, model, lambda base: apply_lora(base, r=args.lora_r, **get_family("llama").lora()))
 
     import deepspeed
 

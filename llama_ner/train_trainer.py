@@ -20,16 +20,18 @@ import tuning  # noqa: F401  (first: silences library lines no user can act on, 
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, SPELLING, adapter_dir, add_lora, check_settings,
+from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, SPELLING, adapter_dir, check_settings,
                               check_speed_flags, check_values, deepspeed_config, find_deepspeed_json, learning_rate,
                               load_for_lora, load_training_rows, resolve_data_paths, save_adapter, show_args,
                               training_inputs, write_train_args)
 from llama_ner.config_utils import ConfigParser
 from llama_ner.dataset import load_data
+from model_hub.registry import get_family
 from tuning import distributed
 from tuning.checkpoints import AtomicTrainer
 from tuning.errors import run_main
-from tuning.run_plan import claim_output, plan_run, training_callbacks
+from tuning.methods import apply_lora
+from tuning.run_plan import add_method, claim_output, plan_run, training_callbacks
 
 CONFIG = {**BASE_CONFIG, "deepspeed_jaon_path": "deepspeed.json", **EXTRA_CONFIG}
 
@@ -75,7 +77,7 @@ def main():
 
     # fp32 master weights; the GPU run gets fp16 mixed precision from deepspeed.json, the CPU run bf16 autocast.
     model, tokenizer = load_for_lora(args, run, dtype="fp32")
-    model = add_lora(run, model, args.lora_r)
+    model = add_method(run, model, lambda base: apply_lora(base, r=args.lora_r, **get_family("llama").lora()))
 
     training_rows = training_inputs(args, tokenizer, model, train_data)
     fp16 = on_gpu and not args.bf16 and bool(ds_config.get("fp16", {}).get("enabled"))  # as the original on a GPU

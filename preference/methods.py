@@ -16,15 +16,16 @@ DEFAULT_BETA = {"simpo": 2.0}  # SimPO paper's β (TRL's CPOConfig default 0.1 i
 
 
 def check_method(args) -> None:
-    """--finetuning_type against quantization (tuning.methods.quantization_conflict, as the SFT recipes)."""
+    """--finetuning_type × quantization × precision by tuning.run_plan's rules, as the SFT recipes."""
+    import torch
+
     from model_hub.loader import quantization_bits
-    from tuning.methods import quantization_conflict
+    from tuning.run_plan import check_combination
 
     if args.finetuning_type not in ("lora", "full"):
         raise UserError(f"expected lora or full, got {args.finetuning_type!r}", field="finetuning_type")
-    conflict = quantization_conflict(quantization_bits(args.quantization_bit), args.finetuning_type)
-    if conflict:
-        raise UserError(conflict, field="quantization_bit")
+    check_combination(method=args.finetuning_type, bits=quantization_bits(args.quantization_bit), bf16=args.bf16,
+                      use_cpu=not torch.cuda.is_available())
     if args.beta is None:
         args.beta = DEFAULT_BETA.get(args.loss_type, 0.1)
 

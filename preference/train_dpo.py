@@ -35,6 +35,11 @@ import tuning  # noqa: F401  (first: silences library lines no user can act on, 
 import torch
 
 from tuning.errors import UserError, parse_bool, run_main
+from tuning.run_plan import Spelling
+
+# How this script's user says things, for tuning.run_plan's messages (the NER recipe's --key=value style).
+SPELLING = Spelling(resume="--resume_from_checkpoint=last", max_steps="--max_steps=N",
+                    overwrite="--overwrite_output_dir=true")
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
               "apo_zero", "apo_down", "discopop", "sigmoid_norm")
@@ -156,29 +161,27 @@ def main(argv=None):
 
     from datasets import Dataset
 
-    from tuning.checkpoints import claim_run_folder
-    from tuning.training import DataNotesAtEnd, LossPlot, NanGuard, check_precision, resolve_resume, stop_if_finished
+    from tuning.run_plan import claim_output, plan_run
+    from tuning.training import DataNotesAtEnd, LossPlot, NanGuard
     from preference.methods import build_trainer, load_policy, save_result
     from preference.trainers import MarginPlot
 
-    on_gpu = torch.cuda.is_available()
-    check_precision(fp16=False, bf16=args.bf16, use_cpu=not on_gpu)
-    bits = quantization_bits(args.quantization_bit)
-    resume = resolve_resume(args.resume_from_checkpoint, args.save_dir)
-    stop_if_finished(resume, args.max_steps, args.num_train_epochs, "--max_steps=N")
-    claim_run_folder(args.save_dir, resume, "--resume_from_checkpoint=last", model_dir if not model_dir.startswith(
-        "tiny:") else None, inputs=[args.train_path], overwrite=args.overwrite_output_dir,
-        flag="--overwrite_output_dir=true")
+    on_gpu = torch.cuda.is_available()  # (method × quantization × precision were checked with the arguments)
+    run = plan_run(output_dir=args.save_dir, method=args.finetuning_type, bits=quantization_bits(args.quantization_bit),
+                   zero_stage=None, resume=args.resume_from_checkpoint, max_steps=args.max_steps,
+                   num_train_epochs=args.num_train_epochs, seed=args.seed, inputs=[args.train_path],
+                   overwrite=args.overwrite_output_dir, spelling=SPELLING)
+    claim_output(run, model_dir if not model_dir.startswith("tiny:") else None)
 
-    model, tokenizer, peft_config = load_policy(args, model_dir, bits)
+    model, tokenizer, peft_config = load_policy(args, model_dir, run.bits)
     dataset = Dataset.from_list(rows)
     if args.loss_type == "kto":
         dataset = dataset.shuffle(seed=args.seed)  # KTO reads in order (its KL rows are built per batch)
     trainer = build_trainer(args, model, tokenizer, peft_config, dataset, on_gpu,
                             [LossPlot(), MarginPlot(), DataNotesAtEnd()])
     trainer.add_callback(NanGuard(trainer.model))
-    trainer.resume_hint = "--resume_from_checkpoint=last"
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.resume_hint = SPELLING.resume
+    trainer.train(resume_from_checkpoint=run.resume)
     save_result(trainer, tokenizer, args, prompt_format)
     print(f"{'model' if args.finetuning_type == 'full' else 'adapter'}: {args.save_dir}")
     print(f"loss curve: {os.path.join(args.save_dir, 'loss.png')}, reward margins: "
