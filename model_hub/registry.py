@@ -18,6 +18,7 @@ class Family:
     prefix_hook: str | None = None   # "module:function" applied to a P-tuning v2 PeftModel when it is loaded
     decode_layout: str | None = None  # "module:Class" of a model that decodes from a cache with its own positions
     serves_prefix: bool = True       # a PEFT P-tuning v2 prefix can be served (its KV cache put before the prompt)
+    sequence_first: bool = False     # the backbone's hidden states are [seq, batch, hidden] (the original's layout)
 
     def lora(self) -> dict:
         """Keyword arguments of tuning.methods.apply_lora for the original recipe's LoRA (r is the user's)."""
@@ -55,7 +56,8 @@ FAMILIES = {
                ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
                ("query_key_value",),
                packed_layout="model_hub.chatglm6b.packing:ChatGLMBlocks", padded_vocab=True,
-               decode_layout="model_hub.chatglm6b.decoding:ChatGLMDecoding", serves_prefix=False),
+               decode_layout="model_hub.chatglm6b.decoding:ChatGLMDecoding", serves_prefix=False,
+               sequence_first=True),
     ]
 }
 
@@ -97,6 +99,12 @@ def family_of_config(config) -> str:
         if family.model_type == model_type:
             return family.name
     return model_type
+
+
+def is_sequence_first(config) -> bool:
+    """Whether a model's backbone returns hidden states as [seq, batch, hidden] (ChatGLM-6B, as the original)."""
+    family = FAMILIES.get(family_of_config(config))
+    return bool(family and family.sequence_first)
 
 
 def load_hook(reference: str):

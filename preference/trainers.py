@@ -25,8 +25,9 @@ def _require_columns(dataset, columns) -> None:
 
 class SequenceFirstBackbone:
     """TRL's fused LM head (DPOTrainer, KTOTrainer) runs `model.base_model(...)` and reads its last_hidden_state as
-    [batch, seq, hidden]. ChatGLM-6B's backbone returns [seq, batch, hidden], as the original's does (model_hub keeps
-    that layout); during a fused call only, its output is transposed. Other families are left as they are."""
+    [batch, seq, hidden]. A sequence-first backbone (the registry's `sequence_first`: ChatGLM-6B, as the original)
+    returns [seq, batch, hidden]; during a fused call only, its output is transposed. Other families are left as
+    they are."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -36,7 +37,9 @@ class SequenceFirstBackbone:
 
 
 def batch_first_for_fused_head(model) -> None:
-    if getattr(model.config, "model_type", None) != "chatglm":
+    from model_hub.registry import is_sequence_first
+
+    if not is_sequence_first(model.config):
         return
     fused_forward = model.forward  # TRL's, set on the instance by add_fused_lm_head
 
