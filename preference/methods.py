@@ -16,16 +16,19 @@ DEFAULT_BETA = {"simpo": 2.0}  # SimPO paper's β (TRL's CPOConfig default 0.1 i
 
 
 def check_method(args) -> None:
-    """--finetuning_type × quantization × precision by tuning.run_plan's rules, as the SFT recipes."""
+    """--finetuning_type × quantization × ZeRO stage × precision by tuning.run_plan's rules, as the SFT recipes;
+    sets args.zero_stage (None: no DeepSpeed)."""
     import torch
 
     from model_hub.loader import quantization_bits
+    from tuning.distributed import zero_stage
     from tuning.run_plan import check_combination
 
     if args.finetuning_type not in ("lora", "full"):
         raise UserError(f"expected lora or full, got {args.finetuning_type!r}", field="finetuning_type")
-    check_combination(method=args.finetuning_type, bits=quantization_bits(args.quantization_bit), bf16=args.bf16,
-                      use_cpu=not torch.cuda.is_available())
+    args.zero_stage = zero_stage(args.deepspeed) if args.deepspeed else None
+    check_combination(method=args.finetuning_type, bits=quantization_bits(args.quantization_bit),
+                      zero_stage=args.zero_stage, bf16=args.bf16, use_cpu=not torch.cuda.is_available())
     if args.beta is None:
         args.beta = DEFAULT_BETA.get(args.loss_type, 0.1)
 
@@ -74,7 +77,7 @@ def trainer_config(args, on_gpu: bool):
         max_steps=args.max_steps, save_strategy="steps", save_steps=args.save_steps, logging_steps=args.log_steps,
         save_total_limit=args.save_total_limit, seed=args.seed, bf16=args.bf16, fp16=False, use_cpu=not on_gpu,
         beta=args.beta, max_length=args.max_length, activation_checkpointing=False, report_to=["tensorboard"],
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, deepspeed=args.deepspeed,
     )
     common = distributed.trainer_arguments(common)
     if args.loss_type == "kto":
@@ -120,16 +123,17 @@ def frozen_copy(model):
 
 def save_result(trainer, tokenizer, args, prompt_format: str) -> None:
     """Into save_dir, each file whole: LoRA — the adapter (TRL's frozen "ref" copy left out) and the tokenizer; full —
-    the model's weights and config with the tokenizer (Trainer.save_model, staged). Both: prompt_format.json."""
+    the model's weights and config with the tokenizer (Trainer.save_model, staged). Both: prompt_format.json.
+    Collective under a launcher: ZeRO-3's shards are gathered on every rank, rank 0 writes (tuning.distributed)."""
     from model_hub.prompt_format import record_prompt_format
     from tuning.checkpoints import save_pretrained_atomically
-    from tuning.distributed import is_main
+    from tuning.distributed import is_main, save_trainable
 
     if args.finetuning_type == "full":
         trainer.save_model()
-    elif is_main():
-        model = trainer.model
-        save_pretrained_atomically(lambda folder: (model.save_pretrained(folder, selected_adapters=["default"]),
-                                                   tokenizer.save_pretrained(folder)), args.save_dir)
+    else:
+        save_trainable(trainer.model, lambda model: save_pretrained_atomically(
+            lambda folder: (model.save_pretrained(folder, selected_adapters=["default"]),
+                            tokenizer.save_pretrained(folder)), args.save_dir))
     if is_main():
         record_prompt_format(args.save_dir, prompt_format, "preference")

@@ -27,19 +27,29 @@ Bad data: one line `file:line: field: expected …`, exit code 2, nothing writte
 Output (--save_dir): a PEFT adapter (adapter_config.json + adapter_model.safetensors; --finetuning_type=full: the
 whole model's config.json + model.safetensors), the tokenizer, prompt_format.json, loss.png and margins.png; checkpoints save_dir/checkpoint-N written atomically
 (--resume_from_checkpoint=last resumes). Serve it like any adapter: python -m serving.api --adapter SAVE_DIR.
+
+Several processes, as the SFT recipes (tuning.distributed; GPUs: NCCL, CPUs: gloo): `torchrun --nproc_per_node N
+preference/train_dpo.py ...` trains with DDP; `deepspeed --num_gpus N preference/train_dpo.py ...
+--deepspeed=glm4_finetune/configs/ds_zero_2.json` (or ds_zero_3.json, any ZeRO-1/2/3 config; torchrun with --deepspeed
+works too) with DeepSpeed. --train_batch_size is per process. ZeRO-3: the LoRA is gathered from every rank before it
+is written; full fine-tuning's DPO/KTO reference copy is partitioned by DeepSpeed as the policy (TRL's
+prepare_deepspeed). A 4/8-bit base cannot be partitioned by ZeRO-3 (refused: use ZeRO-1/2).
 """
 import argparse
 import os
+import sys
 
 import tuning  # noqa: F401  (first: silences library lines no user can act on, before those load)
 import torch
 
+from tuning import distributed
 from tuning.errors import UserError, parse_bool, run_main
 from tuning.run_plan import Spelling
 
 # How this script's user says things, for tuning.run_plan's messages (the NER recipe's --key=value style).
 SPELLING = Spelling(resume="--resume_from_checkpoint=last", max_steps="--max_steps=N",
-                    overwrite="--overwrite_output_dir=true")
+                    overwrite="--overwrite_output_dir=true", with_deepspeed="pass the same --deepspeed=CONFIG again",
+                    without_deepspeed="leave out --deepspeed")
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
               "apo_zero", "apo_down", "discopop", "sigmoid_norm")
@@ -83,6 +93,10 @@ def parse_args(argv=None):
                                                            "frozen, a LoRA on top; not with --finetuning_type=full")
     add("--resume_from_checkpoint", default=None, help="a checkpoint path, a step N, or last")
     add("--overwrite_output_dir", type=parse_bool, default=False, help="true: write into a foreign non-empty folder")
+    add("--deepspeed", default=None, help="a DeepSpeed config (JSON; ZeRO-1/2/3, e.g. glm4_finetune/configs/"
+                                          "ds_zero_2.json): train with DeepSpeed under deepspeed or torchrun")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    distributed.drop_local_rank_argument(argv)  # the deepspeed launcher's --local_rank; LOCAL_RANK says the same
     args = parser.parse_args(argv)
     check_args(args)
     return args
@@ -138,7 +152,7 @@ def read_pairs(args, tokenizer, prompt_format: str):
 
     rows, report = tokenize_file(args.train_path, AnswerEncoder(prompt_format, tokenizer), args.max_length,
                                  unpaired=args.loss_type == "kto")
-    report.print()
+    distributed.say("\n".join(report.lines()))
     if not rows:
         raise UserError("no usable record left (see the drops above)", path=args.train_path)
     return rows, report
@@ -153,7 +167,7 @@ def main(argv=None):
     # as load_adapted: the adapter's tokenizer when it carries one (glm4_finetune saves it), else the base's
     tokenizer = (tokenizer_from_folder(args.adapter) if args.adapter and has_tokenizer(args.adapter)
                  else load_tokenizer(model_dir))
-    print(f"{family} model {model_dir}{' + adapter ' + args.adapter if args.adapter else ''}; prompt format "
+    distributed.say(f"{family} model {model_dir}{' + adapter ' + args.adapter if args.adapter else ''}; prompt format "
           f"{prompt_format}; loss {args.loss_type}")
     rows, _ = read_pairs(args, tokenizer, prompt_format)
     if args.check_only:
@@ -168,7 +182,7 @@ def main(argv=None):
 
     on_gpu = torch.cuda.is_available()  # (method × quantization × precision were checked with the arguments)
     run = plan_run(output_dir=args.save_dir, method=args.finetuning_type, bits=quantization_bits(args.quantization_bit),
-                   zero_stage=None, resume=args.resume_from_checkpoint, max_steps=args.max_steps,
+                   zero_stage=args.zero_stage, resume=args.resume_from_checkpoint, max_steps=args.max_steps,
                    num_train_epochs=args.num_train_epochs, seed=args.seed, inputs=[args.train_path],
                    overwrite=args.overwrite_output_dir, spelling=SPELLING)
     claim_output(run, model_dir if not model_dir.startswith("tiny:") else None)
@@ -183,8 +197,8 @@ def main(argv=None):
     trainer.resume_hint = SPELLING.resume
     trainer.train(resume_from_checkpoint=run.resume)
     save_result(trainer, tokenizer, args, prompt_format)
-    print(f"{'model' if args.finetuning_type == 'full' else 'adapter'}: {args.save_dir}")
-    print(f"loss curve: {os.path.join(args.save_dir, 'loss.png')}, reward margins: "
+    distributed.say(f"{'model' if args.finetuning_type == 'full' else 'adapter'}: {args.save_dir}")
+    distributed.say(f"loss curve: {os.path.join(args.save_dir, 'loss.png')}, reward margins: "
           f"{os.path.join(args.save_dir, 'margins.png')}")
     return trainer
 
