@@ -175,6 +175,8 @@ def main(argv=None):
 
     from datasets import Dataset
 
+    from transformers import set_seed
+
     from tuning.run_plan import claim_output, plan_run
     from tuning.training import DataNotesAtEnd, LossPlot, NanGuard
     from preference.methods import build_trainer, load_policy, save_result
@@ -191,6 +193,7 @@ def main(argv=None):
     dataset = Dataset.from_list(rows)
     if args.loss_type == "kto":
         dataset = dataset.shuffle(seed=args.seed)  # KTO reads in order (its KL rows are built per batch)
+    set_seed(run.seed)  # a new LoRA is initialised next (by TRL or by us), before the Trainer seeds: same seed, same run
     trainer = build_trainer(args, model, tokenizer, peft_config, dataset, on_gpu,
                             [LossPlot(), MarginPlot(), DataNotesAtEnd()])
     trainer.add_callback(NanGuard(trainer.model))

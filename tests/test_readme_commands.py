@@ -36,7 +36,7 @@ PARSE_ONLY = [
     (r"MODEL_DIR=|/data/|/path/to/|\./7B-hf|--input_dir \./llama", "real weights (a placeholder path the user fills in)"),
     (r"\s\.\.\.(\s|$)", "`...` stands for the recipe's other flags"),
     (r"--nproc_per_node 8|--num_gpus 8|--nnodes 2|--hostfile", "8 GPUs or several nodes"),
-    (r"\bOUT\b|ADAPTER1|\sMODEL_DIR\s|tools\.json", "a placeholder the user fills in"),
+    (r"\bOUT\b(?!=build/)|ADAPTER1|\sMODEL_DIR\s|tools\.json", "a placeholder the user fills in"),
     (r"glm4_finetune/inference\.py output\b", "`output` is what the real configs/*.yaml train (real weights)"),
     (r"AdvertiseGen/train\.json", "the full AdvertiseGen download (the internet); data/ vendors its sample"),
     (r"my_ner|my\.jsonl|my_data/", "the user's own data file"),
