@@ -1,8 +1,9 @@
 """The vLLM hand-off, proven equal (issue 31): what `python -m serving.vllm` serves answers as `python -m serving.api`
 does, through the official `openai` client, with the same prompt tokens.
 
-- LLaMA (llama_ner's prompt): two LoRA adapters UNMERGED on their base in one vLLM server (multi-LoRA) — each
-  answers as our server with that adapter alone; the merged export of one of them — as our server on the export;
+- LLaMA (llama_ner's prompt): two LoRA adapters and a DPO-trained one (preference/train_dpo.py, issue 34) UNMERGED on
+  their base in one vLLM server (multi-LoRA) — each answers as our server with that adapter alone, the base otherwise;
+  the merged export of one of them — as our server on the export;
   a system message (ignored by the single-turn prompt, as trained), digit and whitespace runs (where vLLM's own
   tokenizer differs from the original), `/v1/models` listing the adapters after the base.
 - GLM-4: the tool-call fixture (full SFT) returns the same `tool_calls` through both servers (the project's
@@ -20,7 +21,8 @@ import pytest
 from conftest import REPO, run_in_process
 from serving_support import WEATHER_CALL, WEATHER_QUESTION, WEATHER_TOOLS, Server
 from plain_transformers import run_plain_probe
-from vllm_support import (ENV, VllmServer, base_model, exported, glm4_tool_call_sft, lora_adapter, vllm_python)
+from vllm_support import (ENV, VllmServer, base_model, dpo_adapter, exported, glm4_tool_call_sft, lora_adapter,
+                          vllm_python)
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 16
@@ -28,6 +30,8 @@ LLAMA_CHATS = [[{"role": "system", "content": "你是一个实体识别模型"},
                 {"role": "user", "content": "找出句子中的人名：张三在北京工作。"}],
                [{"role": "user", "content": "99999 1000000 0.000001"}],
                [{"role": "user", "content": "  两个空格  和\t制表符"}]]
+NER_CHATS = [[{"role": "user", "content": "找出句子中的地名、人名和机构名：\n文本：李明在上海复旦大学读书。"}],
+             *LLAMA_CHATS[:2]]
 GLM4_CHATS = [[{"role": "system", "content": "你是一个乐于助人的助手。"}, {"role": "user", "content": "你好"}],
               [{"role": "user", "content": "介绍一下北京。"}]]
 
@@ -68,7 +72,25 @@ def ask(server, model: str, messages, tools=None):
 def llama():
     base = base_model("chinese-alpaca-7b")
     adapters = [lora_adapter(base, f"llama-lora-{seed}", seed, "llama_ner", "llama_ner") for seed in (1, 2)]
-    return base, adapters, exported(adapters[0], "llama-lora-1-export")
+    return base, adapters, exported(adapters[0], "llama-lora-1-export"), dpo_adapter(base)
+
+
+@pytest.fixture(scope="module")
+def llama_vllm_answers(llama):
+    """One vLLM server (vLLM's default, compiled path, as users run it) with the base and the three adapters
+    unmerged: name → its answers (the LoRA adapters to LLAMA_CHATS; the DPO adapter and the base to NER_CHATS)."""
+    base, adapters, _, dpo = llama
+    names = [os.path.basename(a) for a in (*adapters, dpo)]
+    server = VllmServer(*adapters, dpo, compiled=True)
+    try:
+        listed = [m["id"] for m in server.request("GET", "/v1/models")[2]["data"]]
+        assert listed == [os.path.basename(base), *names]  # the base first, then the adapters
+        answers = {name: [ask(server, name, chat) for chat in LLAMA_CHATS] for name in names[:2]}
+        for name in (names[2], os.path.basename(base)):
+            answers[name] = [ask(server, name, chat) for chat in NER_CHATS]
+    finally:
+        server.stop()
+    return answers
 
 
 @pytest.fixture(scope="module")
@@ -77,18 +99,10 @@ def glm4():
     return base, lora_adapter(base, "glm4-lora", 3, "glm4_chat", "glm4_finetune"), glm4_tool_call_sft(base)
 
 
-def test_llama_adapters_unmerged_and_the_export_answer_as_our_server(llama):
-    base, adapters, export = llama
+def test_llama_adapters_unmerged_and_the_export_answer_as_our_server(llama, llama_vllm_answers):
+    _, adapters, export, _ = llama
     names = [os.path.basename(a) for a in adapters]
-    theirs = {}
-    server = VllmServer(*adapters, compiled=True)  # vLLM's default path (torch.compile), as users run it
-    try:
-        listed = [m["id"] for m in server.request("GET", "/v1/models")[2]["data"]]
-        assert listed == [os.path.basename(base), *names]  # the base first, then the adapters
-        for name in names:
-            theirs[name] = [ask(server, name, chat) for chat in LLAMA_CHATS]
-    finally:
-        server.stop()
+    theirs = llama_vllm_answers
     assert theirs[names[0]] != theirs[names[1]], "the two adapters answer alike: LoRA not applied"
     for adapter, name in zip(adapters, names):
         ours = Server("--adapter", adapter)
@@ -104,6 +118,22 @@ def test_llama_adapters_unmerged_and_the_export_answer_as_our_server(llama):
         assert [prompt for _, _, prompt in merged] == [prompt for _, _, prompt in theirs[names[0]]]
     finally:
         server.stop()
+        ours.stop()
+
+
+def test_a_dpo_adapter_unmerged_answers_as_our_server(llama, llama_vllm_answers):
+    """preference/train_dpo.py's output keeps its prompt record (llama_ner) and serves through the hand-off as through
+    our server: the same prompt tokens and greedy answer; the base answers otherwise (the adapter is applied)."""
+    from model_hub.prompt_format import read_prompt_format
+
+    base, _, _, dpo = llama
+    name = os.path.basename(dpo)
+    assert read_prompt_format(dpo) == "llama_ner"
+    assert llama_vllm_answers[name] != llama_vllm_answers[os.path.basename(base)], "DPO adapter not applied"
+    ours = Server("--adapter", dpo)
+    try:
+        assert [ask(ours, name, chat) for chat in NER_CHATS] == llama_vllm_answers[name]
+    finally:
         ours.stop()
 
 

@@ -108,6 +108,23 @@ def glm4_tool_call_sft(base: str) -> str:
     return cached("glm4-tool-call-sft", build)
 
 
+def dpo_adapter(base: str) -> str:
+    """A LoRA trained by preference/train_dpo.py (DPO, 4 steps, llama_ner's prompt) on the MSRA pairs of
+    preference/make_demo_pairs.py, on `base`: the preference step's output as a user gets it."""
+    def build(out):
+        import tempfile
+
+        from preference import make_demo_pairs, train_dpo
+
+        with tempfile.TemporaryDirectory() as folder:
+            make_demo_pairs.main(["--out_dir", folder, "--ner_pairs", "8", "--tool_pairs", "1"])
+            train_dpo.main(["--model_dir", base, "--prompt_format", "llama_ner", "--train_path",
+                            os.path.join(folder, "msra_ner_pairs.jsonl"), "--save_dir", out, "--max_steps", "4",
+                            "--save_steps", "4", "--train_batch_size", "2", "--max_length", "256",
+                            "--learning_rate", "5e-2"])
+    return cached("llama-ner-dpo", build)
+
+
 def exported(src: str, name: str) -> str:
     from model_hub.export import export
 
