@@ -186,3 +186,25 @@ def test_kto_trains_on_unpaired_rows(ner, tmp_path):
     assert len(logged) == 2 and all(torch.isfinite(torch.tensor(e["loss"])) for e in logged)
     assert any("kl" in key for e in logged for key in e), logged
     assert {"adapter_model.safetensors", "prompt_format.json"} <= set(os.listdir(tmp_path / "out"))
+
+
+def test_ipo_is_its_own_loss_from_the_first_step(ner, tmp_path):
+    """--loss_type=ipo reaches TRL: a new LoRA starts equal to its reference (B = 0), so the first loss is IPO's
+    (0 - 1/(2·beta))² = 25 for beta 0.1 — DPO's would be log 2."""
+    trainer = train(ner["path"], tmp_path / "out", "--loss_type", "ipo", "--beta", "0.1", "--max_steps", "1")
+    first = next(e["loss"] for e in trainer.state.log_history if "loss" in e)
+    assert abs(first - 25.0) < 1e-3, first
+
+
+def test_a_non_finite_step_stops_training_and_keeps_the_last_good_checkpoint(ner, tmp_path):
+    """The recipes' NaN guard in the preference step: a learning rate of 1e30 throws the LoRA weights far at step 1,
+    step 2's gradients are not finite; training stops before the optimizer touches them (exit 1 under run_main),
+    naming the step and the checkpoint that is still good."""
+    from tuning.errors import TrainingStopped
+
+    out = tmp_path / "out"
+    with pytest.raises(TrainingStopped) as stopped:
+        train(ner["path"], out, "--learning_rate", "1e30", "--max_steps", "3", "--save_steps", "1")
+    assert str(stopped.value) == ("non-finite loss/gradients at step 2; lower the learning rate or check the data. "
+                                  f"Weights were not updated; the last good checkpoint is {out}/checkpoint-1")
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-1"]
