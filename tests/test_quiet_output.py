@@ -98,7 +98,7 @@ def test_the_preference_configs_do_not_warn_about_deprecated_arguments():
                  "from preference.methods import trainer_config; "
                  "common = dict(save_dir='/tmp/x', learning_rate=1e-4, train_batch_size=1, gradient_accumulation_steps=1, "
                  "num_train_epochs=1, max_steps=1, save_steps=1, log_steps=1, save_total_limit=1, seed=0, bf16=False, "
-                 "beta=0.1, max_length=64, simpo_gamma=0.5); "
+                 "beta=0.1, max_length=64, simpo_gamma=0.5, deepspeed=None); "
                  "[trainer_config(argparse.Namespace(**common, loss_type=kind), on_gpu=False) "
                  "for kind in ('sigmoid', 'kto', 'orpo', 'simpo')]")
     assert result.returncode == 0, result.stderr[-2000:]
