@@ -144,8 +144,6 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[FinetuneArguments, T
         raise UserError(f"unknown arguments {unknown}", field="arguments")
     values = vars(namespace)
     finetune_args = FinetuneArguments(**{f.name: values.pop(f.name) for f in dataclasses.fields(FinetuneArguments)})
-    from model_hub.loader import quantization_bits
-
     bits = quantization_bits(finetune_args.quantization_bit, bool(finetune_args.load_in_8bit))  # 4/8, no contradiction
     stage = distributed.zero_stage(values["deepspeed"]) if values.get("deepspeed") else None
     eight_bit_flag = dict(quantized_by="load_in_8bit", zero3_advice="use a ZeRO-1/2 config (e.g. glm4_finetune/"

@@ -168,7 +168,7 @@ def main(argv=None):
     tokenizer = (tokenizer_from_folder(args.adapter) if args.adapter and has_tokenizer(args.adapter)
                  else load_tokenizer(model_dir))
     distributed.say(f"{family} model {model_dir}{' + adapter ' + args.adapter if args.adapter else ''}; prompt format "
-          f"{prompt_format}; loss {args.loss_type}")
+                    f"{prompt_format}; loss {args.loss_type}")
     rows, _ = read_pairs(args, tokenizer, prompt_format)
     if args.check_only:
         return None
@@ -177,8 +177,7 @@ def main(argv=None):
 
     from transformers import set_seed
 
-    from tuning.run_plan import claim_output, plan_run
-    from tuning.training import DataNotesAtEnd, LossPlot, NanGuard
+    from tuning.run_plan import claim_output, plan_run, training_callbacks
     from preference.methods import build_trainer, load_policy, save_result
     from preference.trainers import MarginPlot
 
@@ -194,9 +193,9 @@ def main(argv=None):
     if args.loss_type == "kto":
         dataset = dataset.shuffle(seed=args.seed)  # KTO reads in order (its KL rows are built per batch)
     set_seed(run.seed)  # a new LoRA is initialised next (by TRL or by us), before the Trainer seeds: same seed, same run
-    trainer = build_trainer(args, model, tokenizer, peft_config, dataset, on_gpu,
-                            [LossPlot(), MarginPlot(), DataNotesAtEnd()])
-    trainer.add_callback(NanGuard(trainer.model))
+    trainer = build_trainer(args, model, tokenizer, peft_config, dataset, on_gpu, [MarginPlot()])
+    for callback in training_callbacks(trainer.model):  # the recipes' NaN guard (on the model TRL wrapped), loss.png,
+        trainer.add_callback(callback)                   # the data notes at the end
     trainer.resume_hint = SPELLING.resume
     trainer.train(resume_from_checkpoint=run.resume)
     save_result(trainer, tokenizer, args, prompt_format)
