@@ -1,5 +1,6 @@
 """chatglm_lora end to end on the tiny ChatGLM-6B: tokenize real alpaca rows, train LoRA, checkpoints are
 PEFT adapters, resume is exact, batched inference equals one-by-one."""
+import io
 import json
 import os
 import shutil
@@ -9,7 +10,7 @@ import sys
 import pytest
 import torch
 from folder_state import snapshot
-from conftest import REPO, run_script
+from conftest import REPO, run_in_process, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -18,11 +19,24 @@ def run(script, *args):
     return run_script(os.path.join("chatglm_lora", script), *args, check=True)
 
 
+TRAIN = ["--chatglm_path", "tiny:chatglm-6b", "--lora_rank", "8", "--per_device_train_batch_size", "4", "--max_steps",
+         "6", "--save_steps", "3", "--learning_rate", "5e-3", "--logging_steps", "1", "--use_cpu", "--seed", "0",
+         "--dataloader_num_workers", "0", "--report_to", "none"]
+
+
 def train(dataset, out, *extra):
-    return run("finetune.py", "--dataset_path", dataset, "--chatglm_path", "tiny:chatglm-6b", "--lora_rank", "8",
-               "--output_dir", out, "--per_device_train_batch_size", "4", "--max_steps", "6", "--save_steps", "3",
-               "--learning_rate", "5e-3", "--logging_steps", "1", "--use_cpu", "--seed", "0",
-               "--dataloader_num_workers", "0", "--report_to", "none", *extra)
+    """The fixture's run: finetune.py as a user types it (a new process; its torch threads = this worker's)."""
+    return run("finetune.py", "--dataset_path", dataset, "--output_dir", out, *TRAIN, *extra)
+
+
+def train_in_process(dataset, out, *extra) -> tuple[str, str]:
+    """Later runs (resume, a finished run) in this process: the CLI path is the fixture's run (issue 32)."""
+    from chatglm_lora.finetune import main
+
+    code, stdout, stderr = run_in_process(main, ["--dataset_path", dataset, "--output_dir", out, *TRAIN, *extra],
+                                          script="chatglm_lora/finetune.py")
+    assert code == 0, stderr[-3000:]
+    return stdout, stderr
 
 
 def losses(out):
@@ -39,7 +53,8 @@ def workdir(tmp_path_factory):
     run("cover_alpaca2jsonl.py", "--data_path", str(work / "alpaca.json"), "--save_path", str(work / "rows.jsonl"))
     run("tokenize_dataset_rows.py", "--jsonl_path", str(work / "rows.jsonl"), "--save_path", str(work / "alpaca"),
         "--max_seq_length", "64", "--chatglm_path", "tiny:chatglm-6b")
-    train(str(work / "alpaca"), str(work / "full"))
+    result = train(str(work / "alpaca"), str(work / "full"))
+    (work / "train.stderr").write_text(result.stderr, encoding="utf-8")
     return work
 
 
@@ -62,6 +77,10 @@ def test_training_writes_adapter_checkpoints_and_loss_falls(workdir):
         ckpt = full / f"checkpoint-{step}"
         assert (ckpt / "adapter_config.json").exists() and (ckpt / "adapter_model.safetensors").exists()
     assert (full / "adapter_model.safetensors").exists() and (full / "loss.png").exists()
+    # Issue 23 (Also): a run prints no library warnings a user cannot act on (transformers' deprecated
+    # gradient_checkpointing_enable, peft's is_gradient_checkpointing, DeepSpeed's accelerator probe).
+    stderr = (workdir / "train.stderr").read_text(encoding="utf-8")
+    assert "Warning" not in stderr and "[WARNING]" not in stderr, stderr[-2000:]
     # The last checkpoint and the final adapter are the same weights: identical logits.
     ids = torch.tensor([[5, 74874, 130001, 130004, 5, 100, 200]])
     assert torch.equal(adapter_logits(str(full / "checkpoint-6"), ids), adapter_logits(str(full), ids))
@@ -73,7 +92,7 @@ def test_resume_reproduces_the_uninterrupted_run(workdir):
     from safetensors.torch import load_file
 
     resumed = str(workdir / "resumed")
-    train(str(workdir / "alpaca"), resumed, "--resume_from_checkpoint", str(workdir / "full" / "checkpoint-3"))
+    train_in_process(str(workdir / "alpaca"), resumed, "--resume_from_checkpoint", str(workdir / "full" / "checkpoint-3"))
     assert losses(resumed)[3:] == losses(str(workdir / "full"))[3:]
     a = load_file(os.path.join(resumed, "adapter_model.safetensors"))
     b = load_file(str(workdir / "full" / "adapter_model.safetensors"))
@@ -86,15 +105,12 @@ def test_resuming_a_finished_run_changes_nothing(workdir, tmp_path):
     run_dir = tmp_path / "finished"
     shutil.copytree(workdir / "full", run_dir)
     before = snapshot(run_dir)
-    result = train(str(workdir / "alpaca"), str(run_dir), "--resume_from_checkpoint", "last")
+    stdout, _ = train_in_process(str(workdir / "alpaca"), str(run_dir), "--resume_from_checkpoint", "last")
     assert f"{run_dir}/checkpoint-6 is already at step 6 (max_steps 6): nothing to train, nothing was changed; " \
-           "raise --max_steps to train further" in result.stdout
+           "raise --max_steps to train further" in stdout
     assert snapshot(run_dir) == before
 
-    result = train(str(workdir / "alpaca"), str(run_dir), "--resume_from_checkpoint", "last", "--max_steps", "8")
-    # Issue 23 (Also): a run prints no library warnings a user cannot act on (transformers' deprecated
-    # gradient_checkpointing_enable, peft's is_gradient_checkpointing, DeepSpeed's accelerator probe).
-    assert "Warning" not in result.stderr and "[WARNING]" not in result.stderr, result.stderr[-2000:]
+    train_in_process(str(workdir / "alpaca"), str(run_dir), "--resume_from_checkpoint", "last", "--max_steps", "8")
     assert sorted(os.listdir(run_dir / "checkpoint-8")) == sorted(os.listdir(run_dir / "checkpoint-6"))
     assert not [p for p in os.listdir(run_dir) if p.startswith("checkpoint-") and p not in
                 ("checkpoint-3", "checkpoint-6", "checkpoint-8")]
@@ -121,10 +137,13 @@ def test_batched_inference_equals_one_by_one(workdir):
 
 
 def test_infer_cli_prints_answers_next_to_references(workdir):
-    result = run("infer.py", "--chatglm_path", "tiny:chatglm-6b", "--lora_path", str(workdir / "full"),
-                 "--data_path", os.path.join(REPO, "data", "stanford_alpaca", "alpaca_data.json"), "--num", "2",
-                 "--max_length", "40")
-    assert result.stdout.count("\nAnswer: ") == 2 and result.stdout.count("### ") == 2 and "Reference: 1.Eat a balanced diet" in result.stdout
+    from chatglm_lora.infer import main
+
+    code, stdout, stderr = run_in_process(main, [
+        "--chatglm_path", "tiny:chatglm-6b", "--lora_path", workdir / "full", "--data_path",
+        os.path.join(REPO, "data", "stanford_alpaca", "alpaca_data.json"), "--num", "2", "--max_length", "40"])
+    assert code == 0, stderr[-2000:]
+    assert stdout.count("\nAnswer: ") == 2 and stdout.count("### ") == 2 and "Reference: 1.Eat a balanced diet" in stdout
 
 
 def test_readme_inference_command_finds_the_shipped_alpaca(workdir, tmp_path):
@@ -138,19 +157,21 @@ def test_readme_inference_command_finds_the_shipped_alpaca(workdir, tmp_path):
 
 
 def test_fp16_on_cpu_is_refused(workdir):
-    result = subprocess.run([sys.executable, os.path.join(REPO, "chatglm_lora", "finetune.py"), "--dataset_path",
-                             str(workdir / "alpaca"), "--output_dir", str(workdir / "x"), "--fp16", "--use_cpu"],
-                            capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 2 and "fp16 is not supported on CPU" in result.stderr
+    from chatglm_lora.finetune import main
+
+    code, _, stderr = run_in_process(main, ["--dataset_path", workdir / "alpaca", "--output_dir", workdir / "x",
+                                            "--fp16", "--use_cpu"], script="chatglm_lora/finetune.py")
+    assert code == 2 and "fp16 is not supported on CPU" in stderr
 
 
-def test_infer_interactive_chat_keeps_history(workdir):
-    result = subprocess.run([sys.executable, os.path.join(REPO, "chatglm_lora", "infer.py"), "--chatglm_path",
-                             "tiny:chatglm-6b", "--lora_path", str(workdir / "full"), "--interactive",
-                             "--max_new_tokens", "8"],
-                            input="你好\n再说一遍\nclear\nexit\n", capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("ChatGLM: ") == 2 and "'clear' forgets the history" in result.stdout
+def test_infer_interactive_chat_keeps_history(workdir, monkeypatch):
+    from chatglm_lora.infer import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("你好\n再说一遍\nclear\nexit\n"))
+    code, stdout, stderr = run_in_process(main, ["--chatglm_path", "tiny:chatglm-6b", "--lora_path", workdir / "full",
+                                                 "--interactive", "--max_new_tokens", "8"])
+    assert code == 0, stderr[-2000:]
+    assert stdout.count("ChatGLM: ") == 2 and "'clear' forgets the history" in stdout
 
 
 def test_trained_checkpoint_exports_to_the_same_model(workdir):
@@ -158,9 +179,11 @@ def test_trained_checkpoint_exports_to_the_same_model(workdir):
     from transformers import AutoModelForCausalLM
 
     out = workdir / "merged"
-    result = subprocess.run([sys.executable, "-m", "model_hub.export", str(workdir / "full" / "checkpoint-6"),
-                             str(out), "--dtype", "fp32"], capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
+    from model_hub.export import main
+
+    code, _, stderr = run_in_process(main, [workdir / "full" / "checkpoint-6", out, "--dtype", "fp32"],
+                                     script="python -m model_hub.export")
+    assert code == 0, stderr[-3000:]
     ids = torch.tensor([[5, 74874, 130001, 130004, 5, 100, 200]])
     merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     with torch.no_grad():
