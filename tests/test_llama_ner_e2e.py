@@ -18,7 +18,7 @@ from folder_state import snapshot
 from model_hub.make_tiny import tiny_dir
 from test_crash_safety import limit_file_size  # a file-size limit for a child process
 from tuning.errors import run_main
-from conftest import REPO
+from conftest import REPO, run_in_process
 
 MODEL = "tiny:chinese-alpaca-7b"
 TRAIN = ["--model_dir=" + MODEL, "--train_batch_size=2", "--max_steps=6", "--save_steps=3", "--log_steps=1",
@@ -358,12 +358,11 @@ def test_trainer_under_the_deepspeed_launcher(data, tmp_path):
     # Issue 23.3: resumed by plain `python`, the Trainer silently restarted DeepSpeed's optimizer and lr schedule
     # (lr back to its peak at step 4). It is refused in one line before anything is loaded or written.
     before = snapshot(save_dir)
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "llama_ner", "train_trainer.py"), f"--model_dir={MODEL}",
-                           f"--train_path={data / 'train.txt'}", "--train_batch_size=2", "--max_steps=4",
-                           "--save_steps=2", "--resume_from_checkpoint=last", f"--save_dir={save_dir}/"],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
+    code, _, stderr = run_in_process(train_trainer.main, [  # refused before any work: in this process (issue 32)
+        f"--model_dir={MODEL}", f"--train_path={data / 'train.txt'}", "--train_batch_size=2", "--max_steps=4",
+        "--save_steps=2", "--resume_from_checkpoint=last", f"--save_dir={save_dir}/"], script="llama_ner/train_trainer.py")
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
         f"error: {save_dir}/checkpoint-2: resume_from_checkpoint: written under DeepSpeed (its optimizer and scheduler "
         "state are in global_stepN/, which only DeepSpeed reads); to resume it exactly, relaunch with `deepspeed "
         "llama_ner/train_trainer.py …`")
