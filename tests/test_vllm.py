@@ -7,7 +7,8 @@ does, through the official `openai` client, with the same prompt tokens.
   a system message (ignored by the single-turn prompt, as trained), digit and whitespace runs (where vLLM's own
   tokenizer differs from the original), `/v1/models` listing the adapters after the base.
 - GLM-4: the tool-call fixture (full SFT) returns the same `tool_calls` through both servers (the project's
-  `glm4_9b_chat` parser in vLLM), and a LoRA adapter unmerged answers a system + user chat as our server does.
+  `glm4_9b_chat` parser in vLLM), and a LoRA adapter trained on it, unmerged in the same vLLM server, answers a
+  system + user chat as our server does (and otherwise than its base); its merged export as our server on it.
 - The prepared tokenizer folder reads every golden string of the three LLaMA tokenizers to the original ids under
   vLLM's transformers (5.19), and the ChatGLM-6B / P-tuning refusals are one line naming serving.api, exit 2.
 Greedy decoding, 16 new tokens; servers on 127.0.0.1, started once per module, requests bounded.
@@ -95,8 +96,9 @@ def llama_vllm_answers(llama):
 
 @pytest.fixture(scope="module")
 def glm4():
-    base = base_model("glm-4-9b-chat")
-    return base, lora_adapter(base, "glm4-lora", 3, "glm4_chat", "glm4_finetune"), glm4_tool_call_sft(base)
+    """(the tool-call SFT model, a LoRA trained on it): one vLLM server serves both, base and adapter (issue 32)."""
+    tool_model = glm4_tool_call_sft(base_model("glm-4-9b-chat"))
+    return tool_model, lora_adapter(tool_model, "glm4-lora-on-tool-sft", 3, "glm4_chat", "glm4_finetune")
 
 
 def test_llama_adapters_unmerged_and_the_export_answer_as_our_server(llama, llama_vllm_answers):
@@ -138,10 +140,11 @@ def test_a_dpo_adapter_unmerged_answers_as_our_server(llama, llama_vllm_answers)
 
 
 def test_glm4_tool_calls_an_unmerged_adapter_and_its_export_answer_as_our_server(glm4):
-    base, adapter, tool_model = glm4
-    server, ours = VllmServer(tool_model), Server("--model", tool_model)
+    tool_model, adapter = glm4
+    server, ours = VllmServer(adapter), Server("--model", tool_model)  # vLLM: the base and its LoRA, unmerged
     try:
         name = os.path.basename(tool_model)
+        assert [m["id"] for m in server.request("GET", "/v1/models")[2]["data"]] == [name, os.path.basename(adapter)]
         question = [{"role": "user", "content": WEATHER_QUESTION}]
         theirs = ask(server, name, question, WEATHER_TOOLS)
         assert theirs[1] == [(WEATHER_CALL["name"], WEATHER_CALL["arguments"])], theirs
@@ -154,18 +157,17 @@ def test_glm4_tool_calls_an_unmerged_adapter_and_its_export_answer_as_our_server
                                                              "arguments": '{"city": "上海"}'}}]},
             {"role": "tool", "tool_call_id": "call_0", "content": '{"weather": "晴", "temperature": 25}'}]
         assert ask(server, name, after, WEATHER_TOOLS) == ask(ours, name, after, WEATHER_TOOLS)
-    finally:
-        server.stop()
+        without_adapter = [ask(server, name, chat) for chat in GLM4_CHATS]
         ours.stop()
-    server, ours = VllmServer(adapter), Server("--adapter", adapter)
-    try:
+        ours = Server("--adapter", adapter)
         name = os.path.basename(adapter)
         unmerged = [ask(server, name, chat) for chat in GLM4_CHATS]
+        assert unmerged != without_adapter, "the adapter answers as its base: LoRA not applied"
         assert unmerged == [ask(ours, name, chat) for chat in GLM4_CHATS]
     finally:
         server.stop()
         ours.stop()
-    export = exported(adapter, "glm4-lora-export")  # the same adapter merged: vLLM reads the native GlmForCausalLM
+    export = exported(adapter, "glm4-lora-on-tool-sft-export")  # the same adapter merged: vLLM reads the native GlmForCausalLM
     server, ours = VllmServer(export), Server("--model", export)
     try:
         name = os.path.basename(export)
