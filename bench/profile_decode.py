@@ -28,6 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.bench_7_serving import bytes_per_decode_step, memory_bandwidth_gbs, start_server  # noqa: E402
 from bench.common import REPO, peer_llama_76m  # noqa: E402
 
 ALPACA = os.path.join(REPO, "data", "stanford_alpaca", "alpaca_data.json")
@@ -139,7 +140,7 @@ def engine_breakdown(loaded, prompt: str, tokens: int, repeats: int) -> dict:
     return out
 
 
-def torch_profile(loaded, prompt: str, steps: int, threads: int) -> None:
+def torch_profile(loaded, prompt: str, steps: int, threads: int, weight_bytes: int) -> None:
     """KVBatch.step alone under torch.profiler: the top ops, and time inside ops vs outside."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -164,10 +165,11 @@ def torch_profile(loaded, prompt: str, steps: int, threads: int) -> None:
     events = prof.key_averages()
     print(events.table(sort_by="self_cpu_time_total", row_limit=12))
     groups = collections.Counter()
+    matmul = "matmul (weights: memory-bound at batch 1)"
     for e in events:
         name = e.key
         if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"):
-            groups["matmul (weights: memory-bound at batch 1)"] += e.self_cpu_time_total
+            groups[matmul] += e.self_cpu_time_total
         elif "attention" in name:
             groups["attention"] += e.self_cpu_time_total
         else:
@@ -177,6 +179,7 @@ def torch_profile(loaded, prompt: str, steps: int, threads: int) -> None:
     for name, us in groups.most_common():
         print(f"  {name:<58} {us / 1000 / steps:6.2f} ms")
     print(f"  {'outside ops (Python: transformers modules, our step code)':<58} {wall - inside:6.2f} ms")
+    print(f"the matmuls read the weights at {weight_bytes / (groups[matmul] / 1000 / steps) / 1e6:.1f} GB/s")
 
 
 @contextlib.contextmanager
@@ -238,8 +241,6 @@ def onednn_what_if(loaded, prompt: str, steps: int) -> None:
 
 def http_per_token(model: str, prompt: str, tokens: int, repeats: int, threads: int, py_spy: str | None) -> dict:
     import openai
-
-    from bench.bench_7_serving import start_server
 
     process, port = start_server(model, 16, threads)
     spy = raw = None
@@ -309,13 +310,19 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     model, prompt = peer_llama_76m(), first_prompt()
     loaded = load_for_serving(model)
+    bandwidth = memory_bandwidth_gbs(args.threads)
+    torch.set_num_threads(args.threads)
+    step_bytes = bytes_per_decode_step(loaded.core, len(loaded.tokenizer(prompt)["input_ids"]) + args.tokens / 2)
+    limit = bandwidth * 1e9 / step_bytes["total"]
     parts = engine_breakdown(loaded, prompt, args.tokens, args.repeats)
     step = parts["step_to_step"]
+    print(f"bandwidth limit: {bandwidth:.1f} GB/s (read, {args.threads} threads) / {step_bytes['total'] / 1e6:.1f} MB "
+          f"per step = {limit:.1f} tok/s")
     print(f"decode step, batch 1, greedy ({parts['steps']} steps, {args.threads} threads): {step:.2f} ms = "
-          f"{1000 / step:.1f} tok/s in-process")
+          f"{1000 / step:.1f} tok/s in-process, {100 * 1000 / step / limit:.0f}% of the limit")
     for part in PARTS:
         print(f"  {part:<20} {parts[part]:6.2f} ms  {100 * parts[part] / step:5.1f}%")
-    torch_profile(loaded, prompt, args.profile_steps, args.threads)
+    torch_profile(loaded, prompt, args.profile_steps, args.threads, step_bytes["weights"])
     onednn_what_if(loaded, prompt, args.profile_steps * 2)
     if args.http:
         http = http_per_token(model, prompt, args.tokens, args.repeats, args.threads, args.py_spy)
