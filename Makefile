@@ -87,3 +87,20 @@ $(VLLM_VENV)/.installed: requirements/vllm.txt pyproject.toml
 	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
+
+# LLaMA-Factory (bench_7's peer server) lives in its own venv too: 0.9.5 pins transformers<=5.6. The CPU torch wheel
+# goes in first so the pins resolve against it.
+LLAMAFACTORY_VENV := build/llamafactory-venv
+.PHONY: llamafactory-setup
+llamafactory-setup: $(LLAMAFACTORY_VENV)/.installed  ## build/llamafactory-venv: LLaMA-Factory 0.9.5 on the CPU torch, for bench_7's peer column (never touches .venv)
+
+$(LLAMAFACTORY_VENV)/.installed: requirements/llamafactory.txt
+	test -x $(LLAMAFACTORY_VENV)/bin/python || $(PYTHON) -m venv $(LLAMAFACTORY_VENV)
+	$(LLAMAFACTORY_VENV)/bin/pip install -q torch==2.13.0
+	$(LLAMAFACTORY_VENV)/bin/pip install -q -r requirements/llamafactory.txt
+	# PyPI's torchvision / torchaudio are CUDA builds whose C ops fail against CPU torch. The text path needs neither,
+	# but LLaMA-Factory imports torchaudio at start: without its CUDA libraries torchaudio imports as plain Python.
+	$(LLAMAFACTORY_VENV)/bin/pip uninstall -y -q torchvision torchcodec
+	$(LLAMAFACTORY_VENV)/bin/python -c "import glob, importlib.util, os; d = os.path.dirname(importlib.util.find_spec('torchaudio').origin); [os.remove(f) for f in glob.glob(os.path.join(d, 'lib', '*.so'))]"
+	$(LLAMAFACTORY_VENV)/bin/python -c "import llamafactory.data.mm_plugin, llamafactory.api.app"
+	touch $@
