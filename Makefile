@@ -15,7 +15,7 @@ WEB_DEMO_ARGS ?=
 .PHONY: setup test test-fast data tiny-models bench serve web-demo clean-build help export
 
 help:  ## list the targets
-	@grep -hE '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/' | expand -t 18
+	@grep -hE '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/' | expand -t 20
 
 setup: $(STAMP)  ## create .venv, install the pinned stack and this project (editable; re-runs when requirements/*.txt change)
 
