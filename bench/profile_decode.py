@@ -142,7 +142,6 @@ def engine_breakdown(loaded, prompt: str, tokens: int, repeats: int) -> dict:
 
 def torch_profile(loaded, prompt: str, steps: int, threads: int, weight_bytes: int) -> None:
     """KVBatch.step alone under torch.profiler: the top ops, and time inside ops vs outside."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from serving.engine import Engine
@@ -249,7 +248,7 @@ def http_per_token(model: str, prompt: str, tokens: int, repeats: int, threads: 
         per_token = []
 
         def one():
-            start, first, n = time.perf_counter(), None, 0
+            first, n = None, 0
             for chunk in client.chat.completions.create(
                     model="bench", messages=[{"role": "user", "content": prompt}], temperature=0,
                     max_tokens=tokens, stream=True, stream_options={"include_usage": True}):
