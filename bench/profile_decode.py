@@ -23,13 +23,10 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.bench_7_serving import bytes_per_decode_step, memory_bandwidth_gbs, start_server  # noqa: E402
-from bench.common import REPO, peer_llama_76m  # noqa: E402
+from bench.bench_7_serving import bytes_per_decode_step, memory_bandwidth_gbs, start_server
+from bench.common import REPO, peer_llama_76m
 
 ALPACA = os.path.join(REPO, "data", "stanford_alpaca", "alpaca_data.json")
 PARTS = ("model forward", "cache bookkeeping", "sampling", "detokenization", "engine rest")
@@ -187,15 +184,15 @@ def onednn_linears(model):
     F.linear's MKL gemm. A what-if, not the engine's path: the logits move by ~1e-6, so greedy tokens are no longer
     guaranteed to be transformers' generate's (tests/test_serving_engine.py holds the engine to those)."""
     import torch
+    from torch.utils.mkldnn import MkldnnLinear  # torch's public oneDNN Linear (weights converted once)
 
     swapped = []
     for module in model.modules():
         if type(module) is torch.nn.Linear and module.bias is None and module.weight.dtype == torch.float32:
-            weight = module.weight.detach().to_mkldnn()
+            onednn = MkldnnLinear(module, torch.float)
 
-            def forward(x, weight=weight, module=module):
-                flat = x.reshape(-1, module.in_features).to_mkldnn()
-                out = torch._C._nn.mkldnn_linear(flat, weight, None).to_dense()
+            def forward(x, onednn=onednn, module=module):
+                out = onednn(x.reshape(-1, module.in_features))
                 return out.reshape(*x.shape[:-1], module.out_features)
 
             module.forward = forward
