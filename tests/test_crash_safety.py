@@ -132,8 +132,17 @@ def start(recipe, argv, preexec_fn=None):
     # The child computes with as many threads as this process's in-process runs (read now, not at import: conftest
     # pins 1 per worker under `make test`): a bit-identical comparison needs the same reduction order.
     env = {**CHILD_ENV, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+    def lowest_priority_then(setup=None):
+        # The child runs at nice 19, so on a loaded machine this process (and its output reader) gets the core the
+        # moment a line arrives: a kill meant for step 4's ~0.2 s landed after the run had ended (CI, 2 busy cores).
+        os.nice(19)
+        if setup:
+            setup()
+
     return subprocess.Popen([sys.executable, os.path.join(REPO, script), *argv], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=preexec_fn)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: lowest_priority_then(preexec_fn))
 
 
 def kill_when(proc, condition, timeout=300) -> str:
