@@ -150,7 +150,8 @@ def memory_bandwidth_gbs(threads: int, repeats: int = 9) -> float:
 def bytes_per_decode_step(core, context: float) -> dict:
     """Bytes one batch-1 decode step must read: every parameter once (tied embedding/lm_head counted once; an
     untied input embedding table only gathers one row), plus the KV cache of `context` tokens."""
-    weights = sum(p.numel() * p.element_size() for p in core.parameters())  # parameters() lists a tied one once
+    all_parameters = sum(p.numel() * p.element_size() for p in core.parameters())  # lists a tied one once
+    weights = all_parameters
     embed, head = core.get_input_embeddings().weight, core.get_output_embeddings().weight
     tied = embed.data_ptr() == head.data_ptr()
     if not tied:
@@ -159,7 +160,7 @@ def bytes_per_decode_step(core, context: float) -> dict:
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * embed.element_size() * context
     return {"weights": weights, "kv_cache": kv, "total": weights + kv, "tied": tied,
-            "all_parameters": sum(p.numel() * p.element_size() for p in core.parameters())}
+            "all_parameters": all_parameters}
 
 
 def in_process(model: str, prompts: list[str], threads: int, new_tokens: int, repeats: int) -> dict:
