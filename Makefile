@@ -36,7 +36,7 @@ tiny-models: $(STAMP)  ## build every tiny model into build/tiny/NAME
 # Two workers (one per core of the 2-core machines the suite is sized for); a file's tests stay on one worker, so
 # its module fixtures (servers, trained models) are built once. vLLM's venv is made first, outside any test timeout.
 TEST_WORKERS ?= 2
-test: $(STAMP) data vllm-setup  ## the whole test suite (README's test command; ~18-21 min on 2 cores)
+test: $(STAMP) data vllm-setup deepspeed-ops  ## the whole test suite (README's test command; ~18-21 min on 2 cores)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(STAMP) data  ## everything but the slow end-to-end and distributed tests
@@ -56,6 +56,10 @@ serve: $(STAMP)  ## OpenAI-compatible API on 127.0.0.1:8000 for the model the la
 
 web-demo: $(STAMP)  ## chat in the browser (http://127.0.0.1:7860) with what the last `make <recipe>` trained, else a tiny GLM-4 (WEB_DEMO_ARGS=--port 7861 …)
 	$(PY) -m serving.web_demo $(WEB_DEMO_ARGS)
+
+.PHONY: deepspeed-ops
+deepspeed-ops: $(STAMP)  ## compile DeepSpeed's CPU ops once into TORCH_EXTENSIONS_DIR (~2-3 min the first time, then a moment)
+	$(PY) -m tuning.deepspeed_ops
 
 clean-build:  ## remove generated tiny models, tokenizers and run outputs
 	rm -rf build runs output

@@ -76,10 +76,10 @@ def run_in_process(main, argv: list[str], script: str = "script.py") -> tuple[in
     return code, out.getvalue(), err.getvalue()
 
 
-# DeepSpeed JIT-compiles its CPU ops on first use (~2.5 min for the three on 2 cores), inside whichever test
-# launches DeepSpeed first. When such tests are collected, one background process compiles them (one compiler job)
-# while the first test files run: a test that needs an op before it is ready waits on torch's build lock.
-DEEPSPEED_OPS = ("ShareMemCommBuilder", "FusedAdamBuilder", "CPUAdamBuilder")
+# DeepSpeed JIT-compiles its CPU ops on first use (~2.5 min for the three on 2 cores). `make test` builds them before
+# the suite (`make deepspeed-ops`); a bare `pytest` that collects DeepSpeed tests starts the same build in one
+# background process (one compiler job) while the first test files run: a test that needs an op before it is ready
+# waits on torch's build lock. With the ops cached this costs one import of DeepSpeed.
 _deepspeed_build = None
 
 
@@ -87,12 +87,8 @@ def pytest_collection_finish(session):
     global _deepspeed_build
     if not any(item.get_closest_marker("distributed") for item in session.items):
         return
-    script = ("from deepspeed.accelerator import get_accelerator\n"
-              f"for name in {DEEPSPEED_OPS!r}:\n"
-              "    get_accelerator().create_op_builder(name).load(verbose=False)\n")
-    _deepspeed_build = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, env={**os.environ, "MAX_JOBS": "1",
-                                                                         "DS_ACCELERATOR": "cpu"})
+    _deepspeed_build = subprocess.Popen([sys.executable, "-m", "tuning.deepspeed_ops"], cwd=REPO,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def pytest_sessionfinish(session):
