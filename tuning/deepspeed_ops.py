@@ -31,7 +31,8 @@ def build(names=OPS, jobs: int = 1, verbose: bool = False) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=1, help="parallel compiler jobs (default 1: ~1.5 GB of memory each)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="parallel compiler jobs (default 1: each takes ~1.5 GB of memory)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs: expected a number ≥ 1, got {args.jobs}")
