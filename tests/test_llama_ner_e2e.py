@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from llama_ner import chat_ner, predict, train_trainer
+from llama_ner import chat_ner, predict, train_deepspeed, train_trainer
 from llama_ner import test as ner_test
 from llama_ner.process import process_msra
 from folder_state import snapshot
@@ -229,11 +229,15 @@ def test_raw_deepspeed_loop_trains_and_saves(data, tmp_path):
     assert b and all(t.abs().sum() > 0 for t in b)  # lora_B starts at zero: the optimizer really stepped
 
     # Issue 23.2: the same command resumed says the run is finished and changes nothing (not even train_args.json).
+    # It stops before any work, so it runs in this process (issue 32), under the variables torchrun sets.
     before = snapshot(save_dir)
-    proc = subprocess.run([*argv[:-1], "--resume_from_checkpoint=last", argv[-1]], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"{save_dir}/checkpoints/global_step4 is already at step 4 (max_steps 4): nothing to train" in proc.stdout
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+            patch.setenv(name, value)
+        code, stdout, stderr = run_in_process(train_deepspeed.main, [*argv[6:-1], "--resume_from_checkpoint=last",
+                                                                     argv[-1]], script="llama_ner/train_deepspeed.py")
+    assert code == 0, stderr[-3000:]
+    assert f"{save_dir}/checkpoints/global_step4 is already at step 4 (max_steps 4): nothing to train" in stdout
     assert snapshot(save_dir) == before
 
     # Resumed under a file-size limit, the save of global_step6 fails (model states ~92 kB): one line, the partial
