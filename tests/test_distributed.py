@@ -28,7 +28,7 @@ import yaml
 from safetensors.torch import load_file
 from test_glm4_e2e import PEFT as GLM4_E2E_PEFT
 from test_llama_ner_e2e import data as ner_data  # noqa: F401  (the same 40 MSRA rows as the e2e test; a fixture)
-from conftest import REPO
+from conftest import REPO, run_in_process
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -258,12 +258,14 @@ def test_chatglm_lora_ddp_and_zero2_equal_single_process(chatglm_rows, tmp_path)
 
 
 def test_chatglm_lora_refuses_8bit_with_zero3(chatglm_rows, tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "chatglm_lora", "finetune.py"), *GLM6B_TRAIN,
-                           "--dataset_path", str(chatglm_rows), "--output_dir", str(tmp_path / "out"),
-                           "--load_in_8bit", "true", "--deepspeed", ZERO_3],
-                          capture_output=True, text=True, cwd=REPO, timeout=JOB_TIMEOUT)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: load_in_8bit: 8-bit base weights (bitsandbytes) cannot be "
+    """A config refusal: checked in this process, without a launch (issue 32)."""
+    from chatglm_lora import finetune
+
+    code, _, stderr = run_in_process(finetune.main, [*GLM6B_TRAIN, "--dataset_path", str(chatglm_rows), "--output_dir",
+                                                     str(tmp_path / "out"), "--load_in_8bit", "true", "--deepspeed",
+                                                     ZERO_3], script="chatglm_lora/finetune.py")
+    assert code == 2
+    assert stderr.strip().splitlines() == ["error: load_in_8bit: 8-bit base weights (bitsandbytes) cannot be "
                                                 "partitioned by ZeRO-3; use a ZeRO-1/2 config (e.g. glm4_finetune/"
                                                 "configs/ds_zero_2.json) or --load_in_8bit false"]
     assert not (tmp_path / "out").exists()
@@ -380,10 +382,14 @@ def test_glm4_zero2_offload_optimizer_trains(glm4_data, tmp_path):
 
 
 def test_glm4_refuses_zero3_with_ptuning(glm4_data, tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "glm4_finetune", "finetune.py"), glm4_data, GLM4_MODEL,
-                           glm4_config(tmp_path / "pt", "ptuning", deepspeed=ZERO_3)],
-                          capture_output=True, text=True, cwd=REPO, timeout=JOB_TIMEOUT)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
+    """A config refusal: checked in this process, without a launch (issue 32)."""
+    from glm4_finetune import finetune
+
+    code, _, stderr = run_in_process(finetune.app, [glm4_data, GLM4_MODEL, glm4_config(tmp_path / "pt", "ptuning",
+                                                                                      deepspeed=ZERO_3)],
+                                     script="glm4_finetune/finetune.py")
+    assert code == 2
+    lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "training_args.deepspeed: ZeRO-3 with P-tuning v2" \
-        in lines[0] and lines[0].endswith("use configs/ds_zero_2.json"), proc.stderr
+        in lines[0] and lines[0].endswith("use configs/ds_zero_2.json"), stderr
+    assert not (tmp_path / "pt").exists()
