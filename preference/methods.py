@@ -97,7 +97,9 @@ def build_trainer(args, model, tokenizer, peft_config, dataset, on_gpu: bool, ca
     weights, made here before training touches them. ORPO/SimPO: a new LoRA is put on here (TRL's own wrapping would
     run peft's prepare_model_for_kbit_training on a quantized base, which tuning.methods avoids on purpose)."""
     from preference.trainers import PreferenceDPOTrainer, PreferenceKTOTrainer
+    from tuning.patches import fused_lm_head_scores_answer_positions_only_on_cpu
 
+    fused_lm_head_scores_answer_positions_only_on_cpu()
     config = trainer_config(args, on_gpu)
     kwargs = dict(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
     if args.loss_type in REFERENCE_FREE:

@@ -99,6 +99,39 @@ def test_trl_trainers_save_checkpoints_through_the_trainer():
         assert trainer._get_output_dir is Trainer._get_output_dir, moved(f"{trainer.__name__}._get_output_dir")
 
 
+def test_the_fused_lm_head_projects_only_the_scored_positions_on_a_cpu(monkeypatch):
+    """TRL's fused forward still chooses `compact` through trl.trainer.utils' `_use_triton`; after the patch a CPU
+    run sends only the scored positions through the projection, with the same log-probs, and the kernel module
+    itself still runs its torch fallback."""
+    import trl.kernels.chunked_logprob as kernel
+    import trl.trainer.utils as fused
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tuning.patches import fused_lm_head_scores_answer_positions_only_on_cpu
+
+    assert "compact = _use_triton(" in inspect.getsource(fused.add_fused_lm_head), moved(
+        "trl.trainer.utils.add_fused_lm_head's compact choice")
+    monkeypatch.setattr(fused, "_use_triton", fused._use_triton)  # restored after the test
+    rows = []
+    apply = fused._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(fused._ChunkedLogProbFunction, "apply",
+                        lambda hidden, *rest: rows.append(hidden.shape[0]) or apply(hidden, *rest))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    fused.add_fused_lm_head(model)
+    ids = torch.randint(0, 300, (2, 12))
+    labels = ids.masked_fill(torch.arange(12) < 9, -100)  # a 9-token prompt, a 3-token answer
+    with torch.no_grad():
+        every = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+        fused_lm_head_scores_answer_positions_only_on_cpu()
+        fused_lm_head_scores_answer_positions_only_on_cpu()  # once is enough: not wrapped twice
+        scored = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+    assert rows == [2 * 11, 2 * 3], rows
+    assert torch.equal(scored, every) and bool((scored[:, 8:] != 0).all())
+    assert not kernel._use_triton(torch.device("cpu"))
+
+
 # ------------------------------------------------------------------ public mechanisms whose exact behaviour we need
 
 class Anything:
