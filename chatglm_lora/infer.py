@@ -13,7 +13,7 @@ import tuning  # noqa: F401  (first: silences library lines no user can act on, 
 import torch
 
 from chatglm_lora.cover_alpaca2jsonl import ALPACA_JSON, alpaca_path, format_example, read_alpaca
-from model_hub.chatglm6b.generation import build_prompt
+from model_hub.chatglm6b.text import build_prompt
 from model_hub.chatglm6b.prompts import clean_tuning_answer
 from tuning.errors import UserError, run_main
 from tuning.files import read_json

@@ -32,7 +32,6 @@ from tuning import distributed
 from tuning.errors import UserError, run_main
 from tuning.run_plan import (RunPlan, Spelling, add_method, claim_output, plan_run, prepare_base,
                              training_callbacks)
-from tuning.training import resolve_resume
 
 MODEL_NAME = "glm-4-9b-chat"  # model_hub/registry.py: stop ids, pad id, LoRA targets
 
@@ -42,6 +41,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_mar
 def resolve_auto_resume(value: str, output_dir: str) -> str | None:
     """The original's yes / no / N (no checkpoint saved yet with `yes`: a fresh start, as the original); a typo is an
     error (the original silently skipped training)."""
+    from tuning.training import resolve_resume  # (tuning.training loads the Trainer callbacks: --help needs none)
+
     return resolve_resume(value, output_dir, field="AUTO_RESUME_FROM_CHECKPOINT", paths=False,
                           fresh_when_none_saved=True)
 

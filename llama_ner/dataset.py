@@ -18,7 +18,6 @@ import torch
 from model_hub.llama.prompts import NER_TEMPLATE as PROMPT_TEMPLATE, build_source  # noqa: F401  (original names)
 from tuning.errors import UserError
 from tuning.files import parse_json_object, read_text
-from tuning.training import data_note
 
 IGNORE_INDEX = -100
 COLUMNS = ("instruct_column", "query_column", "response_column")
@@ -126,6 +125,8 @@ def length_report(lines: list[str], collate: NerCollate, batch_size: int = 256) 
 
 def drop_cut_rows(lines: list[str], collate: NerCollate, path: str) -> list[str]:
     """Drop (and report) rows that would train on nothing; report rows whose answer loses its end."""
+    from tuning.training import data_note  # (tuning.training loads the Trainer callbacks: load_data needs none)
+
     report = length_report(lines, collate)
     n = collate.max_seq_length
     if report["answer_truncated"]:

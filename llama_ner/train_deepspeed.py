@@ -35,8 +35,6 @@ from tuning.methods import apply_lora
 from tuning.outputs import check_training_folder, refuse_output_in_model
 from tuning.run_folder import claim_checkpoints, is_earlier_run, lock_output_dir
 from tuning.run_plan import RunPlan, add_method
-from tuning.training import (DEEPSPEED_CHECKPOINTS, list_checkpoints, print_data_notes, resolve_resume,
-                             stop_at_end)
 
 CONFIG = {**BASE_CONFIG, "save_dir": "./checkpoint/msra/train_deepspeed/adapter_model/",
           "deepspeed_jaon_path": "deepspeed.json", **EXTRA_CONFIG}
@@ -50,17 +48,23 @@ def checkpoint_root(args) -> str:
 
 
 def saved_steps(root: str) -> list[int]:
+    from tuning.training import DEEPSPEED_CHECKPOINTS, list_checkpoints
+
     return [step for step, _ in list_checkpoints(root, DEEPSPEED_CHECKPOINTS)]
 
 
 def resume_point(value, root: str) -> tuple[str, str] | None:
     """--resume_from_checkpoint → (folder, tag) for engine.load_checkpoint, or None to start fresh."""
+    from tuning.training import DEEPSPEED_CHECKPOINTS, resolve_resume
+
     path = resolve_resume(value, root, names=DEEPSPEED_CHECKPOINTS)
     return None if path is None else (os.path.dirname(path), os.path.basename(path))
 
 
 def resumed_step(resume: tuple[str, str]) -> int:
     """The optimizer step of a (folder, global_stepN) resume point."""
+    from tuning.training import DEEPSPEED_CHECKPOINTS
+
     return DEEPSPEED_CHECKPOINTS.step_of(resume[1])
 
 
@@ -127,6 +131,9 @@ def check_run(args):
     conf["steps_per_print"] = args.log_steps
     bits, stage = check_settings(args, conf, on_gpu)
     conf["gradient_clipping"] = 1.0  # the original clipped model grads by hand; DeepSpeed clips unscaled grads
+    # tuning.training loads transformers' Trainer callbacks (peft, bitsandbytes): after the checks above
+    from tuning.training import stop_at_end
+
     resume = resume_point(args.resume_from_checkpoint, checkpoint_root(args))
     if resume and args.max_steps > 0:  # a finished run changes nothing (not even train_args.json)
         stop_at_end(os.path.join(*resume), resumed_step(resume), args.max_steps, SPELLING.max_steps)
@@ -138,6 +145,8 @@ def check_run(args):
 
 def claim_output_folder(args, resume, model_dir: str):
     """The save folder checked, locked and claimed (refusals come before anything is written); train_args.json."""
+    from tuning.training import DEEPSPEED_CHECKPOINTS
+
     def claim_own_checkpoints():
         return claim_checkpoints(checkpoint_root(args), os.path.join(*resume) if resume else None,
                                  DEEPSPEED_CHECKPOINTS, "--resume_from_checkpoint=last")
@@ -228,6 +237,8 @@ def main():
     model = add_method(run, model, lambda base: apply_lora(base, r=args.lora_r, **get_family("llama").lora()))
 
     import deepspeed
+
+    from tuning.training import print_data_notes, stop_at_end
 
     distributed.init_process_group()
     loader, sampler = data_loader(args, tokenizer, model, train_data)

@@ -18,7 +18,6 @@ import os
 
 import tuning  # noqa: F401  (first: silences library lines no user can act on, before those load)
 import torch
-from transformers import TrainerCallback, TrainingArguments
 
 from llama_ner.common import (BASE_CONFIG, EXTRA_CONFIG, HELP, SPELLING, adapter_dir, check_settings,
                               check_speed_flags, check_values, deepspeed_config, find_deepspeed_json, learning_rate,
@@ -28,7 +27,6 @@ from llama_ner.config_utils import ConfigParser
 from llama_ner.dataset import load_data
 from model_hub.registry import get_family
 from tuning import distributed
-from tuning.checkpoints import AtomicTrainer
 from tuning.errors import run_main
 from tuning.methods import apply_lora
 from tuning.run_plan import add_method, claim_output, plan_run, training_callbacks
@@ -36,18 +34,23 @@ from tuning.run_plan import add_method, claim_output, plan_run, training_callbac
 CONFIG = {**BASE_CONFIG, "deepspeed_jaon_path": "deepspeed.json", **EXTRA_CONFIG}
 
 
-class AdapterToSaveDir(TrainerCallback):
+def adapter_to_save_dir(folder: str):
     """The original's PeftSavingCallback: the adapter in save_dir/adapter_model at every save and at the end.
     Runs on every rank (ZeRO-3 gathers the LoRA shards collectively); rank 0 writes."""
+    # built when training starts: transformers' Trainer stack (peft, bitsandbytes) loads after the arguments' checks
+    from transformers import TrainerCallback
 
-    def __init__(self, folder: str):
-        self.folder = folder
+    class AdapterToSaveDir(TrainerCallback):
+        def __init__(self, folder: str):
+            self.folder = folder
 
-    def on_save(self, args, state, control, model=None, **kwargs):
-        save_adapter(model, self.folder)
+        def on_save(self, args, state, control, model=None, **kwargs):
+            save_adapter(model, self.folder)
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        save_adapter(model, self.folder)
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            save_adapter(model, self.folder)
+
+    return AdapterToSaveDir(folder)
 
 
 def main():
@@ -66,7 +69,10 @@ def main():
                    inputs=[args.train_path], overwrite=args.overwrite_output_dir, spelling=SPELLING)
     load_data(args.train_path, (args.instruct_column, args.query_column, args.response_column))  # fail fast
 
+    from transformers import TrainingArguments
+
     from model_hub.loader import load_tokenizer, resolve_model_path
+    from tuning.checkpoints import AtomicTrainer
 
     tokenizer = load_tokenizer(args.model_dir)
     train_data = load_training_rows(args, tokenizer)
@@ -91,7 +97,7 @@ def main():
         deepspeed=ds_config if use_deepspeed else None,
     )))
     trainer = AtomicTrainer(model=model, args=training_args, callbacks=[
-        AdapterToSaveDir(adapter_dir(args)), *training_callbacks(model)], **training_rows.trainer_inputs())
+        adapter_to_save_dir(adapter_dir(args)), *training_callbacks(model)], **training_rows.trainer_inputs())
     trainer.resume_hint = SPELLING.resume
     trainer.train(resume_from_checkpoint=run.resume)
     distributed.say(f"adapter: {adapter_dir(args)}")

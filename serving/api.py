@@ -23,17 +23,17 @@ from contextlib import asynccontextmanager, contextmanager
 
 from tuning.errors import UserError, run_main
 
-from .chat import AnswerShaper
-from .engine import Delta, Engine, EngineBusy, EngineClosed, Finished
 from .model_args import add_model_arguments, chosen_model
 from .origin_guard import OriginGuard, add_origin_flags
-from .protocol import ApiError, chunk, completion, parse_chat_request, usage
 
 API_KEY_ENV = "SERVING_API_KEY"
 log = logging.getLogger("serving")
 
 
 async def read_json_body(request, limit: int):
+    # .protocol and .engine load torch and transformers: imported where used, so --help and refusals answer at once
+    from .protocol import ApiError
+
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         raise ApiError(413, f"the request body is {int(length)} bytes; at most {limit} are accepted")
@@ -62,9 +62,11 @@ def prompt_characters(chat) -> int:
     return text + (len(json.dumps(chat.tools, ensure_ascii=False)) if chat.tools else 0)
 
 
-async def prompt_ids(engine: Engine, chat, max_prompt_tokens: int | None) -> list[int]:
+async def prompt_ids(engine: "Engine", chat, max_prompt_tokens: int | None) -> list[int]:
     """The prompt's ids: its size checked before it is tokenized, tokenized off the event loop (/health and other
     clients are answered meanwhile), then checked against --max_prompt_tokens; a forced tool call opened."""
+    from .protocol import ApiError
+
     context = engine.loaded.context_length
     limit = min(max_prompt_tokens or context, context)
     if prompt_characters(chat) > MAX_CHARS_PER_TOKEN * limit:
@@ -80,8 +82,11 @@ async def prompt_ids(engine: Engine, chat, max_prompt_tokens: int | None) -> lis
     return ids
 
 
-def submit(engine: Engine, ids: list[int], chat, events: asyncio.Queue):
+def submit(engine: "Engine", ids: list[int], chat, events: asyncio.Queue):
     """Hand the request to the engine; its events arrive on `events` (put there from the engine's thread)."""
+    from .engine import EngineBusy, EngineClosed
+    from .protocol import ApiError
+
     loop = asyncio.get_running_loop()
 
     def deliver(event):
@@ -100,9 +105,11 @@ def submit(engine: Engine, ids: list[int], chat, events: asyncio.Queue):
         raise ApiError(503, "the server is shutting down", headers={"Retry-After": "5"}) from None
 
 
-async def answer(events: asyncio.Queue, handle, request) -> Finished | None:
+async def answer(events: asyncio.Queue, handle, request) -> "Finished | None":
     """The finished answer of a non-streamed request, or None when its client hung up. Tokens keep arriving while
     the client may be gone: the connection is looked at every half second whatever comes, and the slot is freed."""
+    from .engine import Finished
+
     try:
         checked = time.monotonic()
         while True:
@@ -120,11 +127,14 @@ async def answer(events: asyncio.Queue, handle, request) -> Finished | None:
         handle.cancel()  # frees the slot if the client went away (no-op once finished)
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = 4 << 20,
+def create_app(engine: "Engine", *, api_key: str | None = None, max_body_bytes: int = 4 << 20,
                default_max_tokens: int = 256, drain_timeout: float = 30.0, max_prompt_tokens: int | None = None):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
+
+    from .chat import AnswerShaper
+    from .protocol import ApiError, completion, parse_chat_request, usage
 
     name = engine.loaded.name
     created = int(time.time())
@@ -190,7 +200,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
     return app
 
 
-def _raise_if_failed(event: Finished) -> None:
+def _raise_if_failed(event: "Finished") -> None:
+    from .protocol import ApiError
+
     if event.finish_reason == "error":
         raise ApiError(500, f"generation failed: {event.error}")
     if event.finish_reason == "cancelled":
@@ -202,6 +214,9 @@ def _sse(payload) -> str:
 
 
 async def _stream(events, handle, shaper, chat, request_id, name):
+    from .engine import Delta
+    from .protocol import ApiError, chunk, usage
+
     try:
         yield _sse(chunk(request_id, name, {"role": "assistant", "content": ""}))
         while True:
@@ -266,6 +281,7 @@ def main(argv=None):
               f"{API_KEY_ENV} instead", file=sys.stderr)
     import uvicorn
 
+    from .engine import Engine
     from .loading import load_for_serving
 
     args.model, args.adapter = chosen_model(args)
@@ -295,7 +311,7 @@ def main(argv=None):
 DRAIN_MARGIN = 5.0
 
 
-def draining_server_class(engine: Engine, drain_timeout: float):
+def draining_server_class(engine: "Engine", drain_timeout: float):
     import threading
 
     import uvicorn

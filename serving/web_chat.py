@@ -15,10 +15,6 @@ from dataclasses import dataclass
 
 from tuning.errors import UserError
 
-from .chat import AnswerShaper
-from .engine import Delta, EngineBusy, EngineClosed
-from .sampling import SamplingParams
-
 TOOL_CALL_TITLE = "调用工具 / Tool call: {name}"
 TOOL_RESULT_TITLE = "工具结果 / Tool result:"
 ERROR_TITLE = "出错 / Error"
@@ -40,7 +36,10 @@ class Settings:
     system: str = ""
     tools_json: str = ""
 
-    def params(self) -> SamplingParams:
+    def params(self) -> "SamplingParams":
+        # the engine's modules load torch and transformers: imported here, so the web demo's --help answers at once
+        from .sampling import SamplingParams
+
         return SamplingParams(max_tokens=int(self.max_tokens), temperature=float(self.temperature),
                               top_p=float(self.top_p))
 
@@ -111,6 +110,9 @@ def stream_reply(engine, history: list[dict], settings: Settings, on_request=lam
     """Yield (history, shown messages) while the model answers the last turn of `history`; the last yield holds
     the history with the answer (a stopped answer keeps what was written; an error leaves the history as it
     was and shows the error in the chat)."""
+    from .chat import AnswerShaper
+    from .engine import Delta, EngineBusy, EngineClosed
+
     shown_before = display(history)
     try:
         tools = parse_tools(settings.tools_json)

@@ -20,7 +20,6 @@ import sys
 import threading
 
 import gradio as gr
-import torch
 
 from tuning.errors import UserError, run_main
 
@@ -163,11 +162,16 @@ def launch(demo: WebDemo, *, host: str = "127.0.0.1", port: int = 7860, auth: tu
 
 def default_max_tokens(device) -> int:
     """The slider's start: a CPU writes a few tokens a second at 9B (512 took ~80 s), a GPU dozens."""
+    # torch loads with the engine, after argument parsing: --help and refusals answer without it
+    import torch
+
     return 256 if torch.device(device).type == "cpu" else 512
 
 
 def kv_bytes_per_token(config, dtype) -> int:
     """The key/value cache one token takes (GLM-4 and LLaMA configs; ChatGLM-6B's num_layers, no grouped heads)."""
+    import torch
+
     layers = getattr(config, "num_hidden_layers", None) or config.num_layers
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "multi_query_group_num", None) or heads
@@ -177,6 +181,8 @@ def kv_bytes_per_token(config, dtype) -> int:
 
 def free_memory(device) -> int | None:
     """Bytes free where the caches live: the GPU's, else the machine's available memory (None: unknown)."""
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]

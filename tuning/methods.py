@@ -1,7 +1,5 @@
 """How the recipes tune a model: LoRA (`apply_lora`; P-tuning v2 and full fine-tuning go through peft and the
 Trainer directly), what a quantized (QLoRA) base allows, and the originals' "trainable params" line."""
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-
 from .distributed import say
 
 
@@ -15,8 +13,11 @@ def trainable_summary(model) -> str:
 
 
 def apply_lora(model, target_modules, r: int, alpha: int, dropout: float,
-               modules_to_save=None) -> PeftModel:
+               modules_to_save=None) -> "PeftModel":
     """Wrap `model` with a causal-LM LoRA adapter; the base is frozen."""
+    # peft (and bitsandbytes with it) loads here, not at import: the entry points' --help and checks answer at once
+    from peft import LoraConfig, TaskType, get_peft_model
+
     config = LoraConfig(task_type=TaskType.CAUSAL_LM, inference_mode=False, r=r, lora_alpha=alpha,
                         lora_dropout=dropout, target_modules=list(target_modules), modules_to_save=modules_to_save)
     return get_peft_model(model, config)
@@ -24,6 +25,8 @@ def apply_lora(model, target_modules, r: int, alpha: int, dropout: float,
 
 def quantized_bits(model) -> int | None:
     """4 or 8 when the base weights were loaded through bitsandbytes, None for a full-precision model."""
+    from peft import PeftModel
+
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     if getattr(base, "is_loaded_in_4bit", False):
         return 4
