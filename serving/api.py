@@ -20,11 +20,15 @@ import sys
 import time
 import uuid
 from contextlib import asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING
 
 from tuning.errors import UserError, run_main
 
 from .model_args import add_model_arguments, chosen_model
 from .origin_guard import OriginGuard, add_origin_flags
+
+if TYPE_CHECKING:  # annotations only: the engine (torch, transformers) loads when a server starts
+    from .engine import Engine, Finished
 
 API_KEY_ENV = "SERVING_API_KEY"
 log = logging.getLogger("serving")

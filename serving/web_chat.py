@@ -12,8 +12,12 @@ import json
 import queue
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tuning.errors import UserError
+
+if TYPE_CHECKING:  # annotations only: sampling loads torch when a reply is made
+    from .sampling import SamplingParams
 
 TOOL_CALL_TITLE = "调用工具 / Tool call: {name}"
 TOOL_RESULT_TITLE = "工具结果 / Tool result:"

@@ -1,6 +1,11 @@
 """How the recipes tune a model: LoRA (`apply_lora`; P-tuning v2 and full fine-tuning go through peft and the
 Trainer directly), what a quantized (QLoRA) base allows, and the originals' "trainable params" line."""
+from typing import TYPE_CHECKING
+
 from .distributed import say
+
+if TYPE_CHECKING:  # annotations only: peft loads when an adapter is made
+    from peft import PeftModel
 
 
 def trainable_summary(model) -> str:
