@@ -202,8 +202,8 @@ def recipe_seams(model, tokenizer, recorder: StepRecorder, seen: dict):
     Without `datasets`, glm4_finetune's tokenize_split runs its own row function over plain lists."""
     import chatglm_lora.finetune as chatglm_finetune
     import glm4_finetune.trainer as glm4_trainer
-    import llama_ner.train_trainer as llama_trainer
     import model_hub.loader as loader
+    import tuning.checkpoints as checkpoints
     import tuning.training as training
 
     def load_model_and_tokenizer(path, *, dtype=None, device=None, quantization_bit=None, use_cache=None, **_):
@@ -218,7 +218,8 @@ def recipe_seams(model, tokenizer, recorder: StepRecorder, seen: dict):
                mock.patch.object(loader, "load_model_config", lambda *a, **k: model.config),
                mock.patch.object(training, "save_loss_plot", lambda *a, **k: None),
                mock.patch.object(chatglm_finetune, "AtomicTrainer", measured(chatglm_finetune.AtomicTrainer, recorder)),
-               mock.patch.object(llama_trainer, "AtomicTrainer", measured(llama_trainer.AtomicTrainer, recorder)),
+               # train_trainer imports AtomicTrainer when main runs (its --help loads no Trainer): patched at the source
+               mock.patch.object(checkpoints, "AtomicTrainer", measured(checkpoints.AtomicTrainer, recorder)),
                mock.patch.object(glm4_trainer, "GenerationTrainer", measured(glm4_trainer.GenerationTrainer, recorder))]
     if not has_module("datasets"):
         patches.append(mock.patch.object(glm4_trainer, "tokenize_split", tokenize_split_without_datasets))
