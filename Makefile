@@ -36,7 +36,7 @@ tiny-models: $(STAMP)  ## build every tiny model into build/tiny/NAME
 # Two workers (one per core of the 2-core machines the suite is sized for); a file's tests stay on one worker, so
 # its module fixtures (servers, trained models) are built once. vLLM's venv is made first, outside any test timeout.
 TEST_WORKERS ?= 2
-test: $(STAMP) data vllm-setup deepspeed-ops  ## the whole test suite (README's test command; ~16 min on 2 cores)
+test: $(STAMP) data vllm-setup deepspeed-ops  ## the whole test suite (README's test command; ~14-16 min on 2 cores)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(STAMP) data  ## everything but the slow end-to-end and distributed tests
